@@ -77,8 +77,8 @@ void main() {
     [[unroll]] for (uint r = 0u; r < TN; r += 2u) {
       if (n0 + r >= p.N) break;
       vec2 y;
-      for (uint h = 0u; h < 2u; ++h) {
-        const uint n = rows[r + h];
+      [[unroll]] for (uint h = 0u; h < 2u; ++h) {
+        const uint n = min(n0 + r + h, p.N - 1u);
         y[h] = xsc * (acc[t][r + h] - zc * corr[n]) + (p.HAS_BIAS != 0u ? bias[n] : 0.0);
       }
       out_y[(m * p.OUT_STRIDE + n0 + r) / 2u] = packHalf2x16(y);

@@ -55,28 +55,38 @@ void main() {
     rows[r] = min(n0 + r, p.N - 1u);  // tail rows compute a duplicate, never stored
   }
 
-  for (uint c = tid; c < p.KC; c += WG) {
-    const uint xb = (m * p.KC + c) * 4u;
-    const uvec4 x0 = xp[xb], x1 = xp[xb + 1u], x2 = xp[xb + 2u], x3 = xp[xb + 3u];
-    const ivec4 s = xs[m * p.KC + c] * 8;
-    if (whole_chunks) {
-      const int s8 = s.x + s.y + s.z + s.w;
-      const uint g = (c * 32u) / p.GS;
-      [[unroll]] for (uint r = 0u; r < ROWS; ++r) {
-        const uvec4 wv = w[rows[r] * p.KC + c];
-        const int d = udot32(wv, x0, x1, x2, x3) - s8;
-        acc[r] += wscale[rows[r] * p.G + g] * float(d);
-      }
-    } else {
-      uint g[4];
-      [[unroll]] for (uint j = 0u; j < 4u; ++j) g[j] = min((c * 32u + 8u * j) / p.GS, p.G - 1u);
-      [[unroll]] for (uint r = 0u; r < ROWS; ++r) {
-        const uvec4 wv = w[rows[r] * p.KC + c];
-        const uint sb = rows[r] * p.G;
-        acc[r] += wscale[sb + g[0]] * float(udot8(wv.x, x0) - s.x)
-                + wscale[sb + g[1]] * float(udot8(wv.y, x1) - s.y)
-                + wscale[sb + g[2]] * float(udot8(wv.z, x2) - s.z)
-                + wscale[sb + g[3]] * float(udot8(wv.w, x3) - s.w);
+  // KU chunks per thread per iteration: all their weight loads are issued
+  // before any is used, so long rows keep enough bytes in flight.
+  for (uint c0 = tid; c0 < p.KC; c0 += WG * KU) {
+    uvec4 wv[KU][ROWS];
+    [[unroll]] for (uint u = 0u; u < KU; ++u) {
+      const uint c = min(c0 + u * WG, p.KC - 1u);
+      [[unroll]] for (uint r = 0u; r < ROWS; ++r) wv[u][r] = w[rows[r] * p.KC + c];
+    }
+    [[unroll]] for (uint u = 0u; u < KU; ++u) {
+      const uint c = c0 + u * WG;
+      if (c >= p.KC) break;
+      const uint xb = (m * p.KC + c) * 4u;
+      const uvec4 x0 = xp[xb], x1 = xp[xb + 1u], x2 = xp[xb + 2u], x3 = xp[xb + 3u];
+      const ivec4 s = xs[m * p.KC + c] * 8;
+      if (whole_chunks) {
+        const int s8 = s.x + s.y + s.z + s.w;
+        const uint g = (c * 32u) / p.GS;
+        [[unroll]] for (uint r = 0u; r < ROWS; ++r) {
+          const int d = udot32(wv[u][r], x0, x1, x2, x3) - s8;
+          acc[r] += wscale[rows[r] * p.G + g] * float(d);
+        }
+      } else {
+        uint g[4];
+        [[unroll]] for (uint j = 0u; j < 4u; ++j) g[j] = min((c * 32u + 8u * j) / p.GS, p.G - 1u);
+        [[unroll]] for (uint r = 0u; r < ROWS; ++r) {
+          const uvec4 q = wv[u][r];
+          const uint sb = rows[r] * p.G;
+          acc[r] += wscale[sb + g[0]] * float(udot8(q.x, x0) - s.x)
+                  + wscale[sb + g[1]] * float(udot8(q.y, x1) - s.y)
+                  + wscale[sb + g[2]] * float(udot8(q.z, x2) - s.z)
+                  + wscale[sb + g[3]] * float(udot8(q.w, x3) - s.w);
+        }
       }
     }
   }
@@ -91,9 +101,9 @@ void main() {
   // Each writer packs two adjacent rows into one word (ROWS is even).
   if (tid < ROWS / 2u) {
     vec2 y;
-    for (uint h = 0u; h < 2u; ++h) {
+    [[unroll]] for (uint h = 0u; h < 2u; ++h) {
       const uint r = 2u * tid + h;
-      const uint n = rows[r];
+      const uint n = min(n0 + r, p.N - 1u);
       float a = 0.0;
       for (uint i = 0u; i < gl_NumSubgroups; ++i) a += partial[r][i];
       y[h] = x_scale[m] * (a - float(128 + x_zp[m]) * corr[n]) + (p.HAS_BIAS != 0u ? bias[n] : 0.0);
