@@ -109,8 +109,13 @@ def _time_calls(dev: Device, record, copies: int, repeats: int, stream: int) -> 
     return single, c.elapsed_ns(s0, s1) * 1e-9 / stream
 
 
+MAX_COPIES = 64
+
+
 def _copies_for(nbytes: int, rotate_bytes: int) -> int:
-    return max(1, -(-rotate_bytes // max(nbytes, 1)))
+    # Capped: a layer so small that 64 copies fit in L2 is cache-resident in a
+    # real model too.
+    return min(MAX_COPIES, max(1, -(-rotate_bytes // max(nbytes, 1))))
 
 
 def _duplicate(dev: Device, bufs: tuple[Buffer, ...], copies: int) -> list[tuple[Buffer, ...]]:
@@ -201,7 +206,7 @@ def random_qga4w(n: int, k: int, group_size: int, seed: int = 0):
 
 
 def bench_layers(layers, device: Device | str | int | None = None, tokens: int = 1,
-                 repeats: int = 20) -> dict:
+                 repeats: int = 20, copy_bytes: int | None = None) -> dict:
     """Bench fused layers given as ``(name, op, args)`` with ``args`` in the op's
     schema order (as ``qlower.vk.ops.run_op`` takes them). Returns one
     JSON-ready document: device, copy bandwidth, per-layer timings."""
@@ -209,16 +214,22 @@ def bench_layers(layers, device: Device | str | int | None = None, tokens: int =
 
     dev = device if isinstance(device, Device) else open_device(device)
     try:
-        copy_gbps = copy_bandwidth(dev)
+        if copy_bytes is None:
+            copy_bytes = (16 << 20) if dev.is_cpu else COPY_BYTES
+        copy_gbps = copy_bandwidth(dev, copy_bytes)
+        rotate = copy_bytes if dev.is_cpu else ROTATE_BYTES
         rows = []
         for name, op, args in layers:
             layer, kind = build_layer(dev, op, args)
             if kind == "linear_qta8a_qga4w":
-                t = bench_linear_qta8a_qga4w(dev, layer, tokens, name=name, copy_gbps=copy_gbps, repeats=repeats)
+                t = bench_linear_qta8a_qga4w(dev, layer, tokens, name=name, copy_gbps=copy_gbps,
+                                             repeats=repeats, rotate_bytes=rotate)
             else:
-                t = bench_q8ta_linear(dev, layer, tokens, name=name, copy_gbps=copy_gbps, repeats=repeats)
+                t = bench_q8ta_linear(dev, layer, tokens, name=name, copy_gbps=copy_gbps,
+                                      repeats=repeats, rotate_bytes=rotate)
             rows.append(asdict(t))
-        return {"device": dev.name, "copy_gbps": copy_gbps, "tokens": tokens, "layers": rows}
+        return {"device": dev.name, "copy_gbps": copy_gbps, "copy_bytes": copy_bytes,
+                "tokens": tokens, "layers": rows}
     finally:
         if dev is not device:
             dev.close()

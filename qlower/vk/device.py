@@ -141,6 +141,7 @@ class Device:
         self._buffers: list[Buffer] = []
         self._query_pool = None
         self._query_count = 0
+        self.is_cpu = props.deviceType == vk.VK_PHYSICAL_DEVICE_TYPE_CPU
 
     # -- selection -----------------------------------------------------------
     @staticmethod
@@ -312,6 +313,10 @@ class Device:
 
     def _new_descriptor_pool(self):
         vk = self.vk
+        if self.desc_pool is not None:
+            self._old_pools.append(self.desc_pool)
+        else:
+            self._old_pools = []
         size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=8192)
         self.desc_pool = vk.vkCreateDescriptorPool(
             self.device,
@@ -328,7 +333,7 @@ class Device:
         if len(bufs) != pipe.bindings:
             raise ValueError(f"{pipe.name} takes {pipe.bindings} buffers, got {len(bufs)}")
         if self._sets_in_pool >= 1024:
-            raise DeviceError("too many descriptor sets in one session", "open a new Device")
+            self._new_descriptor_pool()
         ds = vk.vkAllocateDescriptorSets(
             self.device,
             vk.VkDescriptorSetAllocateInfo(
@@ -378,7 +383,8 @@ class Device:
             vk.vkDestroyDescriptorSetLayout(self.device, p.set_layout, None)
         if self._query_pool is not None:
             vk.vkDestroyQueryPool(self.device, self._query_pool, None)
-        vk.vkDestroyDescriptorPool(self.device, self.desc_pool, None)
+        for pool in [*self._old_pools, self.desc_pool]:
+            vk.vkDestroyDescriptorPool(self.device, pool, None)
         vk.vkDestroyFence(self.device, self.fence, None)
         vk.vkDestroyCommandPool(self.device, self.cmd_pool, None)
         vk.vkDestroyDevice(self.device, None)
