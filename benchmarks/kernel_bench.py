@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="small shapes (lavapipe smoke run)")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--passes", type=int, default=2,
+                    help="time every GEMV variant this many times (spread shows run-to-run noise)")
     args = ap.parse_args(argv)
 
     dev = open_device(args.device)
@@ -82,11 +84,13 @@ def main(argv=None) -> int:
         packed, sums, scales = random_qga4w(n, k, gs)
         layer = LinearQta8aQga4w(dev, packed, sums, scales, gs, k=k)
         doc.setdefault("gemv_check_rel_err", {})[f"{k}x{n}"] = check_gemv(layer, packed, sums, scales, gs, k)
-        for v in gemv_variants:
-            report(bench_linear_qta8a_qga4w(dev, layer, 1, copy_gbps=copy_gbps, variant=v,
-                                            repeats=reps, rotate_bytes=rot), "gemv")
-        report(bench_linear_qta8a_qga4w(dev, layer, 1, copy_gbps=copy_gbps, variant="linear_qta8a_qga4w_gemv_buffer_fp16",
-                                        dtype="fp16", repeats=reps, rotate_bytes=rot), "gemv")
+        for _ in range(args.passes):
+            for v in gemv_variants:
+                report(bench_linear_qta8a_qga4w(dev, layer, 1, copy_gbps=copy_gbps, variant=v,
+                                                repeats=reps, rotate_bytes=rot), "gemv")
+            report(bench_linear_qta8a_qga4w(dev, layer, 1, copy_gbps=copy_gbps,
+                                            variant="linear_qta8a_qga4w_gemv_buffer_fp16",
+                                            dtype="fp16", repeats=reps, rotate_bytes=rot), "gemv")
         del layer
     for m, k, n in gemm_shapes:
         packed, sums, scales = random_qga4w(n, k, gs)
@@ -110,6 +114,14 @@ def main(argv=None) -> int:
                 best[key] = r
     doc["gemv_best"] = {k: {"variant": v["variant"], "gbps": v["gbps"], "fraction": v["fraction"],
                             "meets_target": v["fraction"] >= GEMV_TARGET} for k, v in best.items()}
+    # Per shape and variant: min / max fraction over passes.
+    spread = {}
+    for r in doc["results"]:
+        if r["tag"] == "gemv":
+            spread.setdefault(f"{r['k']}x{r['n']} {r['variant']}", []).append(round(r["fraction"], 3))
+    doc["gemv_fraction_by_pass"] = spread
+    for key, fr in spread.items():
+        print(f"{key:70s} fractions over passes: {fr}", file=sys.stderr)
     text = json.dumps(doc, indent=1)
     if args.json:
         with open(args.json, "w") as f:
