@@ -19,7 +19,45 @@ from . import console
 from .config import SCHEMES
 from .errors import QlowerError
 
+class QlowerGroup(typer.core.TyperGroup):
+    """Maps errors to exit codes in one place, for the console script and CliRunner alike."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        code = self._run(args, prog_name, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        debug = os.environ.get("QLOWER_DEBUG") == "1"
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return 0
+        except QlowerError as exc:
+            if debug:
+                raise
+            console.err.print(f"[red]error:[/] {exc.message}", markup=True)
+            if exc.hint:
+                console.err.print(f"hint: {exc.hint}", markup=False)
+            return exc.exit_code
+        except click_exc.NoArgsIsHelpError:
+            return 0
+        except click_exc.UsageError as exc:
+            if debug:
+                raise
+            command = exc.ctx.command_path if exc.ctx else "qlower"
+            console.err.print(f"[red]error:[/] {exc.format_message()}", markup=True)
+            console.err.print(f"hint: see '{command} --help'", markup=False)
+            return 2
+        except typer.Exit as exc:
+            return exc.exit_code
+        except typer.Abort:
+            console.err.print("aborted")
+            return 130
+
+
 app = typer.Typer(
+    cls=QlowerGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -127,31 +165,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = os.environ.get("QLOWER_DEBUG") == "1"
-    try:
-        app(args=argv, standalone_mode=False, prog_name="qlower")
-        return 0
-    except QlowerError as exc:
-        if debug:
-            raise
-        console.err.print(f"[red]error:[/] {exc.message}", markup=True)
-        if exc.hint:
-            console.err.print(f"hint: {exc.hint}", markup=False)
-        return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        console.err.print("aborted")
-        return 130
-    except click_exc.NoArgsIsHelpError:
-        return 0
-    except click_exc.UsageError as exc:
-        if debug:
-            raise
-        command = exc.ctx.command_path if exc.ctx else "qlower"
-        console.err.print(f"[red]error:[/] {exc.format_message()}", markup=True)
-        console.err.print(f"hint: see '{command} --help'", markup=False)
-        return 2
+    return typer.main.get_command(app).main(args=argv, prog_name="qlower", standalone_mode=False)
 
 
 def run() -> None:
