@@ -130,7 +130,9 @@ def share_act_qparams(ep: ExportedProgram, ctx: FusionContext) -> int:
             twin = kept_items.get(item.args[1]) if item.target is operator.getitem else None
             if twin is not None:
                 item.replace_all_uses_with(twin)
+                graph.erase_node(item)
         node.replace_all_uses_with(keep)
+        graph.erase_node(node)
         merged += 1
     if merged:
         graph.eliminate_dead_code()

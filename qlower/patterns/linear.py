@@ -45,6 +45,10 @@ from qlower import pack
 
 # The kernels read activations in vec4 texels along K.
 K_ALIGN = 4
+# The 4-bit ops pad scales along N to 4; ExecuTorch 1.5.1's CPU reference kernel
+# (run on fake tensors while lowering) cannot read padded scales, so its own
+# lowering of such a layer fails. Say so instead of failing.
+Q4_N_ALIGN = 4
 # How far back from an operand we look for its constant placeholder
 # (dequantize → permute_copy → placeholder is two hops).
 MAX_TRACE_DEPTH = 4
@@ -203,7 +207,7 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
         info.k = int(x_arg.meta["val"].shape[-1])
 
     weight, w_chain = trace_to_placeholder(w_arg)
-    if weight is None:
+    if weight is None or not _is_constant(ep, weight):
         return _reject(info, "weight is not a constant (activation × activation product)")
     w_dq = next((n for n in w_chain if is_dq(n)), None)
     if w_dq is None:
@@ -236,8 +240,6 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
     pattern_input = x
     k = int(pattern_input.meta["val"].shape[-1])
     info.k = k
-    if k % K_ALIGN != 0:
-        return _reject(info, f"K={k} is not a multiple of {K_ALIGN}")
 
     bias = None
     if is_addmm:
@@ -263,6 +265,9 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
         else "int8 activations (unsupported granularity)"
     )
 
+    if k % K_ALIGN != 0:
+        return _reject(info, f"K={k} is not a multiple of {K_ALIGN}")
+
     m = LinearMatch(
         anchor=node, info=info, op="", weight=weight, weight_scales=w_scales,
         x=pattern_input, input_scale=input_scale, input_zp=input_zp, bias=bias, output=node,
@@ -276,6 +281,10 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             m.op = "q8ta_linear_gemv" if _rows(pattern_input) == 1 else "q8ta_linear"
             return _accept(m)
 
+    q4_n_reason = (
+        f"N={info.n} is not a multiple of {Q4_N_ALIGN} "
+        "(ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
+    )
     if x_dq is None:
         if not per_group:
             return _reject(info, "weight-only quantization needs per-group int4 weights")
@@ -283,6 +292,8 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             return _reject(info, f"group size {info.group_size} does not divide K={k}")
         if not pack.is_int4_range(w_t):
             return _reject(info, "weights outside the int4 range")
+        if info.n % Q4_N_ALIGN:
+            return _reject(info, q4_n_reason)
         m.op = "linear_q4gsw"
         return _accept(m)
 
@@ -295,6 +306,8 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             return _reject(info, f"group size {info.group_size} does not divide K={k}")
         if not pack.is_int4_range(w_t):
             return _reject(info, "weights outside the int4 range")
+        if info.n % Q4_N_ALIGN:
+            return _reject(info, q4_n_reason)
         m.op = "linear_dq8ca_q4gsw"
         return _accept(m)
 
@@ -305,6 +318,15 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
     m.op = "linear_q8ta_q8csw"
     info.note = "output feeds a float op, so no requantization"
     return _accept(m)
+
+
+def _is_constant(ep: ExportedProgram, node: torch.fx.Node) -> bool:
+    sig = ep.graph_signature
+    return (
+        node.name in sig.inputs_to_parameters
+        or node.name in sig.inputs_to_buffers
+        or node.name in sig.inputs_to_lifted_tensor_constants
+    )
 
 
 def _accept(m: LinearMatch) -> tuple[LinearMatch, LinearInfo]:
@@ -447,6 +469,7 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
     # The replaced node may be a 2-D mm inside view_copys; record the shape the op
     # really returns (a following view_copy then becomes a no-op).
     fused.meta["val"] = _fake_run(target, args)
+    _rename_output(ep, m.output, fused)
     m.output.replace_all_uses_with(fused)
     # The view_copy that restored the 3-D shape after a 2-D mm is now a no-op
     # (ExecuTorch's backend folds it the same way, via addmm → linear).
