@@ -19,13 +19,16 @@ def export(
     checkpoint: str | Path | None = None,
     on_stage: Callable[[str, float | None], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    dump_after: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Quantize and lower ``model`` (a Python file) to a Vulkan .pte; return the summary.
 
     ``options`` are ExportOptions fields (scheme, group_size, quantize_embeddings,
     calibration, calibration_batches, strict, seed, layers); they override ``config``.
-    With ``output=None`` nothing is written (the bytes are in the summary's job).
+    ``dump_after`` names a fusion pass after which the graph goes to ``log``.
+    With ``output=None`` nothing is written.
     """
     job = ExportJob(
         model_path=Path(model),
@@ -34,6 +37,8 @@ def export(
         entry=entry,
         checkpoint=Path(checkpoint) if checkpoint else None,
         warn=warn or (lambda message: None),
+        log=log,
+        dump_after=dump_after,
     )
     run_stages(job, on_stage or (lambda name, seconds: None))
     return export_summary(job)

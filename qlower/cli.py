@@ -130,6 +130,7 @@ def export(
     quantize_embeddings: Optional[bool] = typer.Option(None, "--quantize-embeddings/--no-quantize-embeddings", help="Quantize nn.Embedding to int4 groups (et_vk.embedding_q4gsw)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail when a layer cannot take the scheme instead of leaving it float."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the model's initialization and random calibration."),
+    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, drop_unused_constants."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
@@ -146,6 +147,8 @@ def export(
             checkpoint=checkpoint,
             on_stage=progress,
             warn=console.warn,
+            log=lambda text: console.err.print(text, markup=False, highlight=False),
+            dump_after=dump_after,
             scheme=scheme,
             group_size=group_size,
             calibration=str(calibration) if calibration else None,

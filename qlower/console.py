@@ -16,7 +16,8 @@ from typing import Iterator
 
 from rich.console import Console
 
-out = Console(highlight=False, soft_wrap=True)
+# Wide when piped, so tables are not folded at 80 columns in logs.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -38,12 +38,15 @@ class ExportJob:
     entry: str | None = None
     checkpoint: Path | None = None
     warn: Callable[[str], None] = lambda message: None
+    log: Callable[[str], None] | None = None  # where --dump-after prints graphs
+    dump_after: str | None = None
     # filled by the stages
     loaded: LoadedModel | None = None
     plans: list[LayerPlan] = field(default_factory=list)
     quantized: torch.nn.Module | None = None
     exported: Any = None  # torch.export.ExportedProgram
     edge: Any = None  # EdgeProgramManager
+    fusion: Any = None  # FusionReport
     program: Any = None  # ExecutorchProgramManager
     pte_bytes: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -85,6 +88,9 @@ def stage_export(job: ExportJob) -> None:
 
 def stage_fuse(job: ExportJob) -> None:
     """qlower's graph passes run here, on the edge program, before partitioning."""
+    from .fuse import run_fusion
+
+    job.fusion = run_fusion(job.edge.exported_program(), dump_after=job.dump_after, log=job.log)
 
 
 def stage_lower(job: ExportJob) -> None:

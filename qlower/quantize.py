@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
+from .patterns.linear import Q4_N_ALIGN
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
 EMBEDDING_DIM_MULTIPLE = 32
@@ -62,6 +63,9 @@ def _plan_linear(name: str, layer: nn.Linear, scheme: str, group_size: int) -> L
         plan.reason = f"scheme {scheme} keeps float weights"
     elif grouped and k % group_size != 0:
         plan.reason = f"group size {group_size} does not divide K={k}"
+    elif grouped and n % Q4_N_ALIGN != 0:
+        # Quantizing it anyway would crash ExecuTorch's own Vulkan lowering.
+        plan.reason = f"N={n} is not a multiple of {Q4_N_ALIGN} (ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
     else:
         plan.quantized = True
     return plan

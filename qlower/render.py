@@ -24,8 +24,9 @@ def render_export(summary: dict[str, Any]) -> None:
         f"linear layers: {layers['linear']} found, {layers['quantized']} quantized, "
         f"{layers['fused']} fused, {layers['unfused']} left unfused"
         + (f"; embeddings: {layers['embeddings_quantized']}/{layers['embeddings']} quantized" if layers["embeddings"] else "")
+        + (f"; other matmuls: {layers['other_matmuls']} ({layers['other_matmuls_fused']} fused)" if layers["other_matmuls"] else "")
     )
-    render_layer_table(summary["layer_plans"])
+    render_layer_table(summary["layer_report"])
     fused = ", ".join(f"{op} ×{n}" for op, n in summary["fused_ops"].items()) or "none"
     out.print(f"fused ops: {fused}")
     cpu = ", ".join(f"{op} ×{n}" for op, n in summary["cpu_ops"].items()) or "none"
@@ -42,8 +43,17 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for col in ("layer", "kind", "N", "K", "group", "result"):
-        table.add_column(col, justify="right" if col in ("N", "K", "group") else "left")
+        table.add_column(col, justify="right" if col in ("N", "K", "group") else "left", no_wrap=col != "result")
     for row in rows:
-        result = f"[green]{row.get('target_op')}[/]" if row["quantized"] else f"[yellow]float[/]: {row['reason']}"
-        table.add_row(row["name"], row["kind"], str(row["n"]), str(row["k"]), str(row["group_size"] or "-"), result)
+        if row["fused_op"]:
+            result = f"[green]{row['fused_op']}[/]"
+        elif row["quantized"]:
+            result = f"[yellow]quantized, unfused[/]: {row['reason']}"
+        else:
+            result = f"[yellow]float[/]: {row['reason']}"
+        table.add_row(row["name"], row["kind"], _cell(row["n"]), _cell(row["k"]), _cell(row["group_size"]), result)
     out.print(table)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from .pte import read_pte, summarize
 from .quantize import LayerPlan
 
-# The fused op that each scheme's linears become on the Vulkan delegate.
-SCHEME_FUSED_OP = {
-    "qta8a_qga4w": "linear_dq8ca_q4gsw",
-    "qga4w": "linear_q4gsw",
-    "q8ta_q8csw": "q8ta_linear",  # or q8ta_linear_gemv / linear_q8ta_q8csw, by context
-}
 EMBEDDING_FUSED_OP = "embedding_q4gsw"
 
 
 def export_summary(job) -> dict[str, Any]:
     pte = read_pte(job.pte_bytes)
     counts = summarize(pte)
-    linears = [p for p in job.plans if p.kind == "linear"]
-    fused_ops = counts["fused_ops"]
-    fused_linears = sum(v for k, v in fused_ops.items() if "linear" in k)
+    rows = layer_rows(job.plans, job.fusion.layers if job.fusion else [], counts["fused_ops"])
+    linears = [r for r in rows if r["kind"] == "linear"]
+    embeddings = [r for r in rows if r["kind"] == "embedding"]
+    matmuls = [r for r in rows if r["kind"] not in ("linear", "embedding")]
     return {
         "model": str(job.model_path),
         "entry": job.loaded.entry,
@@ -31,24 +25,54 @@ def export_summary(job) -> dict[str, Any]:
         "group_size": job.options.group_size,
         "layers": {
             "linear": len(linears),
-            "quantized": sum(p.quantized for p in linears),
-            "fused": fused_linears,
-            "unfused": len(linears) - fused_linears,
-            "embeddings": sum(p.kind == "embedding" for p in job.plans),
-            "embeddings_quantized": sum(p.kind == "embedding" and p.quantized for p in job.plans),
+            "quantized": sum(r["quantized"] for r in linears),
+            "fused": sum(bool(r["fused_op"]) for r in linears),
+            "unfused": sum(not r["fused_op"] for r in linears),
+            "embeddings": len(embeddings),
+            "embeddings_quantized": sum(r["quantized"] for r in embeddings),
+            "other_matmuls": len(matmuls),
+            "other_matmuls_fused": sum(bool(r["fused_op"]) for r in matmuls),
         },
-        "layer_plans": [_plan_row(p) for p in job.plans],
+        "layer_report": rows,
+        "fusion_passes": job.fusion.passes if job.fusion else [],
         **counts,
         "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
     }
 
 
-def _plan_row(plan: LayerPlan) -> dict[str, Any]:
-    row = plan.to_dict()
-    if plan.quantized:
-        row["target_op"] = EMBEDDING_FUSED_OP if plan.kind == "embedding" else SCHEME_FUSED_OP.get(plan.scheme)
-    return row
+def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per layer: the quantization plan joined with the fusion outcome.
+
+    Linear modules are matched to fusion entries by module name; linear-like
+    nodes that belong to no nn.Linear (functional matmuls, attention products)
+    get rows of their own, so every matmul in the graph is accounted for.
+    """
+    by_module: dict[str, list] = {}
+    for info in fused_layers:
+        by_module.setdefault(info.module, []).append(info)
+    rows = []
+    for plan in plans:
+        row = {"name": plan.name, "kind": plan.kind, "n": plan.n, "k": plan.k, "group_size": plan.group_size,
+               "scheme": plan.scheme, "quantized": plan.quantized, "fused_op": None, "reason": plan.reason}
+        if plan.kind == "embedding":
+            if plan.quantized and fused_ops.get(EMBEDDING_FUSED_OP):
+                row["fused_op"] = EMBEDDING_FUSED_OP
+        else:
+            infos = by_module.pop(plan.name, []) if plan.kind == "linear" else []
+            fused = next((i for i in infos if i.fused_op), None)
+            if fused is not None:
+                row["fused_op"] = short_op(fused.fused_op)
+            elif plan.quantized:
+                row["reason"] = infos[0].reason if infos else "no linear node found for this module in the exported graph"
+        rows.append(row)
+    for module, infos in by_module.items():
+        for info in infos:
+            rows.append({"name": f"{module or '<top>'} ({info.anchor} {info.node})", "kind": info.anchor, "n": info.n, "k": info.k,
+                         "group_size": info.group_size, "scheme": info.scheme, "quantized": info.fused_op is not None,
+                         "fused_op": short_op(info.fused_op), "reason": info.reason})
+    return rows
 
 
-def histogram(items) -> dict[str, int]:
-    return dict(sorted(Counter(items).items()))
+def short_op(name: str | None) -> str | None:
+    """"et_vk.linear_q4gsw" → "linear_q4gsw", the name the histograms use."""
+    return name.removeprefix("et_vk.") if name else None

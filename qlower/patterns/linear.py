@@ -135,6 +135,11 @@ def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.
     return cur, seen
 
 
+def _same_last_dim(a: torch.fx.Node, b) -> bool:
+    va, vb = a.meta.get("val"), getattr(b, "meta", {}).get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape[-1] == vb.shape[-1]
+
+
 def module_fqn(node: torch.fx.Node) -> str:
     """The fully qualified name of the module the node was traced from."""
     stack = node.meta.get("nn_module_stack")
@@ -224,7 +229,9 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
 
     # Skip the view_copy that decomposition puts in front of 3-D inputs.
     x = x_arg
-    front_view = x if is_view_copy(x) else None
+    # Only a view that keeps the last dim (3-D → 2-D rows) is that one; a flatten
+    # (e.g. [B, C, H, W] → [B, C*H*W]) changes K and is the real input.
+    front_view = x if is_view_copy(x) and _same_last_dim(x, x.args[0]) else None
     if front_view is not None:
         x = x.args[0]
     x_dq = x if is_dq(x) else None
