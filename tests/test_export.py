@@ -107,9 +107,11 @@ class Odd(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(100, 64)   # K=100: group size 32 does not divide it
-        self.b = nn.Linear(64, 7)     # N=7
+        self.m = nn.Linear(64, 12)    # N=12: not a multiple of 8 (padded sums), fused
+        self.b = nn.Linear(64, 7)     # N=7: not a multiple of 4
     def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+        h = torch.relu(self.a(x))
+        return self.b(h), self.m(h)
 model = Odd()
 example_inputs = (torch.randn(2, 100),)
 """
@@ -121,7 +123,10 @@ def test_odd_shapes_left_float_and_reported(tmp_path):
     plans = {p["name"]: p for p in summary["layer_report"]}
     assert not plans["a"]["quantized"]
     assert plans["a"]["reason"] == "group size 32 does not divide K=100"
-    assert plans["b"]["quantized"]
+    assert plans["m"]["fused_op"] == "linear_dq8ca_q4gsw"
+    assert not plans["b"]["quantized"]
+    assert plans["b"]["reason"].startswith("N=7 is not a multiple of 4")
+    assert summary["layers"]["fused"] == 1 and summary["layers"]["unfused"] == 2
 
 
 def test_strict_turns_unquantizable_layer_into_error(tmp_path):
