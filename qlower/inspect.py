@@ -256,10 +256,12 @@ class _Graph:
         size = 2 if self.fp16 and dtype == "float32" else DTYPE_BYTES.get(dtype, 4)
         return math.prod(dims) * size
 
-    def describe(self, vid: int) -> dict[str, Any]:
+    def describe(self, vid: int, nested: bool = False) -> dict[str, Any]:
         """One value as JSON: tensors with dtype, shape, storage, layout; scalars and lists by value."""
         v = self.graph.values[vid].value
         kind = type(v).__name__
+        if kind == "ValueList" and nested:  # lists of lists by id only: a corrupt graph may nest a list in itself
+            return {"id": vid, "kind": "list", "items": [{"id": i, "kind": "ref"} for i in v.items]}
         if kind == "VkTensor":
             d = {"id": vid, "kind": "tensor", "dtype": self.dtype(v), "shape": list(v.dims)}
             if v.constant_id >= 0:
@@ -268,7 +270,7 @@ class _Graph:
                 d.update(storage=self.storage(v), layout=self.layout(v), mem_obj=v.mem_obj_id)
             return d
         if kind == "ValueList":
-            return {"id": vid, "kind": "list", "items": [self.describe(i) for i in v.items]}
+            return {"id": vid, "kind": "list", "items": [self.describe(i, nested=True) for i in v.items]}
         if kind == "Null":
             return {"id": vid, "kind": "none"}
         if kind == "SymInt":
@@ -293,6 +295,8 @@ def short_value(d: dict[str, Any]) -> str:
         return "(" + ", ".join(short_value(i) for i in d["items"]) + ")"
     if kind == "none":
         return "None"
+    if kind == "ref":
+        return f"v{d['id']}"
     if kind == "string":
         return repr(d["value"])
     return str(d.get("value", kind))
@@ -475,15 +479,24 @@ def runtime_problems(pte: Pte) -> list[dict[str, Any]] | None:
     """What would make the stock ET-VK runtime abort while loading each Vulkan graph
     (missing operators, missing shader variants), from ``qlower.runtime_caps``;
     None when that module is not installed."""
-    if importlib.util.find_spec("qlower.runtime_caps") is None:
+    runtime_caps = _runtime_caps()
+    if runtime_caps is None:
         return None
-    from . import runtime_caps
-
     problems = []
     for d in pte.vulkan_delegates:
         for p in runtime_caps.load_problems(d.graph):
             problems.append({"delegate": d.index, "node_id": p.node_id, "op": p.op, "message": p.message})
     return problems
+
+
+def _runtime_caps():
+    """``qlower.runtime_caps`` when installed; its ``load_problems(VkGraph)`` returns
+    objects with ``node_id``, ``op`` and ``message``."""
+    if importlib.util.find_spec("qlower.runtime_caps") is None:
+        return None
+    from . import runtime_caps
+
+    return runtime_caps
 
 
 def _runtime_section(pte: Pte) -> dict[str, Any]:

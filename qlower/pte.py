@@ -15,6 +15,7 @@ import re
 import select
 import signal
 import stat
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -282,6 +283,8 @@ def decode_vk_graph(blob: bytes, with_header: bool = False):
     check_flatbuffer_root(flatbuffer, "Vulkan graph")
     try:
         graph = _flatbuffer_to_vk_graph(flatbuffer)
+    except subprocess.CalledProcessError as exc:
+        raise PteError(f"cannot decode the Vulkan graph: flatc rejected it (status {exc.returncode})", "the .pte is corrupted") from exc
     except Exception as exc:
         raise PteError(f"cannot decode the Vulkan graph: {first_line(exc)}", "the .pte is corrupted") from exc
     check_vk_graph(graph, header.bytes_size)
