@@ -1,8 +1,11 @@
 """Read a .pte: the program, its execution plan, and each Vulkan delegate's VkGraph.
 
-Decoding uses ExecuTorch's own deserializers (``deserialize_pte_binary`` for the
-program, ``flatbuffer_to_vk_graph`` for the Vulkan blob). Everything a report
-needs is derived from ``Pte``; nothing here writes files.
+Decoding uses ExecuTorch's own deserializers (the steps of ``deserialize_pte_binary``
+for the program, flatc with the Vulkan schema for the blob). The file is untrusted:
+sizes its headers declare are checked against its length, the flatbuffer roots are
+checked before decoding, and the decoding runs in a child process with a memory
+limit and a deadline. Everything a report needs is derived from ``Pte``; nothing
+here writes files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import select
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -392,7 +396,12 @@ def _run_bounded(fn, data: bytes, *args):
     budget = DECODE_MEMORY_BASE + DECODE_MEMORY_PER_BYTE * len(data)
     deadline = DECODE_SECONDS_BASE + len(data) / (8 << 20)
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no room for a child: decode here, unbounded
+        os.close(read_fd)
+        os.close(write_fd)
+        return fn(data, *args)
     if pid == 0:  # the child: never returns
         status = _CHILD_BROKEN
         try:
@@ -420,18 +429,21 @@ def _run_bounded(fn, data: bytes, *args):
     chunks = []
     timed_out = False
     end = time.monotonic() + deadline
-    with os.fdopen(read_fd, "rb") as pipe:
-        while True:
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([pipe], [], [], left)[0]:
-                timed_out = True
-                os.kill(pid, signal.SIGKILL)
-                break
-            chunk = os.read(pipe.fileno(), 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                    timed_out = True
+                    break
+                chunk = os.read(pipe.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        if timed_out or sys.exc_info()[0] is not None:  # also on Ctrl-C: leave no child behind
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
     if timed_out:
         raise PteError(f"decoding the .pte took longer than {deadline:.0f} s", "the file is corrupted or crafted")
     if os.WIFSIGNALED(status):

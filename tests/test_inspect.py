@@ -360,3 +360,31 @@ def test_declared_sizes_are_checked_before_decoding(exported, tmp_path):
     bad = _set_u64(path.read_bytes(), 16, 1 << 62)
     with pytest.raises(PteError, match="declares a .*-byte program"):
         inspect_pte(bad)
+
+
+def _allocate_16_gib(data):
+    return len(bytearray(1 << 34))
+
+
+def _segfault(data):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _hang(data):
+    import time
+
+    time.sleep(60)
+
+
+def test_decoding_is_bounded(monkeypatch):
+    from qlower import pte
+
+    with pytest.raises(PteError, match="needs more than"):
+        pte._run_bounded(_allocate_16_gib, b"x")
+    with pytest.raises(PteError, match="crashed"):
+        pte._run_bounded(_segfault, b"x")
+    monkeypatch.setattr(pte, "DECODE_SECONDS_BASE", 0.5)
+    with pytest.raises(PteError, match="took longer than"):
+        pte._run_bounded(_hang, b"x")
