@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .pte import INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, read_pte, size_breakdown
+from .pte import FUSED_OP_ARGS, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, read_pte, size_breakdown
 
 # --- expectations ------------------------------------------------------------
 
@@ -277,10 +277,17 @@ class _Graph:
             return {"id": vid, "kind": "symint", "value": v.value}
         field_name = {"Int": "int_val", "Double": "double_val", "Bool": "bool_val", "String": "string_val"}.get(kind)
         if field_name:
-            return {"id": vid, "kind": kind.lower(), "value": getattr(v, field_name)}
+            return {"id": vid, "kind": kind.lower(), "value": _finite(getattr(v, field_name))}
         if kind in ("IntList", "DoubleList", "BoolList"):
-            return {"id": vid, "kind": kind.lower(), "value": list(v.items)}
+            return {"id": vid, "kind": kind.lower(), "value": [_finite(i) for i in v.items]}
         return {"id": vid, "kind": kind.lower()}
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite doubles (attention masks hold -inf) as "inf"/"-inf"/"nan": strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def short_value(d: dict[str, Any]) -> str:
@@ -339,7 +346,7 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
         for label, vid in zip(labels, inputs):
             users[vid].append(f"{short}#{call.node_id}.{label}")
         if call.name.startswith("et_vk."):
-            fused[short].append(_fused_params(g, call.node_id, dict(zip(labels, inputs)), outputs))
+            fused[short].append(_fused_params(g, short, call.node_id, dict(zip(labels, inputs)), outputs))
     constants, constant_bytes = _constants(pte, g, users)
     memory = _memory(g, constant_bytes)
     tensor_rows = []
@@ -378,7 +385,7 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
     }
 
 
-def _fused_params(g: _Graph, node_id: int, args: dict[str, int], outputs: list[int]) -> dict[str, Any]:
+def _fused_params(g: _Graph, short: str, node_id: int, args: dict[str, int], outputs: list[int]) -> dict[str, Any]:
     """N, K, group size, packed weight bytes, scale dtype, activation of one fused node."""
     weights = g.tensor(args.get("weights", args.get("weight", -1))) if ("weights" in args or "weight" in args) else None
     scales = g.tensor(args["weight_scales"]) if "weight_scales" in args else None
@@ -386,6 +393,10 @@ def _fused_params(g: _Graph, node_id: int, args: dict[str, int], outputs: list[i
     x_id = next((args[k] for k in ("x", "self", "input") if k in args), None)
     x = g.tensor(x_id) if x_id is not None else None
     params: dict[str, Any] = {"node_id": node_id}
+    if short not in FUSED_OP_ARGS:  # et_vk ops that are not quantized linears/embeddings (rms_norm, sdpa, ...)
+        if x is not None:
+            params["input"] = short_value(g.describe(x_id))
+        return params
     if weights is not None:
         params["weight_dtype"] = g.dtype(weights)
         params["weight_shape"] = list(weights.dims)

@@ -10,6 +10,7 @@ here writes files.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.resources
 import json
 import os
@@ -467,6 +468,7 @@ def _limit_child(budget: int) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+    faulthandler.disable()  # a crash here is reported by the parent, not dumped
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     current = _address_space_bytes()
     if current is not None:
