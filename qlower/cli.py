@@ -31,8 +31,9 @@ class QlowerGroup(typer.core.TyperGroup):
     def _run(self, args, prog_name, complete_var, **extra) -> int:
         debug = os.environ.get("QLOWER_DEBUG") == "1"
         try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            return 0
+            # Without standalone mode, click returns a typer.Exit's code instead of raising it.
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return code if isinstance(code, int) else 0
         except QlowerError as exc:
             if debug:
                 raise
@@ -165,6 +166,49 @@ def export(
         from .render import render_export
 
         render_export(summary)
+
+
+def _parse_expectations(values: Optional[list[str]]) -> list:
+    from .inspect import parse_expectation
+
+    try:
+        return [parse_expectation(v) for v in values or []]
+    except QlowerError as exc:
+        raise typer.BadParameter(f"{exc.message} ({exc.hint})") from None
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  qlower inspect mlp.pte\n\n"
+        "  qlower inspect mlp.pte --ops --constants\n\n"
+        "  qlower inspect mlp.pte --expect 'fused.linear_dq8ca_q4gsw>=2' --expect 'partitions==1' --expect 'cpu_ops==0'\n\n"
+        "Expectation keys: partitions, methods, size, gpu_memory, runtime_problems; "
+        "delegates, fused, vk_ops, cpu_ops, each alone (a total) or with .<name> "
+        "(fused.linear_q4gsw, cpu_ops.aten::mul.Scalar, delegates.XnnpackBackend)."
+    )
+)
+def inspect(
+    pte_path: Path = typer.Argument(..., metavar="FILE.pte", help="The .pte to read (any ExecuTorch program, not only qlower's)."),
+    ops: bool = typer.Option(False, "--ops", help="Show each Vulkan graph's op chain with its arguments."),
+    tensors: bool = typer.Option(False, "--tensors", help="Show every tensor: dtype[shape], storage/layout, memory object, users."),
+    constants: bool = typer.Option(False, "--constants", help="Show the constants: size, tensor, where stored, users."),
+    expect: Optional[list[str]] = typer.Option(None, "--expect", metavar="KEY OP N", callback=_parse_expectations, help="Fail (exit 1) unless KEY OP N holds, e.g. 'partitions==1'; OP is ==, !=, >=, <=, > or <. Repeatable."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
+    from .inspect import inspect_pte
+    from .render import render_expectations, render_inspect
+
+    console.import_heavy_libraries()
+    report = inspect_pte(pte_path, expect=expect or [])
+    if as_json:
+        print_json(report)
+    else:
+        render_inspect(report, ops=ops, tensors=tensors, constants=constants)
+    render_expectations(report["expectations"])
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

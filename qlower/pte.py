@@ -1,17 +1,28 @@
 """Read a .pte: the program, its execution plan, and each Vulkan delegate's VkGraph.
 
-Decoding uses ExecuTorch's own deserializers (``deserialize_pte_binary`` for the
-program, ``flatbuffer_to_vk_graph`` for the Vulkan blob). Everything a report
-needs is derived from ``Pte``; nothing here writes files.
+Decoding uses ExecuTorch's own deserializers (the steps of ``deserialize_pte_binary``
+for the program, flatc with the Vulkan schema for the blob). The file is untrusted:
+sizes its headers declare are checked against its length, the flatbuffer roots are
+checked before decoding, and the decoding runs in a child process with a memory
+limit and a deadline. Everything a report needs is derived from ``Pte``; nothing
+here writes files.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.resources
 import json
 import os
+import pickle
 import re
+import select
+import signal
+import stat
+import subprocess
+import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +58,9 @@ class Delegate:
     backend_id: str
     blob_size: int
     graph: Any = None  # VkGraph for Vulkan delegates
+    location: str = "inline"  # where the file keeps the blob: "inline" or "segment"
+    compile_specs: dict[str, str] = field(default_factory=dict)
+    vk_header: dict[str, int] | None = None  # the Vulkan blob's header fields
 
     @property
     def ops(self) -> list[VkOp]:
@@ -63,12 +77,24 @@ class PlanStep:
 
 
 @dataclass
+class Method:
+    name: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    steps: list[PlanStep]
+
+
+@dataclass
 class Pte:
     size: int
     pte_file: Any
     delegates: list[Delegate]
-    steps: list[PlanStep]
+    steps: list[PlanStep]  # the first method's plan
     named_sizes: dict[str, int] = field(default_factory=dict)
+    methods: list[Method] = field(default_factory=list)
+    segments: list[tuple[int, int]] = field(default_factory=list)  # (offset, size) after the segment base
+    program_size: int = 0  # bytes of the program flatbuffer
+    segment_base: int = 0  # file offset of the first segment (0: no segments)
 
     @property
     def program(self):
@@ -85,48 +111,166 @@ class Pte:
         return bytes(named.buffers[named.pte_data[key].buffer_index])
 
 
+# Decoding runs ExecuTorch's flatbuffer readers (and the flatc binary for VkGraphs)
+# on bytes we do not trust. They do not verify offsets: a crafted file can make them
+# crash, recurse, or expand shared tables without bound. So the decode runs in a
+# forked child with an address-space limit and a deadline; the parent gets back the
+# decoded objects or one line saying why not.
+DECODE_MEMORY_BASE = 1 << 30  # bytes the child may grow by, plus DECODE_MEMORY_PER_BYTE × file size
+DECODE_MEMORY_PER_BYTE = 16
+DECODE_SECONDS_BASE = 60.0  # plus one second per 8 MiB of file
+EH_MAGIC = b"eh00"
+EH_LENGTH = 32  # bytes of the extended header at offset 8 (magic, length, program size, segment base, segment data size)
+
+
 def read_pte(source: str | Path | bytes) -> Pte:
     data = _read_bytes(source)
-    if len(data) < 8 or data[4:6] != PTE_MAGIC:
+    program_size, segment_base = check_header(data)
+    return _run_bounded(_decode, data, program_size, segment_base)
+
+
+def check_header(data: bytes) -> tuple[int, int]:
+    """Checks the file header and the sizes it declares against the file; returns
+    (program flatbuffer size, segment base offset or 0)."""
+    if len(data) == 0:
+        raise PteError("the file is empty", "pass a file written by qlower export or ExecuTorch's to_executorch()")
+    if len(data) < 8 or data[4:6] != PTE_MAGIC or not data[6:8].isdigit():
         raise PteError("not an ExecuTorch .pte file (bad magic)", "pass a file written by qlower export or ExecuTorch's to_executorch()")
-    from executorch.exir._serialize._program import deserialize_pte_binary
+    program_size, segment_base = len(data), 0
+    if data[8:12] == EH_MAGIC:
+        if len(data) < 8 + EH_LENGTH:
+            raise PteError(f"the .pte header is cut off ({len(data)} bytes)", "the file is truncated")
+        length = int.from_bytes(data[12:16], "little")
+        program_size = int.from_bytes(data[16:24], "little")
+        segment_base = int.from_bytes(data[24:32], "little")
+        segment_data_size = int.from_bytes(data[32:40], "little") if length >= 32 else 0
+        if length < 24:
+            raise PteError(f"the .pte extended header declares a length of {length} bytes", "the file is corrupted")
+        if not 8 + length <= program_size <= len(data):
+            raise PteError(f"the .pte header declares a {program_size}-byte program in a {len(data)}-byte file", "the file is truncated or corrupted")
+        if segment_base and not program_size <= segment_base <= len(data):
+            raise PteError(f"the .pte header puts segments at byte {segment_base} of a {len(data)}-byte file", "the file is truncated or corrupted")
+        if segment_base and segment_base + segment_data_size > len(data):
+            raise PteError(f"the .pte header declares {segment_data_size} bytes of segments after byte {segment_base}, but the file has {len(data)} bytes", "the file is truncated")
+    check_flatbuffer_root(data[:program_size], "program")
+    return program_size, segment_base
+
+
+def check_flatbuffer_root(buf: bytes, what: str) -> None:
+    """The root table's offset, its vtable and its inline size must lie inside ``buf``."""
+    n = len(buf)
+    if n < 12:
+        raise PteError(f"the {what} flatbuffer is cut off ({n} bytes)", "the file is truncated")
+    root = int.from_bytes(buf[0:4], "little")
+    if root % 4 or not 8 <= root <= n - 4:
+        raise PteError(f"the {what} flatbuffer's root offset {root} is outside its {n} bytes", "the file is corrupted")
+    vtable = root - int.from_bytes(buf[root:root + 4], "little", signed=True)
+    if vtable % 2 or not 0 <= vtable <= n - 4:
+        raise PteError(f"the {what} flatbuffer's root vtable offset {vtable} is outside its {n} bytes", "the file is corrupted")
+    vsize = int.from_bytes(buf[vtable:vtable + 2], "little")
+    tsize = int.from_bytes(buf[vtable + 2:vtable + 4], "little")
+    if vsize < 4 or vsize % 2 or vtable + vsize > n or root + tsize > n:
+        raise PteError(f"the {what} flatbuffer's root table does not fit in its {n} bytes", "the file is corrupted")
+    for i in range(4, vsize, 2):
+        field_offset = int.from_bytes(buf[vtable + i:vtable + i + 2], "little")
+        if field_offset and field_offset + 1 > tsize:
+            raise PteError(f"the {what} flatbuffer's root table has a field outside the table", "the file is corrupted")
+
+
+def _decode(data: bytes, program_size: int, segment_base: int) -> Pte:
+    from executorch.exir._serialize._program import PTEFile, _flatbuffer_to_program, _restore_segments
 
     try:
-        pte_file = deserialize_pte_binary(data)
+        program = _flatbuffer_to_program(data[:program_size])
+    except RecursionError:
+        raise PteError("cannot decode the .pte: its program flatbuffer refers to itself", "the file is corrupted") from None
     except Exception as exc:
         raise PteError(f"cannot decode the .pte: {type(exc).__name__}: {first_line(exc)}", "the file is truncated or corrupted") from exc
+    segments = [(s.offset, s.size) for s in program.segments or []]
+    locations = {}
+    for plan in program.execution_plan:
+        for d in plan.delegates:
+            locations[id(d)] = "segment" if getattr(d.processed.location, "name", "") == "SEGMENT" else "inline"
+    if segment_base:
+        try:
+            pte_file = _restore_segments(program=program, segment_data=data[segment_base:])
+        except Exception as exc:
+            raise PteError(f"cannot decode the .pte's segments: {first_line(exc)}", "the file is truncated or corrupted") from exc
+    else:
+        if segments or program.named_data:
+            raise PteError("the .pte refers to segments but its header declares none", "the file is corrupted")
+        pte_file = PTEFile(program=program, mutable_data=None, named_data=None)
     program = pte_file.program
-    delegates = []
-    for i, blob in enumerate(program.backend_delegate_data):
-        delegates.append(Delegate(i, "?", len(blob.data)))
-    steps: list[PlanStep] = []
-    for plan in program.execution_plan[:1]:
-        ops = plan.operators
+    delegates = [Delegate(i, "?", len(blob.data)) for i, blob in enumerate(program.backend_delegate_data)]
+    methods = []
+    for plan in program.execution_plan:
         for d in plan.delegates:
             index = d.processed.index
-            if 0 <= index < len(delegates):
-                delegates[index].backend_id = d.id
-        for chain in plan.chains:
-            for instr in chain.instructions:
-                args = instr.instr_args
-                kind = type(args).__name__
-                if kind == "DelegateCall":
-                    d = plan.delegates[args.delegate_index]
-                    steps.append(PlanStep("delegate", d.id, d.processed.index))
-                elif kind == "KernelCall":
-                    op = ops[args.op_index]
-                    steps.append(PlanStep("kernel", f"{op.name}.{op.overload}" if op.overload else op.name))
+            if not 0 <= index < len(delegates):
+                raise PteError(f"method {plan.name!r} refers to delegate data #{index} of {len(delegates)}", "the file is corrupted")
+            delegates[index].backend_id = d.id
+            delegates[index].location = locations.get(id(d), "inline")
+            delegates[index].compile_specs = {s.key: _spec_text(s.value) for s in d.compile_specs}
+        methods.append(Method(plan.name, [_evalue(plan, i) for i in plan.inputs], [_evalue(plan, i) for i in plan.outputs], _plan_steps(plan)))
     for d in delegates:
         if d.backend_id == VULKAN_BACKEND:
-            d.graph = decode_vk_graph(bytes(program.backend_delegate_data[d.index].data))
+            d.graph, d.vk_header = decode_vk_graph(bytes(program.backend_delegate_data[d.index].data), with_header=True)
     named = pte_file.named_data
     named_sizes = {}
     if named is not None:
         named_sizes = {k: len(named.buffers[v.buffer_index]) for k, v in named.pte_data.items()}
-    return Pte(len(data), pte_file, delegates, steps, named_sizes)
+    steps = methods[0].steps if methods else []
+    return Pte(len(data), pte_file, delegates, steps, named_sizes, methods, segments, program_size, segment_base)
 
 
-def decode_vk_graph(blob: bytes):
+def _plan_steps(plan) -> list[PlanStep]:
+    steps = []
+    for chain in plan.chains:
+        for instr in chain.instructions:
+            args = instr.instr_args
+            kind = type(args).__name__
+            if kind == "DelegateCall":
+                if not 0 <= args.delegate_index < len(plan.delegates):
+                    raise PteError(f"method {plan.name!r} calls delegate #{args.delegate_index} of {len(plan.delegates)}", "the file is corrupted")
+                d = plan.delegates[args.delegate_index]
+                steps.append(PlanStep("delegate", d.id, d.processed.index))
+            elif kind == "KernelCall":
+                if not 0 <= args.op_index < len(plan.operators):
+                    raise PteError(f"method {plan.name!r} calls operator #{args.op_index} of {len(plan.operators)}", "the file is corrupted")
+                op = plan.operators[args.op_index]
+                steps.append(PlanStep("kernel", f"{op.name}.{op.overload}" if op.overload else op.name))
+    return steps
+
+
+def _evalue(plan, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(plan.values):
+        raise PteError(f"method {plan.name!r} has an input or output #{index} of {len(plan.values)} values", "the file is corrupted")
+    val = plan.values[index].val
+    kind = type(val).__name__
+    if kind == "Tensor":
+        dtype = getattr(val.scalar_type, "name", str(val.scalar_type))
+        return {"kind": "tensor", "dtype": SCALAR_TYPE_NAMES.get(dtype, dtype.lower()), "shape": list(val.sizes)}
+    return {"kind": kind.lower()}
+
+
+# ExecuTorch ScalarType names → the torch dtype names people know.
+SCALAR_TYPE_NAMES = {
+    "BYTE": "uint8", "CHAR": "int8", "SHORT": "int16", "INT": "int32", "LONG": "int64",
+    "HALF": "float16", "FLOAT": "float32", "DOUBLE": "float64", "BOOL": "bool", "BFLOAT16": "bfloat16",
+}
+
+
+def _spec_text(value: bytes) -> str:
+    value = bytes(value)
+    if len(value) == 1:
+        return str(value[0])
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.hex()
+
+
+def decode_vk_graph(blob: bytes, with_header: bool = False):
     from executorch.backends.vulkan.serialization.vulkan_graph_serialize import VulkanDelegateHeader
 
     if len(blob) < VK_HEADER_LENGTH or blob[4:8] != VK_MAGIC:
@@ -138,10 +282,56 @@ def decode_vk_graph(blob: bytes):
     end = header.flatbuffer_offset + header.flatbuffer_size
     if header.flatbuffer_offset < VK_HEADER_LENGTH or end > len(blob):
         raise PteError(f"Vulkan delegate claims a graph at bytes {header.flatbuffer_offset}..{end} of a {len(blob)}-byte blob", "the .pte is truncated or corrupted")
+    if header.bytes_offset + header.bytes_size > len(blob):
+        raise PteError(f"Vulkan delegate claims constant bytes up to {header.bytes_offset + header.bytes_size} of a {len(blob)}-byte blob", "the .pte is truncated or corrupted")
+    flatbuffer = blob[header.flatbuffer_offset:end]
+    check_flatbuffer_root(flatbuffer, "Vulkan graph")
     try:
-        return _flatbuffer_to_vk_graph(blob[header.flatbuffer_offset:end])
+        graph = _flatbuffer_to_vk_graph(flatbuffer)
+    except subprocess.CalledProcessError as exc:
+        raise PteError(f"cannot decode the Vulkan graph: flatc rejected it (status {exc.returncode})", "the .pte is corrupted") from exc
     except Exception as exc:
         raise PteError(f"cannot decode the Vulkan graph: {first_line(exc)}", "the .pte is corrupted") from exc
+    check_vk_graph(graph, header.bytes_size)
+    if not with_header:
+        return graph
+    fields = ("flatbuffer_offset", "flatbuffer_size", "bytes_offset", "bytes_size")
+    return graph, {f: getattr(header, f) for f in fields}
+
+
+INLINE_CONSTANT = (1 << 64) - 1  # VkBytes.offset of a constant kept in named data
+
+
+def check_vk_graph(graph, inline_bytes: int) -> None:
+    """Every id the graph uses must name one of its values or constants."""
+    from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk
+
+    def bad(what: str) -> PteError:
+        return PteError(f"the Vulkan graph {what}", "the .pte is corrupted")
+
+    n_values, n_constants = len(graph.values), len(graph.constants)
+    for vid in (*graph.input_ids, *graph.output_ids):
+        if not 0 <= vid < n_values:
+            raise bad(f"names input/output value {vid} of {n_values}")
+    for call in graph.chain:
+        if not isinstance(call.name, str):
+            raise bad(f"has an operator without a name (node {call.node_id})")
+        for vid in call.args:
+            if not 0 <= vid < n_values:
+                raise bad(f"passes value {vid} of {n_values} to {call.name} (node {call.node_id})")
+    for vid, value in enumerate(graph.values):
+        v = value.value
+        if isinstance(v, vk.VkTensor):
+            if not -1 <= v.constant_id < n_constants:
+                raise bad(f"tensor {vid} uses constant {v.constant_id} of {n_constants}")
+            if any(d < 0 for d in v.dims):
+                raise bad(f"tensor {vid} has a negative dimension {list(v.dims)}")
+        elif isinstance(v, vk.ValueList):
+            if any(not 0 <= i < n_values for i in v.items):
+                raise bad(f"list {vid} names a value outside the graph")
+    for cid, c in enumerate(graph.constants):
+        if c.offset != INLINE_CONSTANT and c.offset + c.length > inline_bytes:
+            raise bad(f"constant {cid} lies outside the blob's {inline_bytes} constant bytes")
 
 
 # flatc writes non-finite doubles as bare inf/nan, which json rejects; ExecuTorch's
@@ -170,15 +360,134 @@ def _read_bytes(source: str | Path | bytes) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         return bytes(source)
     path = Path(source)
-    if path.is_dir():
-        raise PteError(f"{path} is a directory, not a .pte file", "pass the path of a .pte file")
     try:
-        return path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise PteError(f"file not found: {path}", "check the path") from None
     except OSError as exc:
         raise PteError(f"cannot read {path}: {exc.strerror}", "check the path and permissions") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise PteError(f"{path} is a directory, not a .pte file", "pass the path of a .pte file")
+    if not stat.S_ISREG(st.st_mode):
+        # a device or a pipe has no size to check against and may never end
+        raise PteError(f"{path} is not a regular file", "pass the path of a .pte file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PteError(f"cannot read {path}: {exc.strerror}", "check the path and permissions") from exc
 
+
+# Exit statuses of the decoding child besides 0 (a pickled result follows).
+_CHILD_NO_MEMORY = 3
+_CHILD_BROKEN = 4
+
+
+def _run_bounded(fn, data: bytes, *args):
+    """``fn(data, *args)`` in a forked child with a memory limit and a deadline.
+
+    The child sends back the pickled result or a PteError; a crash, a timeout or
+    running out of memory becomes a PteError here. Without fork (or with
+    QLOWER_DECODE_INLINE=1) it runs in this process.
+    """
+    if not hasattr(os, "fork") or os.environ.get("QLOWER_DECODE_INLINE") == "1":
+        return fn(data, *args)
+    import executorch.exir._serialize._program  # noqa: F401  import once here, not in every child
+    import executorch.backends.vulkan.serialization.vulkan_graph_schema  # noqa: F401
+
+    budget = DECODE_MEMORY_BASE + DECODE_MEMORY_PER_BYTE * len(data)
+    deadline = DECODE_SECONDS_BASE + len(data) / (8 << 20)
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:  # no room for a child: decode here, unbounded
+        os.close(read_fd)
+        os.close(write_fd)
+        return fn(data, *args)
+    if pid == 0:  # the child: never returns
+        status = _CHILD_BROKEN
+        try:
+            os.close(read_fd)
+            _limit_child(budget)
+            try:
+                result = ("ok", fn(data, *args))
+            except PteError as exc:
+                result = ("error", exc.message, exc.hint)
+            except MemoryError:
+                raise
+            except Exception as exc:  # the decoders' own failures on bad bytes
+                result = ("error", f"cannot decode the .pte: {type(exc).__name__}: {first_line(exc)}", "the file is corrupted")
+            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(payload)
+            status = 0
+        except MemoryError:
+            status = _CHILD_NO_MEMORY
+        except BaseException:
+            status = _CHILD_BROKEN
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    chunks = []
+    timed_out = False
+    end = time.monotonic() + deadline
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                    timed_out = True
+                    break
+                chunk = os.read(pipe.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        if timed_out or sys.exc_info()[0] is not None:  # also on Ctrl-C: leave no child behind
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if timed_out:
+        raise PteError(f"decoding the .pte took longer than {deadline:.0f} s", "the file is corrupted or crafted")
+    if os.WIFSIGNALED(status):
+        raise PteError(f"the .pte decoder crashed ({signal.Signals(os.WTERMSIG(status)).name})", "the file is corrupted")
+    code = os.WEXITSTATUS(status)
+    if code == _CHILD_NO_MEMORY or (code == _CHILD_BROKEN and not chunks):
+        raise PteError(f"decoding the .pte needs more than {budget >> 20} MiB", "the file is corrupted or crafted")
+    if code != 0:
+        raise PteError(f"the .pte decoder failed (status {code})", "the file is corrupted")
+    result = pickle.loads(b"".join(chunks))
+    if result[0] == "error":
+        raise PteError(result[1], result[2])
+    return result[1]
+
+
+def _limit_child(budget: int) -> None:
+    import resource
+
+    if os.environ.get("QLOWER_DEBUG") != "1":
+        # the decoders and flatc print their complaints; the parent reports one line
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    faulthandler.disable()  # a crash here is reported by the parent, not dumped
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    current = _address_space_bytes()
+    if current is not None:
+        limit = current + budget
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _address_space_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # --- summaries ---------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .console import out
@@ -57,3 +59,128 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
 
 def _cell(value) -> str:
     return "-" if value is None else str(value)
+
+
+# --- inspect -----------------------------------------------------------------
+
+
+def _counts(histogram: dict[str, int]) -> str:
+    return ", ".join(f"{op} ×{n}" for op, n in histogram.items()) or "none"
+
+
+def _io(values: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{v['dtype']}[{', '.join(map(str, v['shape']))}]" if v["kind"] == "tensor" else v["kind"] for v in values)
+
+
+def _plan_line(plan: list[dict[str, Any]], limit: int = 12) -> str:
+    names = [f"{s['backend']}#{s['delegate']} ({human_bytes(s['blob_bytes'] or 0)})" if s["kind"] == "delegate" else f"[yellow]{s['operator']}[/]" for s in plan]
+    if len(names) > limit:
+        names = names[: limit - 1] + [f"… {len(names) - limit + 1} more"]
+    return " → ".join(names) or "(empty)"
+
+
+def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = False, constants: bool = False) -> None:
+    s = report["summary"]
+    program = report["program"]
+    out.print(f"[bold]{report['file'] or '.pte'}[/]  {human_bytes(report['size'])}, program v{program['version']}, {len(report['methods'])} method(s)")
+    for m in report["methods"]:
+        out.print(f"{m['name']}({_io(m['inputs'])}) → {_io(m['outputs'])}")
+        out.print(f"  plan: {_plan_line(m['plan'])}")
+    others = ", ".join(f"{d['backend']}#{d['index']} ({human_bytes(d['blob_bytes'])})" for d in report["delegates"] if d["backend"] != "VulkanBackend")
+    out.print(f"Vulkan partitions: {s['vulkan_partitions']}   other delegates: {others or 'none'}")
+    out.print(f"CPU operators: {escape(_counts(s['cpu_ops']))}")
+    out.print(f"fused ops: {_counts(s['fused_ops'])}")
+    non_fused = Counter()
+    for v in report["vulkan"]:
+        non_fused.update(v["non_fused_ops"])
+    out.print(f"other Vulkan ops: {_counts(dict(sorted(non_fused.items())))}")
+    size = s["size"]
+    out.print(
+        f"size: {human_bytes(size['total'])} (program {human_bytes(program['program_bytes'])}, "
+        f"segments {human_bytes(program['segment_bytes'])}, named data {human_bytes(program['named_data']['bytes'])} in {program['named_data']['count']}; "
+        f"packed weights {human_bytes(size['packed_weights'])}, scales {human_bytes(size['scales'])}, float weights {human_bytes(size['float_weights'])})"
+    )
+    if report["vulkan"]:
+        consts = sum(v["memory"]["constants_bytes"] for v in report["vulkan"])
+        shared = sum(v["memory"]["shared_bytes"] for v in report["vulkan"])
+        objects = sum(len(v["memory"]["shared_objects"]) for v in report["vulkan"])
+        out.print(f"GPU memory (estimate): {human_bytes(s['gpu_memory_bytes'])} = constants {human_bytes(consts)} + {objects} shared objects {human_bytes(shared)}")
+    problems = report["runtime_problems"]
+    if problems is None:
+        out.print("runtime check: unavailable (qlower.runtime_caps is not installed)")
+    elif problems:
+        out.print(f"[red]runtime: {len(problems)} problem(s) will abort the load on the ET-VK runtime[/]")
+        for p in problems[:10]:
+            out.print(f"  delegate #{p['delegate']} node {p['node_id']}: {p['message']}", markup=False)
+    else:
+        out.print("runtime check: no load problems predicted")
+    for v in report["vulkan"]:
+        _render_fused(v)
+        if ops:
+            _render_ops(v)
+        if tensors:
+            _render_tensors(v)
+        if constants:
+            _render_constants(v)
+
+
+def _render_fused(v: dict[str, Any]) -> None:
+    if not v["fused"]:
+        return
+    table = Table(title=f"fused nodes, Vulkan delegate #{v['delegate']}", title_justify="left", show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("op", "node", "N", "K", "group", "weights", "scales", "bias", "activation"):
+        table.add_column(col, justify="right" if col in ("node", "N", "K", "group", "weights") else "left")
+    for op, nodes in v["fused"].items():
+        for p in nodes:
+            table.add_row(
+                op, str(p["node_id"]), str(p.get("n")), str(p.get("k")), str(p.get("group_size") or "-"),
+                human_bytes(p["packed_weight_bytes"]) if "packed_weight_bytes" in p else "-",
+                p.get("scale_dtype", "-"), "yes" if p.get("bias") else "no", str(p.get("activation") or "-"),
+            )
+    out.print(table)
+
+
+def _render_ops(v: dict[str, Any]) -> None:
+    from .inspect import short_value
+
+    out.print(f"[bold]op chain, Vulkan delegate #{v['delegate']}[/] ({len(v['ops'])} nodes, {v['values']} values)")
+    for op in v["ops"]:
+        args = ", ".join(f"{a['name']}={short_value(a)}" for a in op["args"])
+        results = ", ".join(short_value(o) for o in op["outputs"])
+        name = f"[green]{op['short_name']}[/]" if op["fused"] else op["short_name"]
+        out.print(f"  {op['node_id']:>4} {name}({escape(args)}) → {escape(results)}")
+
+
+def _render_tensors(v: dict[str, Any]) -> None:
+    from .inspect import short_value
+
+    table = Table(title=f"tensors, Vulkan delegate #{v['delegate']}", title_justify="left", show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("id", "tensor", "memory", "users"):
+        table.add_column(col, justify="right" if col == "id" else "left", overflow="fold")
+    for t in v["tensors"]:
+        memory = f"const#{t['constant']}" if "constant" in t else (f"mem_obj {t['mem_obj']}" if t["mem_obj"] >= 0 else "own")
+        table.add_row(str(t["id"]), escape(short_value(t)), memory, ", ".join(t["users"]) or "-")
+    out.print(table)
+    o = v["overrides"]
+    out.print(f"graph storage override: {o['storage_type']}, layout override: {o['memory_layout']}; non-constant tensors: {_counts(o['tensor_placement'])}")
+
+
+def _render_constants(v: dict[str, Any]) -> None:
+    table = Table(title=f"constants, Vulkan delegate #{v['delegate']}", title_justify="left", show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("id", "bytes", "tensor", "where", "key", "users"):
+        table.add_column(col, justify="right" if col in ("id", "bytes") else "left", overflow="fold")
+    for c in v["constants"]:
+        shape = f"{c['dtype']}[{', '.join(map(str, c['shape']))}]" if c["shape"] is not None else "-"
+        table.add_row(str(c["id"]), human_bytes(c["bytes"]), escape(shape), c["location"], (c["key"] or "-")[:12], ", ".join(c["users"]) or "-")
+    out.print(table)
+    m = v["memory"]
+    out.print(f"constants {human_bytes(m['constants_bytes'])}, shared objects {human_bytes(m['shared_bytes'])} ({len(m['shared_objects'])}), own tensors {human_bytes(m['own_tensor_bytes'])}")
+
+
+def render_expectations(results: list[dict[str, Any]]) -> None:
+    """One line per violated expectation, on stderr; nothing when all hold."""
+    from .console import err
+
+    for r in results:
+        if not r["ok"]:
+            err.print(f"[red]expectation failed:[/] {escape(r['message'])}")
