@@ -197,10 +197,10 @@ def inspect(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
+    console.import_heavy_libraries()
     from .inspect import inspect_pte
     from .render import render_expectations, render_inspect
 
-    console.import_heavy_libraries()
     report = inspect_pte(pte_path, expect=expect or [])
     if as_json:
         print_json(report)
