@@ -50,22 +50,29 @@ class Thresholds:
     layer: float  # each matched layer vs the same layer of the eager quantized model
 
 
-# Chosen from measurements on the bundled examples (MLP, a small Llama; random
-# inputs, see README "verify"), leaving ~10 dB of margin under the lowest value
-# seen; vs-quantized bars are high because (b) and (c) compute the same integers
-# and differ only by float rounding (and, for int8 outputs, rounding ties).
-# A few flipped bits in one packed weight drop the layer well below them.
+# Chosen from measurements on the bundled examples (examples/mlp.py and a
+# 2-layer examples/llama.py; 4 samples: the example inputs + 3 random ones):
+#
+#   scheme        vs float   vs quantized eager   worst layer
+#   qta8a_qga4w   20.4-22.5  133 dB               129 dB
+#   qga4w         20.4-22.5  134-139 dB           129 dB
+#   q8ta_q8csw    32.3       identical            identical
+#   fp16          63.9-66.7  63.9-66.7 dB         60.6 dB
+#   fp32          134-id.    134 dB-identical     129 dB
+#
+# vs float: what the scheme's rounding costs; the bar sits a few dB under the
+# lowest seen so that other inputs pass (random weights are a worst case for
+# int4). vs quantized: the golden run and the eager quantized model compute
+# the same integers, so only float summation order (and, for requantized int8,
+# an occasional rounding tie: one step in a few elements) separates them; the
+# bars leave room for that in larger models yet sit far above what a few
+# flipped bits in one packed weight give (30-50 dB in that layer).
 THRESHOLDS: dict[str, Thresholds] = {
-    # int4 weights + per-token int8 activations: ~20-22 dB vs float measured.
-    "qta8a_qga4w": Thresholds(vs_float=12.0, vs_quantized=50.0, layer=50.0),
-    # int4 weights, float activations: ~20-23 dB vs float.
-    "qga4w": Thresholds(vs_float=12.0, vs_quantized=60.0, layer=60.0),
-    # int8 everything, static per-tensor activations (random calibration): ~30 dB.
-    "q8ta_q8csw": Thresholds(vs_float=18.0, vs_quantized=30.0, layer=30.0),
-    # float16 compute: ~60 dB vs float32.
+    "qta8a_qga4w": Thresholds(vs_float=15.0, vs_quantized=60.0, layer=60.0),
+    "qga4w": Thresholds(vs_float=15.0, vs_quantized=60.0, layer=60.0),
+    "q8ta_q8csw": Thresholds(vs_float=20.0, vs_quantized=40.0, layer=40.0),
     "fp16": Thresholds(vs_float=45.0, vs_quantized=45.0, layer=45.0),
-    # float32: identical up to summation order.
-    "fp32": Thresholds(vs_float=90.0, vs_quantized=90.0, layer=90.0),
+    "fp32": Thresholds(vs_float=80.0, vs_quantized=80.0, layer=80.0),
 }
 
 
@@ -484,3 +491,47 @@ def plot_layers(report: dict[str, Any], path: str | Path) -> None:
         raise VerifyError(f"cannot write {path}: {exc.strerror}", "choose a writable path for --plot") from exc
     finally:
         plt.close(fig)
+
+
+# --- text report ------------------------------------------------------------------------------
+
+
+def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
+    """The report as Rich tables on stdout."""
+    from rich.table import Table
+
+    from . import console
+
+    t = report["thresholds"]
+    title = f"verify {report.get('pte', '')} ({report['scheme']}" + (f", group size {report['group_size']}" if report.get("group_size") else "") + f", {report['samples']} sample(s))"
+    table = Table(title=title, title_justify="left")
+    for column in ("output", "shape", "SQNR vs float", "cos vs float", "max err vs float", "SQNR vs quantized", "max err vs quantized"):
+        table.add_column(column, justify="right" if column != "output" else "left")
+    for o in report["outputs"]:
+        f, q = o["vs_float"], o["vs_quantized"]
+        table.add_row(str(o["index"]), "×".join(map(str, o["shape"])),
+                      _db(f["sqnr_db"], t["vs_float"]), f"{f['cosine']:.6f}", f"{f['max_abs_error']:.3g}",
+                      _db(q["sqnr_db"], t["vs_quantized"]), f"{q['max_abs_error']:.3g}")
+    console.out.print(table)
+    console.out.print(f"thresholds: ≥ {t['vs_float']:g} dB vs float, ≥ {t['vs_quantized']:g} dB vs quantized eager, ≥ {t['layer']:g} dB per layer")
+    if show_layers:
+        layers = Table(title="layers (vs the same layer of the quantized eager model)", title_justify="left")
+        for column in ("#", "layer", "op", "at", "shape", "SQNR"):
+            layers.add_column(column, justify="right" if column in ("#", "SQNR") else "left")
+        for layer in report["layers"]:
+            sqnr = "unmatched" if layer["sqnr_db"] is None else _db(layer["sqnr_db"], t["layer"])
+            layers.add_row(str(layer["index"]), layer["name"] or "—", layer["op"].removesuffix(".default"),
+                           f"call {layer['delegate_call']} op {layer['op_index']}", "×".join(map(str, layer["shape"])), sqnr)
+        console.out.print(layers)
+    elif report["unmatched_layers"]:
+        console.out.print(f"{report['unmatched_layers']} layer(s) of the .pte had no eager counterpart (see --layers)")
+    if report["passed"]:
+        console.out.print("[green]passed[/]")
+    else:
+        for failure in report["failures"]:
+            console.out.print(f"[red]FAIL[/] {failure}")
+
+
+def _db(value: float, threshold: float) -> str:
+    text = "identical" if value >= SQNR_IDENTICAL_DB else f"{value:.1f} dB"
+    return text if value >= threshold else f"[red]{text}[/]"
