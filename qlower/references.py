@@ -214,6 +214,20 @@ def embedding_q4gsw(weight, weight_scales, group_size, indices, is_linear_weight
     return torch.nn.functional.embedding(indices.to(torch.int64), table)
 
 
+def conv_with_clamp(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+                    output_min=None, output_max=None):
+    """Convolution with a fused clamp (the float conv + relu/hardtanh fusion).
+
+    An unbounded side is serialized as the largest double, which torch.clamp
+    cannot convert to float32; it is clipped to the dtype's range.
+    """
+    y = torch.convolution(x, weight, bias, stride, padding, dilation, bool(transposed), output_padding, int(groups))
+    info = torch.finfo(y.dtype)
+    lo = None if output_min is None else max(float(output_min), info.min)
+    hi = None if output_max is None else min(float(output_max), info.max)
+    return y if lo is None and hi is None else torch.clamp(y, lo, hi)
+
+
 # Quantized et_vk ops → qlower's references (operands as serialized).
 OPS: dict[str, Callable] = {
     "et_vk.linear_dq8ca_q4gsw.default": linear_dq8ca_q4gsw,
@@ -224,6 +238,7 @@ OPS: dict[str, Callable] = {
     "et_vk.q8ta_relu.default": q8ta_relu,
     "et_vk.q8ta_add.default": q8ta_add,
     "et_vk.embedding_q4gsw.default": embedding_q4gsw,
+    "et_vk.conv_with_clamp.default": conv_with_clamp,
 }
 
 # Float et_vk ops whose ExecuTorch CPU implementation computes what the
