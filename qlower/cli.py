@@ -211,6 +211,55 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  qlower verify examples/mlp.py mlp.pte\n\n"
+        "  qlower verify examples/llama.py llama.pte --samples 8 --layers --plot layers.png\n\n"
+        "  qlower verify examples/mlp.py mlp.pte --inputs batch.pt --json"
+    )
+)
+def verify(
+    model: Path = typer.Argument(..., help="The Python model file the .pte was exported from."),
+    pte: Path = typer.Argument(..., help="The .pte to verify."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="torch.save'd input tuple, or list of tuples (default: the example inputs, then random ones)."),
+    samples: int = typer.Option(4, "--samples", min=1, help="Input batches: the example inputs, then random ones like them."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random inputs, the model's initialization and random calibration (as export's --seed)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help="Scheme the .pte was exported with [default: read from the .pte]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Group size of int4 schemes [default: read from the .pte]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="q8ta_q8csw: the calibration data the .pte was exported with."),
+    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Minimum SQNR (dB) of each output vs the float model [default: per scheme]."),
+    min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each output vs the quantized eager model [default: per scheme]."),
+    min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
+    layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer SQNR as a PNG bar chart."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run the .pte's serialized graph on the CPU (golden executor) and compare it with the eager model; exit 1 below the thresholds."""
+    console.import_heavy_libraries()
+    from .errors import VerifyError
+    from .verify import plot_layers, render_report, verify as run_verify
+
+    report = run_verify(
+        model, pte, scheme=scheme, group_size=group_size, config=config, entry=entry, checkpoint=checkpoint,
+        calibration=str(calibration) if calibration else None, inputs=inputs, seed=seed, samples=samples,
+        min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, min_sqnr_layer=min_sqnr_layer,
+        warn=console.warn,
+    )
+    if plot is not None:
+        plot_layers(report, plot)
+    if as_json:
+        print_json(report)
+    else:
+        render_report(report, show_layers=layers)
+    if not report["passed"]:
+        raise VerifyError(f"verification failed: {report['failures'][0]}",
+                          "the .pte does not compute what the model does; re-export it, or see --layers for where it diverges")
+
+
 def main(argv: list[str] | None = None) -> int:
     return typer.main.get_command(app).main(args=argv, prog_name="qlower", standalone_mode=False)
 

@@ -1,0 +1,262 @@
+"""Faithful CPU references of the fused ET-VK ops (DESIGN §4).
+
+ExecuTorch's own CPU implementations of these ops (``custom_ops_lib``) compute
+in float and ignore the activation quantization. The functions here compute
+what the GPU kernels compute: activations quantized to int8 with the given
+qparams, weights taken as integers, products accumulated exactly in integers
+(int64 here; the kernels' int32 never overflows for K < 2**31 / (128 * 128)),
+then scaled in float32.
+
+Each op has two layers:
+
+* ``*_int`` functions take unpacked integer weights and unpadded scales/sums,
+  so a test can feed them the eager quantized model's own integers;
+* the op functions (named as the ops, e.g. :func:`linear_dq8ca_q4gsw`) take
+  the operands exactly as the VkGraph stores them (packed, transposed,
+  padded), unpack them with :mod:`qlower.pack`, and call the ``*_int`` layer.
+
+``OPS`` maps qualified op names to the op functions, for the golden executor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .pack import unpack_group_scales, unpack_int4, unpad
+
+INT8_MIN = -128
+INT8_MAX = 127
+
+
+# --- activation quantization ---------------------------------------------------
+
+
+def quantize_per_token(x: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] from float [..., K] with one (scale, zp) per token.
+
+    As torchao's ``quantize_affine`` (and the qta8a shader): ``1/scale`` is
+    rounded to float32 once, the product once, then rounded half to even.
+    """
+    k = x.shape[-1]
+    x = x.reshape(-1, k).to(torch.float32)
+    inv = (1.0 / scales.reshape(-1, 1).to(torch.float32)).to(torch.float32)
+    zp = zero_points.reshape(-1, 1).to(torch.int32)
+    return torch.clamp(torch.round(x * inv).to(torch.int32) + zp, INT8_MIN, INT8_MAX).to(torch.int8)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """int8 from float with one (scale, zp), as ``quantized_decomposed.quantize_per_tensor``."""
+    inv = torch.tensor(1.0 / float(scale), dtype=torch.float32)
+    q = torch.round(x.to(torch.float32) * inv).to(torch.int32) + int(zero_point)
+    return torch.clamp(q, INT8_MIN, INT8_MAX).to(torch.int8)
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return (q.to(torch.int32) - int(zero_point)).to(torch.float32) * torch.tensor(float(scale), dtype=torch.float32)
+
+
+# --- integer cores (unpacked operands) -----------------------------------------
+
+
+def linear_qta8a_qga4w_int(
+    xq: torch.Tensor,
+    x_scales: torch.Tensor,
+    x_zp: torch.Tensor,
+    w: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token int8 activations × group-wise int4 weights → float32 [M, N].
+
+    ``xq`` int8 [M, K]; ``x_scales``/``x_zp`` [M]; ``w`` int8 [N, K] in [-8, 7];
+    ``w_sums`` int32 [G, N] (per-group weight sums, used to remove the
+    activation zero point after integer accumulation, as the kernel does);
+    ``w_scales`` float [N, G]; ``bias`` [N] or None.
+
+        acc[m, n, g] = Σ_k∈g xq[m, k] · w[n, k] − zp[m] · w_sums[g, n]     (integer)
+        y[m, n]      = (Σ_g acc[m, n, g] · w_scales[n, g]) · x_scales[m] + bias[n]
+    """
+    m, k = xq.shape
+    n = w.shape[0]
+    g = k // group_size
+    acc = torch.einsum("mgk,ngk->mng", xq.to(torch.int64).reshape(m, g, group_size), w.to(torch.int64).reshape(n, g, group_size))
+    acc = acc - x_zp.to(torch.int64).reshape(m, 1, 1) * w_sums.to(torch.int64).t().reshape(1, n, g)
+    y = (acc.to(torch.float32) * w_scales.to(torch.float32).reshape(1, n, g)).sum(dim=2)
+    y = y * x_scales.to(torch.float32).reshape(m, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y
+
+
+def linear_qga4w_int(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float activations × group-wise int4 weights: dequantize in float32, then a float matmul."""
+    n, k = w.shape
+    g = k // group_size
+    wf = (w.to(torch.float32).reshape(n, g, group_size) * w_scales.to(torch.float32).reshape(n, g, 1)).reshape(n, k)
+    y = x.reshape(-1, k).to(torch.float32) @ wf.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y
+
+
+def linear_q8ta_q8csw_int(
+    xq: torch.Tensor,
+    x_scale: float,
+    x_zp: int,
+    w: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-tensor int8 activations × per-channel int8 weights → float32 [M, N].
+
+        acc[m, n] = Σ_k xq[m, k] · w[n, k] − x_zp · w_sums[n]     (integer)
+        y[m, n]   = acc[m, n] · (x_scale · w_scales[n]) + bias[n]
+    """
+    acc = xq.to(torch.int64) @ w.to(torch.int64).t() - int(x_zp) * w_sums.to(torch.int64).reshape(1, -1)
+    scale = torch.tensor(float(x_scale), dtype=torch.float32) * w_scales.to(torch.float32)
+    y = acc.to(torch.float32) * scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y
+
+
+def requantize(y: torch.Tensor, output_scale: float, output_zp: int, activation: str = "none") -> torch.Tensor:
+    """Float accumulator → int8 output of the q8ta family, with the fused activation."""
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation != "none":
+        raise ValueError(f"unknown fused activation {activation!r}")
+    return quantize_per_tensor(y, output_scale, output_zp)
+
+
+# --- ops, operands as serialized -------------------------------------------------
+
+
+def _tokens(x: torch.Tensor) -> tuple[torch.Size, int]:
+    return x.shape[:-1], x.shape[-1]
+
+
+def linear_dq8ca_q4gsw(x, input_scales, input_zp, weights, weight_sums, weight_scales, group_size, bias=None):
+    lead, k = _tokens(x)
+    n = weights.shape[0]
+    w = unpack_int4(weights, k)
+    xq = quantize_per_token(x, input_scales, input_zp)
+    sums = weight_sums[:, :n]
+    scales = unpack_group_scales(weight_scales, n)
+    y = linear_qta8a_qga4w_int(xq, input_scales.reshape(-1), input_zp.reshape(-1), w, sums, scales, int(group_size),
+                               unpad(bias, n) if bias is not None else None)
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def linear_q4gsw(x, weights, weight_scales, group_size, bias=None):
+    lead, k = _tokens(x)
+    n = weights.shape[0]
+    y = linear_qga4w_int(x, unpack_int4(weights, k), unpack_group_scales(weight_scales, n), int(group_size),
+                         unpad(bias, n) if bias is not None else None)
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def linear_q8ta_q8csw(x, input_scale, input_zero_point, weights, weight_sums, weight_scales, bias=None):
+    lead, k = _tokens(x)
+    n = weights.shape[0]
+    xq = quantize_per_tensor(x.reshape(-1, k), input_scale, input_zero_point)
+    y = linear_q8ta_q8csw_int(xq, input_scale, input_zero_point, weights, unpad(weight_sums, n), unpad(weight_scales, n),
+                              unpad(bias, n) if bias is not None else None)
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def q8ta_linear(x, input_scale, input_zero_point, weights, weight_sums, weight_scales, output_scale, output_zero_point,
+                bias=None, activation="none"):
+    lead, k = _tokens(x)
+    n = weights.shape[0]
+    y = linear_q8ta_q8csw_int(x.reshape(-1, k), input_scale, input_zero_point, weights, unpad(weight_sums, n),
+                              unpad(weight_scales, n), unpad(bias, n) if bias is not None else None)
+    return requantize(y, output_scale, output_zero_point, activation).reshape(*lead, n)
+
+
+def q8ta_relu(x, input_scale, input_zero_point, output_scale, output_zero_point):
+    return requantize(dequantize_per_tensor(x, input_scale, input_zero_point), output_scale, output_zero_point, "relu")
+
+
+def q8ta_add(input_a, input_b, input_a_scale, input_a_zero_point, input_b_scale, input_b_zero_point,
+             output_scale, output_zero_point, alpha):
+    a = dequantize_per_tensor(input_a, input_a_scale, input_a_zero_point)
+    b = dequantize_per_tensor(input_b, input_b_scale, input_b_zero_point)
+    return quantize_per_tensor(a + float(alpha) * b, output_scale, output_zero_point)
+
+
+def unpack_embedding_int4(weight: torch.Tensor, is_linear_weight: bool = False) -> torch.Tensor:
+    """uint8 [vocab, dim/2] → int8 [vocab, dim].
+
+    Embedding tables hold the even element in the high nibble
+    (``((w[2i] + 8) << 4) | (w[2i+1] + 8)``); a table shared with a linear
+    weight uses the linear layout (even element low).
+    """
+    if is_linear_weight:
+        return unpack_int4(weight, weight.shape[1] * 2)
+    high = (weight >> 4).to(torch.int16) - 8
+    low = (weight & 0x0F).to(torch.int16) - 8
+    return torch.stack([high, low], dim=-1).reshape(weight.shape[0], -1).to(torch.int8)
+
+
+def embedding_q4gsw(weight, weight_scales, group_size, indices, is_linear_weight=False):
+    """Group-wise int4 embedding: scales [vocab, dim / group_size]."""
+    w = unpack_embedding_int4(weight, bool(is_linear_weight))
+    vocab, dim = w.shape
+    groups = dim // int(group_size)
+    scales = weight_scales.reshape(vocab, -1)[:, :groups].to(torch.float32)
+    table = (w.to(torch.float32).reshape(vocab, groups, -1) * scales.unsqueeze(-1)).reshape(vocab, dim)
+    return torch.nn.functional.embedding(indices.to(torch.int64), table)
+
+
+def conv_with_clamp(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+                    output_min=None, output_max=None):
+    """Convolution with a fused clamp (the float conv + relu/hardtanh fusion).
+
+    An unbounded side is serialized as the largest double, which torch.clamp
+    cannot convert to float32; it is clipped to the dtype's range.
+    """
+    y = torch.convolution(x, weight, bias, stride, padding, dilation, bool(transposed), output_padding, int(groups))
+    info = torch.finfo(y.dtype)
+    lo = None if output_min is None else max(float(output_min), info.min)
+    hi = None if output_max is None else min(float(output_max), info.max)
+    return y if lo is None and hi is None else torch.clamp(y, lo, hi)
+
+
+# Quantized et_vk ops → qlower's references (operands as serialized).
+OPS: dict[str, Callable] = {
+    "et_vk.linear_dq8ca_q4gsw.default": linear_dq8ca_q4gsw,
+    "et_vk.linear_q4gsw.default": linear_q4gsw,
+    "et_vk.linear_q8ta_q8csw.default": linear_q8ta_q8csw,
+    "et_vk.q8ta_linear.default": q8ta_linear,
+    "et_vk.q8ta_linear_gemv.default": q8ta_linear,
+    "et_vk.q8ta_relu.default": q8ta_relu,
+    "et_vk.q8ta_add.default": q8ta_add,
+    "et_vk.embedding_q4gsw.default": embedding_q4gsw,
+    "et_vk.conv_with_clamp.default": conv_with_clamp,
+}
+
+# Float et_vk ops whose ExecuTorch CPU implementation computes what the
+# shader computes (no quantization inside), so torch.ops.et_vk runs them.
+FLOAT_ET_VK_OPS = frozenset({
+    "et_vk.rms_norm.default",
+    "et_vk.sdpa.default",
+    "et_vk.apply_rotary_emb.default",
+    "et_vk.apply_rotary_emb_hf.default",
+    "et_vk.apply_rotary_emb_interleaved.default",
+})
+
+# Ops whose output is one linear layer's output (for per-layer comparison).
+LINEAR_OPS = frozenset({
+    "et_vk.linear_dq8ca_q4gsw.default",
+    "et_vk.linear_q4gsw.default",
+    "et_vk.linear_q8ta_q8csw.default",
+    "et_vk.q8ta_linear.default",
+    "et_vk.q8ta_linear_gemv.default",
+    "aten.linear.default",
+})

@@ -1,0 +1,153 @@
+"""qlower verify end to end: every scheme on the examples, a corrupted .pte,
+a .pte written by the stock ExecuTorch flow, and the CLI contract."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qlower.cli import app, main
+from qlower.errors import ExportError
+from qlower.pte import read_pte
+from qlower.verify import THRESHOLDS, verify
+
+SCHEMES = ["qta8a_qga4w", "qga4w", "q8ta_q8csw", "fp16", "fp32"]
+# Exports of the llama and CNN examples take about a minute each on a small
+# machine; the default run exports each once for the default scheme only.
+SLOW = os.environ.get("QLOWER_SLOW_TESTS") == "1"
+slow = pytest.mark.skipif(not SLOW, reason="slow export; set QLOWER_SLOW_TESTS=1")
+# ExecuTorch 1.5.1's own Vulkan pattern pass fails on these (issue: fusion
+# passes); verify has nothing to check until export succeeds.
+EXPORT_FAILS = {
+    ("cnn", "qta8a_qga4w"): "ExecuTorch's quantized-linear pattern pass fails on the N=10 head",
+    ("cnn", "qga4w"): "ExecuTorch's Vulkan lowering fails on the CNN's int4 head",
+    ("llama", "q8ta_q8csw"): "ExecuTorch's Vulkan lowering fails (GuardOnDataDependentSymNode) on the PT2E llama",
+}
+CASES = (
+    [pytest.param("mlp", s, id=f"mlp-{s}") for s in SCHEMES]
+    + [pytest.param("llama", s, id=f"llama-{s}", marks=() if s == "qta8a_qga4w" else slow) for s in SCHEMES]
+    + [pytest.param("cnn", s, id=f"cnn-{s}", marks=slow) for s in SCHEMES]
+)
+
+runner = CliRunner()
+
+
+def _export_or_skip(exported, example, scheme):
+    try:
+        return exported(example, scheme)
+    except ExportError as exc:
+        if (example, scheme) in EXPORT_FAILS:
+            pytest.skip(f"{EXPORT_FAILS[example, scheme]}: {exc.message}")
+        raise
+
+
+@pytest.mark.parametrize("example,scheme", CASES)
+def test_every_scheme_verifies(exported, example, scheme):
+    model, pte = _export_or_skip(exported, example, scheme)
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["scheme"] == scheme
+    t = THRESHOLDS[scheme]
+    for out in report["outputs"]:
+        assert out["vs_float"]["sqnr_db"] >= t.vs_float
+        assert out["vs_quantized"]["sqnr_db"] >= t.vs_quantized
+    assert report["layers"] and report["unmatched_layers"] == 0
+    assert all(layer["sqnr_db"] >= t.layer for layer in report["layers"])
+
+
+def _flip_bits(pte_path, out_path, layer_index=0, bits=8):
+    """Copy the .pte with a few bits flipped in the packed weight of the Nth fused linear."""
+    pte = read_pte(pte_path)
+    fused = [(d, op) for d in pte.vulkan_delegates for op in d.ops if op.name.startswith("et_vk.linear")]
+    delegate, op = fused[layer_index]
+    weight = delegate.graph.values[op.args[3 if "dq8ca" in op.name else 1]].value
+    key = delegate.graph.constants[weight.constant_id].named_key
+    constant = pte.named_bytes(key)
+    data = bytearray(pte_path.read_bytes())
+    start = data.find(constant)
+    assert start >= 0 and data.find(constant, start + 1) < 0
+    for i in range(bits):
+        data[start + 97 * i + 5] ^= 0x80  # the high nibble's sign bit: the int4 value moves by 8
+    out_path.write_bytes(bytes(data))
+
+
+def test_corrupted_weight_fails_and_names_the_layer(exported, tmp_path, capsys):
+    model, pte = exported("mlp", "qta8a_qga4w")
+    bad = tmp_path / "bad.pte"
+    _flip_bits(pte, bad, layer_index=0)
+    assert main(["verify", str(model), str(bad), "--json"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert not report["passed"]
+    assert "layer fc1" in report["failures"][0]
+    assert "error: verification failed: layer fc1" in captured.err
+
+
+def test_stock_executorch_flow_pte_verifies(exported, tmp_path):
+    """A .pte lowered by ExecuTorch's own API (no qlower) verifies too."""
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from qlower.loader import load_model
+
+    model, _ = exported("mlp", "qta8a_qga4w")  # also imports the libraries quietly
+    loaded = load_model(model)
+    quantize_(loaded.module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(128)))
+    program = to_edge_transform_and_lower(
+        torch.export.export(loaded.module, loaded.example_inputs), partitioner=[VulkanPartitioner()]
+    ).to_executorch()
+    stock = tmp_path / "stock.pte"
+    stock.write_bytes(program.buffer)
+    report = verify(model, stock, samples=2)
+    assert report["passed"], report["failures"]
+    assert report["scheme"] == "qta8a_qga4w" and report["group_size"] == 128
+
+
+def test_layers_plot_and_inputs_file(exported, tmp_path):
+    model, pte = exported("mlp", "qga4w")
+    inputs = tmp_path / "inputs.pt"
+    torch.save([(torch.randn(4, 256),), (torch.randn(4, 256),)], inputs)
+    plot = tmp_path / "layers.png"
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--inputs", str(inputs), "--layers", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "fc1" in result.stdout and "fc2" in result.stdout and "passed" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_threshold_override_fails_with_exit_1(exported):
+    model, pte = exported("mlp", "fp16")
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--min-sqnr-float", "200", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["thresholds"]["vs_float"] == 200 and "vs the float model" in report["failures"][0]
+
+
+def test_inputs_of_the_wrong_shape_are_a_user_error(exported, tmp_path, capsys):
+    model, pte = exported("mlp", "fp32")
+    inputs = tmp_path / "inputs.pt"
+    torch.save((torch.randn(3, 256),), inputs)
+    assert main(["verify", str(model), str(pte), "--inputs", str(inputs)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "float32[3, 256]" in err and "float32[4, 256]" in err and "hint:" in err
+
+
+def test_verify_after_export_reuses_the_job(tmp_path):
+    from qlower.config import make_options
+    from qlower.pipeline import ExportJob, run_stages
+    from qlower.verify import verify_after_export
+
+    from pathlib import Path
+
+    mlp = Path(__file__).resolve().parents[1] / "examples" / "mlp.py"
+    job = ExportJob(model_path=mlp, output=tmp_path / "mlp.pte", options=make_options(scheme="qta8a_qga4w"))
+    run_stages(job)
+    report = verify_after_export(job, samples=2)
+    assert report["passed"], report["failures"]
+    assert report["outputs"][0]["vs_quantized"]["sqnr_db"] >= THRESHOLDS["qta8a_qga4w"].vs_quantized
