@@ -21,12 +21,15 @@ def export(
     warn: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
     dump_after: str | None = None,
+    verify: int = 0,
     **options: Any,
 ) -> dict[str, Any]:
     """Quantize and lower ``model`` (a Python file) to a Vulkan .pte; return the summary.
 
     ``options`` are ExportOptions fields (scheme, group_size, quantize_embeddings,
     calibration, calibration_batches, strict, seed, layers); they override ``config``.
+    ``verify=N`` runs the golden executor on N input batches before writing,
+    and fails (nothing written) below the scheme's SQNR thresholds.
     ``dump_after`` names a fusion pass after which the graph goes to ``log``.
     With ``output=None`` nothing is written.
     """
@@ -39,6 +42,7 @@ def export(
         warn=warn or (lambda message: None),
         log=log,
         dump_after=dump_after,
+        verify_samples=verify,
     )
     run_stages(job, on_stage or (lambda name, seconds: None))
     return export_summary(job)

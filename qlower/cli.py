@@ -72,6 +72,7 @@ def _root() -> None:
     """Quantize a PyTorch model into an ExecuTorch .pte for the Vulkan GPU delegate, and show and prove what was produced."""
 
 
+VERIFY_SAMPLES = 4  # example inputs + 3 random batches, as `qlower verify` does by default
 JSON_OPTION = typer.Option(False, "--json", help="Print exactly one JSON document on stdout, no progress.")
 
 
@@ -132,6 +133,7 @@ def export(
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail when a layer cannot take the scheme instead of leaving it float."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the model's initialization and random calibration."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, drop_unused_constants."),
+    verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; fail below the SQNR thresholds."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
@@ -150,6 +152,7 @@ def export(
             warn=console.warn,
             log=lambda text: console.err.print(text, markup=False, highlight=False),
             dump_after=dump_after,
+            verify=VERIFY_SAMPLES if verify else 0,
             scheme=scheme,
             group_size=group_size,
             calibration=str(calibration) if calibration else None,

@@ -49,6 +49,8 @@ class ExportJob:
     fusion: Any = None  # FusionReport
     program: Any = None  # ExecutorchProgramManager
     pte_bytes: bytes | None = None
+    verify_samples: int = 0  # > 0: run the verify stage on that many input batches
+    verification: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,14 +101,25 @@ def stage_lower(job: ExportJob) -> None:
     try:
         edge = job.edge.to_backend({"forward": make_partitioner(job.options)})
         job.program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+        job.pte_bytes = bytes(job.program.buffer)
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ExportError(f"ExecuTorch's Vulkan lowering failed: {type(cause).__name__}: {first_line(cause)}",
                           "QLOWER_DEBUG=1 shows the traceback; a per-layer 'skip' override can keep the failing layer float") from exc
 
 
+def stage_verify(job: ExportJob) -> None:
+    """--verify: the golden executor runs the bytes before they are written."""
+    from .errors import VerifyError
+    from .verify import verify_after_export
+
+    job.verification = verify_after_export(job, samples=job.verify_samples)
+    if not job.verification["passed"]:
+        raise VerifyError(f"verification failed: {job.verification['failures'][0]}; nothing was written",
+                          "run `qlower verify MODEL OUT.pte --layers` on an export without --verify to see where it diverges")
+
+
 def stage_serialize(job: ExportJob) -> None:
-    job.pte_bytes = bytes(job.program.buffer)
     if job.output is not None:
         write_atomic(job.output, job.pte_bytes)
 
@@ -117,6 +130,7 @@ STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
     ("export", stage_export),
     ("fuse", stage_fuse),
     ("lower", stage_lower),
+    ("verify", stage_verify),  # only with --verify
     ("serialize", stage_serialize),
 ]
 
@@ -131,6 +145,8 @@ def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = l
     if job.output is not None:
         check_writable(job.output)
     for name, stage in STAGES:
+        if name == "verify" and not job.verify_samples:
+            continue
         on_stage(name, None)
         start = time.perf_counter()
         stage(job)

@@ -33,6 +33,10 @@ def render_export(summary: dict[str, Any]) -> None:
     out.print(f"fused ops: {fused}")
     cpu = ", ".join(f"{op} ×{n}" for op, n in summary["cpu_ops"].items()) or "none"
     out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {cpu}")
+    if summary.get("verification"):
+        v = summary["verification"]
+        worst = min((o["vs_float"]["sqnr_db"] for o in v["outputs"]), default=None) if v.get("outputs") else None
+        out.print(f"verify: [green]passed[/]" + (f" (worst output SQNR vs float {worst:.1f} dB)" if worst is not None else ""))
     size = summary["size"]
     out.print(
         f".pte size: {human_bytes(size['total'])} (packed weights {human_bytes(size['packed_weights'])}, "

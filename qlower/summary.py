@@ -36,6 +36,7 @@ def export_summary(job) -> dict[str, Any]:
         "layer_report": rows,
         "fusion_passes": job.fusion.passes if job.fusion else [],
         **counts,
+        "verification": job.verification,
         "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
     }
 

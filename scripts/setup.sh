@@ -21,5 +21,5 @@ fi
 PYTHON="${PYTHON:-python3}"
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 "$PYTHON" -m pip install -q "torch==2.13.0"
-"$PYTHON" -m pip install -q -e ".[test,vulkan,hf]"
+"$PYTHON" -m pip install -q -e ".[test,vulkan,hf,plot]"
 echo "qlower is installed: $(command -v qlower)" >&2

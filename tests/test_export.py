@@ -201,3 +201,24 @@ def test_checkpoint_loading(tmp_path):
     for ckpt in ("w.safetensors", "w.pt"):
         loaded = load_model(model_file, checkpoint=tmp_path / ckpt)
         assert torch.equal(loaded.module.weight, state["weight"])
+
+
+def test_export_verify_passes_and_reports(tmp_path):
+    out = tmp_path / "mlp.pte"
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--verify", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verification"]["passed"] is True
+    assert "verify" in doc["timings_s"]
+
+
+def test_export_verify_failure_writes_nothing(tmp_path, monkeypatch):
+    import qlower.verify as verify_module
+
+    real = verify_module.thresholds_for
+    monkeypatch.setattr(verify_module, "thresholds_for", lambda scheme, *a: real(scheme, 200.0))  # unreachable bar
+    out = tmp_path / "mlp.pte"
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--verify"])
+    assert result.exit_code == 1
+    assert "error: verification failed" in result.stderr and "nothing was written" in result.stderr
+    assert not out.exists()
