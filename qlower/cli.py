@@ -239,6 +239,7 @@ def verify(
     min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
     layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer SQNR as a PNG bar chart."),
+    device: Optional[str] = typer.Option(None, "--device", help="Also compute the fused layers with qlower's kernels on a Vulkan device ('vulkan', or a device index or name) and compare them with the golden executor."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run the .pte's serialized graph on the CPU (golden executor) and compare it with the eager model; exit 1 below the thresholds."""
@@ -252,15 +253,68 @@ def verify(
         min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, min_sqnr_layer=min_sqnr_layer,
         warn=console.warn,
     )
+    if device is not None:
+        from .vk.pte_layers import check_on_device, fused_calls
+
+        checks = check_on_device(fused_calls(pte, seed=seed), _vk_device(device))
+        report["device_layers"] = checks
+        report["failures"] += [f"{c['op']} (delegate call {c['delegate_call']} op {c['op_index']}) on the device differs from the golden "
+                               f"executor by {c['max_abs_diff']:.3g} (tolerance {c['tolerance']:.3g})" for c in checks if not c["passed"]]
+        report["passed"] = not report["failures"]
     if plot is not None:
         plot_layers(report, plot)
     if as_json:
         print_json(report)
     else:
         render_report(report, show_layers=layers)
+        if device is not None:
+            from .render import render_device_checks
+
+            render_device_checks(report["device_layers"])
     if not report["passed"]:
         raise VerifyError(f"verification failed: {report['failures'][0]}",
                           "the .pte does not compute what the model does; re-export it, or see --layers for where it diverges")
+
+
+def _vk_device(choice: str | None):
+    """'vulkan' (or 'vulkan:X') and None mean the default device (QLOWER_VK_DEVICE); X is an index or name."""
+    if choice is None or choice == "vulkan":
+        return None
+    choice = choice.removeprefix("vulkan:")
+    return int(choice) if choice.isdigit() else choice
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  qlower bench mlp.pte\n\n"
+        "  qlower bench llama.pte --device 0 --tokens 16 --json\n\n"
+        "  QLOWER_VK_DEVICE=NVIDIA qlower bench llama.pte"
+    )
+)
+def bench(
+    pte: Path = typer.Argument(..., metavar="FILE.pte", help="The .pte whose fused layers to time."),
+    device: Optional[str] = typer.Option(None, "--device", help="Vulkan device: index or name substring [default: QLOWER_VK_DEVICE, else the first]."),
+    tokens: int = typer.Option(1, "--tokens", min=1, help="Rows of activations per call (1 = GEMV, decode)."),
+    repeats: int = typer.Option(20, "--repeats", min=1, help="Timed calls per layer; the median is reported."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Time each fused layer of a .pte with qlower's kernels on a Vulkan device, against the device's copy bandwidth."""
+    console.import_heavy_libraries()
+    from .bench import bench_layers
+    from .vk.pte_layers import bench_args, fused_calls
+
+    calls = fused_calls(pte)
+    if not calls:
+        raise QlowerError(f"{pte} has no fused layers that qlower's kernels implement",
+                          "bench times linear_dq8ca_q4gsw and q8ta_linear layers; export with --scheme qta8a_qga4w or q8ta_q8csw")
+    report = bench_layers(bench_args(calls), device=_vk_device(device), tokens=tokens, repeats=repeats)
+    if as_json:
+        print_json(report)
+    else:
+        from .render import render_bench
+
+        render_bench(report)
 
 
 def main(argv: list[str] | None = None) -> int:

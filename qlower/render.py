@@ -188,3 +188,27 @@ def render_expectations(results: list[dict[str, Any]]) -> None:
     for r in results:
         if not r["ok"]:
             err.print(f"[red]expectation failed:[/] {escape(r['message'])}")
+
+
+# --- device runs ----------------------------------------------------------------
+
+
+def render_device_checks(rows: list[dict[str, Any]]) -> None:
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold", title="fused layers on the Vulkan device vs the golden executor")
+    for col in ("call", "op", "shape", "max |diff|", "tolerance", "result"):
+        table.add_column(col)
+    for r in rows:
+        ok = "[green]ok[/]" if r["passed"] else "[red]differs[/]"
+        table.add_row(f"{r['delegate_call']}.{r['op_index']}", r["op"], str(r["shape"]), f"{r['max_abs_diff']:.3g}", f"{r['tolerance']:.3g}", ok)
+    out.print(table)
+
+
+def render_bench(report: dict[str, Any]) -> None:
+    out.print(f"device: {report['device']}   copy shader: {report['copy_gbps']:.1f} GB/s   tokens per call: {report['tokens']}")
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("layer", "op", "N", "K", "variant", "µs (median)", "µs (stream)", "GB/s", "GOP/s", "of copy"):
+        table.add_column(col, justify="left" if col in ("layer", "op", "variant") else "right")
+    for l in report["layers"]:
+        table.add_row(l["name"], l["op"], str(l["n"]), str(l["k"]), l["variant"], f"{l['time_us']:.1f}", f"{l['stream_us']:.1f}",
+                      f"{l['gbps']:.1f}", f"{l['gops']:.1f}", f"{l['fraction']:.0%}")
+    out.print(table)
