@@ -19,6 +19,7 @@ Operators whose naming is not modelled are only checked for registration.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Iterable, Optional
@@ -28,12 +29,15 @@ from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk
 __all__ = [
     "LoadProblem",
     "ShaderLookup",
+    "PteSummary",
+    "decode_vk_graph",
     "load_problems",
     "op_supported",
     "predict_shaders",
     "runtime_ops",
     "runtime_shaders",
     "shader_exists",
+    "summarize_pte",
 ]
 
 
@@ -291,11 +295,44 @@ class PteSummary:
         return sum(self.cpu_kernels.values())
 
 
-def summarize_pte(buf: bytes) -> PteSummary:
+# flatc writes non-finite doubles as bare inf/nan, which is not JSON; the
+# library's flatbuffer_to_vk_graph then fails on any graph holding one (SDPA's
+# ``eq(s, -inf)`` guard does).
+_NONFINITE = re.compile(r"(?<=[\[:,\s])([+-]?)(inf|infinity|nan)(?=[\s,\]}])", re.I)
+
+
+def decode_vk_graph(blob: bytes) -> vk.VkGraph:
+    """The VkGraph of a Vulkan delegate blob (header + flatbuffer)."""
+    import json
+    import os
+    import tempfile
+
+    from executorch.backends.vulkan import serialization
     from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
         extract_vk_flatbuffer,
-        flatbuffer_to_vk_graph,
     )
+    from executorch.exir._serialize._dataclass import _json_to_dataclass
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    with tempfile.TemporaryDirectory() as d:
+        schema = os.path.join(d, "schema.fbs")
+        with open(schema, "wb") as f:
+            f.write(resources.files(serialization).joinpath("schema.fbs").read_bytes())
+        with open(os.path.join(d, "schema.bin"), "wb") as f:
+            f.write(extract_vk_flatbuffer(blob))
+        _flatc_decompile(d, schema, os.path.join(d, "schema.bin"), ["--raw-binary"])
+        with open(os.path.join(d, "schema.json")) as f:
+            text = f.read()
+
+    def fix(m: re.Match) -> str:
+        if m.group(2).lower() == "nan":
+            return "NaN"
+        return ("-" if m.group(1) == "-" else "") + "Infinity"
+
+    return _json_to_dataclass(json.loads(_NONFINITE.sub(fix, text)), vk.VkGraph)
+
+
+def summarize_pte(buf: bytes) -> PteSummary:
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     program = deserialize_pte_binary(buf).program
@@ -315,5 +352,5 @@ def summarize_pte(buf: bytes) -> PteSummary:
         if delegate.id != "VulkanBackend":
             continue
         blob = program.backend_delegate_data[delegate.processed.index].data
-        problems += load_problems(flatbuffer_to_vk_graph(extract_vk_flatbuffer(blob)))
+        problems += load_problems(decode_vk_graph(blob))
     return PteSummary(partitions, kernels, problems)

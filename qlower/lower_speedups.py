@@ -1,0 +1,81 @@
+"""Make ``VulkanPartitioner`` lowering do its expensive set-up once.
+
+Measured with executorch 1.5.1: most of the lowering time of a small decoder
+goes into building the RoPE pattern graphs (``patterns/rope.py``,
+``patterns/rope_hf.py``), each by a ``torch.export`` + ``to_edge`` of a small
+module. Their ``lru_cache`` sits above ``register_pattern_graph``, so the
+registry holds the uncached function: the graphs are rebuilt by the
+partitioner and again by ``FusePatternsPass`` in every partition's
+``preprocess`` (~7 s a family a time on this machine).
+
+:func:`vulkan_patterns_once` builds each family at most once per process, and
+not at all when the program lacks an operator that every graph of the family
+contains (``SubgraphMatcher`` needs each pattern node's target in the graph,
+so such a family cannot match).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+from torch.export import ExportedProgram
+
+__all__ = ["PATTERN_FAMILY_OPS", "program_ops", "vulkan_patterns_once"]
+
+# Operators every graph of a pattern family contains (checked against the
+# built graphs in tests/test_delegation.py).
+PATTERN_FAMILY_OPS: dict[str, frozenset[str]] = {
+    "export_llama_rope": frozenset(
+        {"aten.mul.Tensor", "aten.sub.Tensor", "aten.add.Tensor",
+         "aten.cat.default", "aten.view_copy.default"}
+    ),
+    "hf_rope": frozenset(
+        {"aten.mul.Tensor", "aten.add.Tensor", "aten.neg.default",
+         "aten.cat.default", "aten.slice_copy.Tensor"}
+    ),
+}
+
+
+def program_ops(ep: ExportedProgram) -> frozenset[str]:
+    """Qualified names (``aten.add.Tensor``) of the operators ``ep`` calls."""
+    return frozenset(
+        getattr(n.target, "__name__", str(n.target))
+        for n in ep.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+@functools.cache
+def _built(name: str, fn) -> tuple:
+    return tuple(fn())
+
+
+@contextlib.contextmanager
+def vulkan_patterns_once(ep: ExportedProgram) -> Iterator[None]:
+    """Within the block, Vulkan pattern graphs are cached and pruned for ``ep``.
+
+    Wrap ``to_backend(VulkanPartitioner())`` (partitioning and preprocess both
+    ask for the graphs). Partitions are subgraphs of ``ep``, so an operator
+    absent from ``ep`` is absent from each of them too.
+    """
+    from executorch.backends.vulkan.patterns import fusable_patterns
+
+    present = program_ops(ep)
+    saved = {}
+    for name, entry in fusable_patterns.items():
+        fn = entry.get_graphs_fn
+        if fn is None:
+            continue
+        saved[name] = fn
+        needs = PATTERN_FAMILY_OPS.get(name, frozenset())
+        if needs <= present:
+            entry.get_graphs_fn = lambda name=name, fn=fn: list(_built(name, fn))
+        else:
+            entry.get_graphs_fn = lambda: []
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            fusable_patterns[name].get_graphs_fn = fn
