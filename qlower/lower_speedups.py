@@ -12,17 +12,27 @@ partitioner and again by ``FusePatternsPass`` in every partition's
 not at all when the program lacks an operator that every graph of the family
 contains (``SubgraphMatcher`` needs each pattern node's target in the graph,
 so such a family cannot match).
+
+It also drops, from each partition's ``preprocess``, the passes whose only
+work is on operators the partition does not contain (batch-norm folding,
+conv+clamp fusion, PT2E q/dq folding): each of them re-traces the whole graph
+to validate it even when it changed nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch.export import ExportedProgram
 
-__all__ = ["PATTERN_FAMILY_OPS", "program_ops", "vulkan_patterns_once"]
+__all__ = [
+    "PATTERN_FAMILY_OPS",
+    "PREPROCESS_PASS_TRIGGERS",
+    "program_ops",
+    "vulkan_patterns_once",
+]
 
 # Operators every graph of a pattern family contains (checked against the
 # built graphs in tests/test_delegation.py).
@@ -38,6 +48,21 @@ PATTERN_FAMILY_OPS: dict[str, frozenset[str]] = {
 }
 
 
+# Preprocess pass (class name) -> does the program give it anything to do?
+# Read from each pass's ``call``: it only rewrites nodes of these operators.
+PREPROCESS_PASS_TRIGGERS: dict[str, Callable[[frozenset[str]], bool]] = {
+    "FuseBatchNormPass": lambda ops: bool(
+        ops & {"aten.native_batch_norm.default",
+               "aten._native_batch_norm_legit_no_training.default"}
+    ),
+    "FuseClampPass": lambda ops: "aten.convolution.default" in ops,
+    "FoldQDQPass": lambda ops: any(o.startswith("quantized_decomposed.quantize") for o in ops),
+    "FuseQuantizedOpsTransform": lambda ops: any(
+        o.startswith("quantized_decomposed.dequantize") for o in ops
+    ),
+}
+
+
 def program_ops(ep: ExportedProgram) -> frozenset[str]:
     """Qualified names (``aten.add.Tensor``) of the operators ``ep`` calls."""
     return frozenset(
@@ -47,6 +72,18 @@ def program_ops(ep: ExportedProgram) -> frozenset[str]:
     )
 
 
+def _pruned_apply_passes(apply_passes):
+    def apply(program, passes):
+        ops = program_ops(program)
+        keep = [
+            p for p in passes
+            if PREPROCESS_PASS_TRIGGERS.get(type(p).__name__, lambda _: True)(ops)
+        ]
+        return apply_passes(program, keep)
+
+    return apply
+
+
 @functools.cache
 def _built(name: str, fn) -> tuple:
     return tuple(fn())
@@ -54,12 +91,13 @@ def _built(name: str, fn) -> tuple:
 
 @contextlib.contextmanager
 def vulkan_patterns_once(ep: ExportedProgram) -> Iterator[None]:
-    """Within the block, Vulkan pattern graphs are cached and pruned for ``ep``.
+    """Within the block, Vulkan pattern graphs and preprocess passes are pruned for ``ep``.
 
     Wrap ``to_backend(VulkanPartitioner())`` (partitioning and preprocess both
     ask for the graphs). Partitions are subgraphs of ``ep``, so an operator
     absent from ``ep`` is absent from each of them too.
     """
+    from executorch.backends.vulkan import vulkan_preprocess
     from executorch.backends.vulkan.patterns import fusable_patterns
 
     present = program_ops(ep)
@@ -74,8 +112,11 @@ def vulkan_patterns_once(ep: ExportedProgram) -> Iterator[None]:
             entry.get_graphs_fn = lambda name=name, fn=fn: list(_built(name, fn))
         else:
             entry.get_graphs_fn = lambda: []
+    apply_passes = vulkan_preprocess.apply_passes
+    vulkan_preprocess.apply_passes = _pruned_apply_passes(apply_passes)
     try:
         yield
     finally:
+        vulkan_preprocess.apply_passes = apply_passes
         for name, fn in saved.items():
             fusable_patterns[name].get_graphs_fn = fn
