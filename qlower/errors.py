@@ -53,3 +53,9 @@ class VerifyError(QlowerError):
 
 class DeviceError(QlowerError):
     """No usable Vulkan device, or the device failed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,170 @@
+"""Export options: schemes, group sizes, per-layer overrides, TOML presets.
+
+A config file is TOML with the same keys as the command-line flags; flags given
+on the command line override it. Per-layer overrides live in ``[layers]`` and
+map an exact module name, or ``re:<regex>`` matched against the full name, to a
+scheme name, ``"skip"``, or a table ``{ scheme = ..., group_size = ... }``::
+
+    scheme = "qta8a_qga4w"
+    group_size = 128
+    quantize_embeddings = true
+
+    [layers]
+    "output" = "skip"
+    "re:layers\\.0\\..*" = { group_size = 64 }
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# scheme name -> what it means; the fused op is documented in README and DESIGN.
+SCHEMES = {
+    "qta8a_qga4w": "dynamic per-token int8 activations, group-wise int4 weights",
+    "qga4w": "float activations, group-wise int4 weights",
+    "q8ta_q8csw": "static per-tensor int8 activations (calibrated), per-channel int8 weights",
+    "fp16": "float16 baseline, no quantization",
+    "fp32": "float32 baseline, no quantization",
+}
+GROUPED_SCHEMES = ("qta8a_qga4w", "qga4w")
+FLOAT_SCHEMES = ("fp16", "fp32")
+SKIP = "skip"
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_CALIBRATION_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer choice: an exact module name or ``re:`` pattern → scheme/group size/skip."""
+
+    pattern: str
+    scheme: str | None = None  # None keeps the global scheme; "skip" leaves the layer float
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.scheme is not None and self.scheme != SKIP:
+            _check_scheme(self.scheme, f"layers.{self.pattern!r}")
+        if self.group_size is not None:
+            _check_group_size(self.group_size, f"layers.{self.pattern!r}.group_size")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as exc:
+                raise ConfigError(f"layers: bad regex {self.pattern!r}: {exc}", "write a Python regular expression after 're:'")
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return self.pattern == name
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    scheme: str = "qta8a_qga4w"
+    group_size: int = DEFAULT_GROUP_SIZE
+    quantize_embeddings: bool = False
+    calibration: str | None = None
+    calibration_batches: int = DEFAULT_CALIBRATION_BATCHES
+    strict: bool = False
+    seed: int = 0
+    layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        _check_scheme(self.scheme, "scheme")
+        _check_group_size(self.group_size, "group_size")
+        if self.calibration_batches <= 0:
+            raise ConfigError(f"calibration_batches must be positive, got {self.calibration_batches}", "use e.g. 8")
+
+    def layer_choice(self, name: str) -> tuple[str, int]:
+        """(scheme or "skip", group size) for one module; the first matching override wins."""
+        for override in self.layers:
+            if override.matches(name):
+                return (override.scheme or self.scheme, override.group_size or self.group_size)
+        return self.scheme, self.group_size
+
+
+OPTION_KEYS = tuple(f.name for f in fields(ExportOptions))
+
+
+def _check_scheme(scheme: Any, key: str) -> None:
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{key}: unknown scheme {scheme!r}", f"legal schemes: {', '.join(SCHEMES)}")
+
+
+def _check_group_size(value: Any, key: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}: group size must be a positive integer, got {value!r}", "use a power of two such as 32, 64 or 128")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML preset into ExportOptions keyword arguments (validated)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}", "see configs/ for presets") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}", "check the path and permissions") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}", "fix the syntax") from exc
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict[str, Any], origin: str = "config") -> dict[str, Any]:
+    legal = [k for k in OPTION_KEYS if k != "layers"] + ["layers"]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in legal:
+            raise ConfigError(f"{origin}: unknown key {key!r}", f"legal keys: {', '.join(legal)}")
+        if key == "layers":
+            out["layers"] = _parse_layers(value, origin)
+            continue
+        expected = {"strict": bool, "quantize_embeddings": bool, "calibration": str}.get(key, int if key != "scheme" else str)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{origin}: {key} must be {expected.__name__}, got {value!r}", f"e.g. {key} = {_example(key)}")
+        out[key] = value
+    ExportOptions(**out)  # validate values early, naming the key
+    return out
+
+
+def _parse_layers(table: Any, origin: str) -> tuple[LayerOverride, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{origin}: [layers] must be a table", 'e.g. [layers] "output" = "skip"')
+    overrides = []
+    for pattern, spec in table.items():
+        if isinstance(spec, str):
+            overrides.append(LayerOverride(pattern, scheme=spec))
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {"scheme", "group_size"}
+            if unknown:
+                raise ConfigError(f"{origin}: layers.{pattern!r}: unknown key {sorted(unknown)[0]!r}", "legal keys: scheme, group_size")
+            overrides.append(LayerOverride(pattern, scheme=spec.get("scheme"), group_size=spec.get("group_size")))
+        else:
+            raise ConfigError(f"{origin}: layers.{pattern!r} must be a scheme name, 'skip', or a table", f"legal schemes: {', '.join(SCHEMES)}, skip")
+    return tuple(overrides)
+
+
+def _example(key: str) -> str:
+    return {"scheme": '"qta8a_qga4w"', "group_size": "128", "strict": "true", "quantize_embeddings": "true",
+            "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0"}.get(key, "...")
+
+
+def make_options(config: str | Path | None = None, **flags: Any) -> ExportOptions:
+    """Options from an optional config file, with non-None flags overriding it."""
+    values: dict[str, Any] = load_config(config) if config else {}
+    for key, value in flags.items():
+        if key not in OPTION_KEYS:
+            raise ConfigError(f"unknown option {key!r}", f"legal options: {', '.join(OPTION_KEYS)}")
+        if value is not None:
+            values[key] = value
+    return ExportOptions(**values)
+
+
+def with_overrides(options: ExportOptions, **changes: Any) -> ExportOptions:
+    return replace(options, **changes)

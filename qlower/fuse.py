@@ -1,0 +1,233 @@
+"""qlower's fusion stage: named graph passes on the edge program, before partitioning.
+
+Usage (the export pipeline, between ``to_edge`` and ``VulkanPartitioner``)::
+
+    edge = to_edge(exported)                       # EdgeProgramManager
+    report = run_fusion(edge.exported_program())   # rewrites it in place
+    edge = edge.to_backend(VulkanPartitioner())
+    pte = edge.to_executorch().buffer
+
+:func:`run_fusion` rewrites the ``ExportedProgram`` **in place** (graph, state
+dict, signature) and returns a :class:`FusionReport` with one entry per
+linear-like node: its module, N, K, group size, scheme, and either the fused
+``et_vk`` op or the first guard that failed. Its constants are packed here
+(:mod:`qlower.pack`), so ExecuTorch's own pattern pass inside the Vulkan
+backend finds nothing left to fuse and nothing is packed twice.
+
+Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
+
+``share_act_qparams``
+    Sibling linears that read the same activation (Q/K/V, gate/up) each get
+    their own ``choose_qparams_affine`` from torchao; they compute the same
+    per-token scales, so keep one. ExecuTorch 1.5.1 keeps all of them.
+``fuse_quantized_linear``
+    dequantize → linear (→ quantize) chains → ``et_vk`` fused linears
+    (:mod:`qlower.patterns.linear` lists the routes and guards).
+``drop_unused_constants``
+    Dead dequantize nodes go, and so do the constants only they read
+    (weight zero points), so they do not end up in the ``.pte``.
+
+Glossary: qta8a = per-token int8 activation, qga4w = group-wise int4 weight,
+q8ta = per-tensor int8 activation, q8csw = per-channel symmetric int8 weight,
+dq8ca = dynamically quantized int8 activation.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from executorch.backends.transforms.utils import delete_constant_placeholder
+from executorch.exir import ExportedProgram
+
+# Importing registers the et_vk ops (and their CPU reference kernels) with torch.
+import executorch.backends.vulkan.custom_ops_lib  # noqa: F401
+
+from qlower.patterns import linear as linear_family
+from qlower.patterns.linear import LinearInfo, is_choose_qparams
+
+Log = Callable[[str], None]
+
+linear_family.register_partition_pattern()
+
+
+@dataclass
+class FusionReport:
+    """Per-layer outcome of the fusion stage; ``to_dict()`` is JSON-ready."""
+
+    layers: list[LinearInfo] = field(default_factory=list)
+    passes: list[dict] = field(default_factory=list)  # {"name", "changes", "seconds"}
+
+    @property
+    def fused(self) -> list[LinearInfo]:
+        return [l for l in self.layers if l.fused_op]
+
+    @property
+    def unfused(self) -> list[LinearInfo]:
+        return [l for l in self.layers if not l.fused_op]
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for l in self.fused:
+            counts[l.fused_op] = counts.get(l.fused_op, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(l) for l in self.layers],
+            "fused": len(self.fused),
+            "unfused": len(self.unfused),
+            "ops": self.op_counts(),
+            "passes": list(self.passes),
+        }
+
+    def table(self) -> str:
+        """Plain-text table, one row per linear."""
+        rows = [("module", "N", "K", "group", "scheme", "result")]
+        for l in self.layers:
+            result = l.fused_op or f"unfused: {l.reason}"
+            if l.note:
+                result += f" ({l.note})"
+            rows.append((l.module, _s(l.n), _s(l.k), _s(l.group_size), l.scheme, result))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows
+        )
+
+
+def _s(v) -> str:
+    return "-" if v is None else str(v)
+
+
+@dataclass
+class FusionContext:
+    report: FusionReport
+    packer: linear_family.ConstantPacker
+    orphans: list[torch.fx.Node] = field(default_factory=list)
+
+
+# -- passes --------------------------------------------------------------------
+
+def share_act_qparams(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Merge choose_qparams nodes with the same input and arguments into the first."""
+    graph = ep.graph_module.graph
+    first: dict[tuple, torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if not is_choose_qparams(node):
+            continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        keep = first.setdefault(key, node)
+        if keep is node:
+            continue
+        # Point each getitem of the duplicate at the same getitem of the kept node.
+        kept_items = {u.args[1]: u for u in keep.users if u.target is operator.getitem}
+        for item in list(node.users):
+            twin = kept_items.get(item.args[1]) if item.target is operator.getitem else None
+            if twin is not None:
+                item.replace_all_uses_with(twin)
+                graph.erase_node(item)
+        node.replace_all_uses_with(keep)
+        graph.erase_node(node)
+        merged += 1
+    if merged:
+        graph.eliminate_dead_code()
+    return merged
+
+
+def fuse_quantized_linear(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Replace every matching linear chain by its et_vk op; report every linear."""
+    fused = 0
+    for node in list(ep.graph_module.graph.nodes):
+        if node.graph is None:  # erased earlier in this loop
+            continue
+        match, info = linear_family.detect(ep, node)
+        if info is None:
+            continue
+        ctx.report.layers.append(info)
+        if match is None:
+            continue
+        linear_family.replace(ep, match, ctx.packer)
+        ctx.orphans.extend(match.orphans)
+        fused += 1
+    if fused:
+        ep.graph_module.graph.eliminate_dead_code()
+    return fused
+
+
+def drop_unused_constants(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Delete constant placeholders that fusion left without users."""
+    graph = ep.graph_module.graph
+    graph.eliminate_dead_code()
+    dropped = 0
+    seen = set()
+    for node in ctx.orphans:
+        if node in seen or node.graph is None or node.users:
+            continue
+        seen.add(node)
+        delete_constant_placeholder(ep, node)
+        dropped += 1
+    ctx.orphans.clear()
+    return dropped
+
+
+FUSION_PASSES: list[tuple[str, Callable[[ExportedProgram, FusionContext], int]]] = [
+    ("share_act_qparams", share_act_qparams),
+    ("fuse_quantized_linear", fuse_quantized_linear),
+    ("drop_unused_constants", drop_unused_constants),
+]
+PASS_NAMES = [name for name, _ in FUSION_PASSES]
+
+
+def run_fusion(
+    edge_program: ExportedProgram,
+    *,
+    dump_after: str | None = None,
+    log: Log | None = None,
+    skip: Iterable[str] = (),
+) -> FusionReport:
+    """Run :data:`FUSION_PASSES` on ``edge_program`` in place; return the report.
+
+    ``dump_after``: a pass name; the graph after it goes to ``log`` (default:
+    stderr). ``skip``: pass names not to run (e.g. ``share_act_qparams`` to
+    reproduce the stock graph exactly).
+    """
+    skip = set(skip)
+    for name in [dump_after, *skip]:
+        if name is not None and name not in PASS_NAMES:
+            from qlower.errors import ConfigError
+
+            raise ConfigError(
+                f"unknown fusion pass {name!r}", hint=f"passes: {', '.join(PASS_NAMES)}"
+            )
+    log = log or (lambda s: print(s, file=sys.stderr))
+    ctx = FusionContext(report=FusionReport(), packer=linear_family.ConstantPacker(edge_program))
+    gm = edge_program.graph_module
+    for name, fn in FUSION_PASSES:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        changes = fn(edge_program, ctx)
+        if changes:
+            gm.recompile()
+        ctx.report.passes.append(
+            {"name": name, "changes": changes, "seconds": round(time.perf_counter() - t0, 6)}
+        )
+        if name == dump_after:
+            log(f"# graph after {name}\n{gm.graph}")
+    return ctx.report
+
+
+
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v

@@ -1,0 +1,193 @@
+"""Load a model and its example inputs from a Python file.
+
+Conventions (first match wins):
+
+* model: ``--entry NAME`` names a module-level ``nn.Module`` or a function that
+  returns one; otherwise a module-level ``model`` (module or factory), then
+  ``make_model()``, then the only ``nn.Module`` instance defined at module level.
+* example inputs: a module-level ``example_inputs`` (tuple, list or tensor, or a
+  function returning one), then ``make_example_inputs()``.
+* optional calibration batches for static schemes: ``calibration_inputs``
+  (a list of input tuples, or a function returning one).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, first_line
+
+MODEL_NAMES = ("model", "make_model")
+INPUT_NAMES = ("example_inputs", "make_example_inputs")
+CALIBRATION_NAMES = ("calibration_inputs", "make_calibration_inputs")
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_inputs: tuple
+    calibration_inputs: list[tuple] | None
+    source: Path
+    entry: str
+
+
+def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Path | None = None) -> LoadedModel:
+    path = Path(path)
+    namespace = _run_model_file(path)
+    name, module = _find_model(namespace, path, entry)
+    if checkpoint is not None:
+        load_checkpoint(module, checkpoint)
+    module.eval()
+    inputs = _as_input_tuple(_lookup(namespace, INPUT_NAMES, path), "example inputs", path)
+    if inputs is None:
+        raise ModelLoadError(
+            f"{path} defines no example inputs",
+            "define `example_inputs = (tensor, ...)` or `def make_example_inputs(): ...` in the model file",
+        )
+    calibration = _lookup(namespace, CALIBRATION_NAMES, path)
+    if calibration is not None:
+        calibration = [_as_input_tuple(batch, "calibration inputs", path) for batch in calibration]
+    with torch.no_grad():
+        try:
+            module(*inputs)
+        except Exception as exc:  # the model's own code rejected the inputs
+            raise ModelLoadError(
+                f"the model rejects its example inputs: {type(exc).__name__}: {first_line(exc)}",
+                f"make `example_inputs` in {path.name} match the model's forward() signature",
+            ) from exc
+    return LoadedModel(module, inputs, calibration, path, name)
+
+
+def _run_model_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}", "check the path, e.g. examples/mlp.py")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}", "pass a Python file that defines the model")
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc}", "check the file's permissions and encoding") from exc
+    module_name = f"qlower_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Let the file import its siblings, as `python model.py` would.
+    sys.path.insert(0, str(path.parent.resolve()))
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    try:
+        code = compile(source, str(path), "exec")
+        exec(code, module.__dict__)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}", "fix the model file") from exc
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(_located(exc, path), "fix the model file; QLOWER_DEBUG=1 shows the traceback") from exc
+    finally:
+        sys.path.pop(0)
+    return module.__dict__
+
+
+def _located(exc: BaseException, path: Path) -> str:
+    """'file:line: Type: message' for the innermost frame inside the model file."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    where = f"{path}:{line}" if line else str(path)
+    return f"{where}: {type(exc).__name__}: {first_line(exc)}"
+
+
+
+def _call_user(fn, what: str, path: Path):
+    try:
+        return fn()
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(_located(exc, path), f"fix {what} in the model file") from exc
+
+
+def _find_model(namespace: dict[str, Any], path: Path, entry: str | None) -> tuple[str, nn.Module]:
+    if entry is not None:
+        if entry not in namespace:
+            raise ModelLoadError(f"{path} has no attribute {entry!r}", f"candidates: {', '.join(_candidates(namespace)) or 'none'}")
+        return entry, _materialize(namespace[entry], entry, path)
+    for name in MODEL_NAMES:
+        if name in namespace:
+            return name, _materialize(namespace[name], name, path)
+    candidates = _candidates(namespace)
+    if not candidates:
+        raise ModelLoadError(
+            f"{path} defines no model",
+            "define `model = MyModel()` or `def make_model(): ...`, or pass --entry NAME",
+        )
+    if len(candidates) > 1:
+        raise ModelLoadError(
+            f"{path} defines several models: {', '.join(candidates)}",
+            "pick one with --entry NAME",
+        )
+    return candidates[0], namespace[candidates[0]]
+
+
+def _candidates(namespace: dict[str, Any]) -> list[str]:
+    return sorted(k for k, v in namespace.items() if isinstance(v, nn.Module) and not k.startswith("_"))
+
+
+def _materialize(obj: Any, name: str, path: Path) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj) and not isinstance(obj, type):
+        result = _call_user(obj, f"{name}()", path)
+        if isinstance(result, nn.Module):
+            return result
+        raise ModelLoadError(f"{name}() in {path} returned {type(result).__name__}, not an nn.Module", "return the model instance")
+    raise ModelLoadError(f"{name!r} in {path} is a {type(obj).__name__}, not an nn.Module or a factory", "point --entry at a model or a function returning one")
+
+
+def _lookup(namespace: dict[str, Any], names: tuple[str, ...], path: Path):
+    for name in names:
+        if name in namespace:
+            value = namespace[name]
+            return _call_user(value, f"{name}()", path) if callable(value) and not isinstance(value, torch.Tensor) else value
+    return None
+
+
+def _as_input_tuple(value: Any, what: str, path: Path) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise ModelLoadError(f"{what} in {path} must be a tensor or a tuple of tensors, got {type(value).__name__}", "e.g. example_inputs = (torch.randn(1, 16),)")
+
+
+def load_checkpoint(module: nn.Module, checkpoint: str | Path) -> None:
+    """Load a state dict from .safetensors or .pt (weights_only) into the model."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"checkpoint not found: {checkpoint}", "pass a .safetensors or .pt state dict")
+    try:
+        if checkpoint.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(checkpoint))
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {first_line(exc)}", "save it with torch.save(model.state_dict()) or safetensors") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"checkpoint {checkpoint} holds a {type(state).__name__}, not a state dict", "save model.state_dict()")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"checkpoint {checkpoint} does not fit the model: {first_line(exc)}", "check that the checkpoint belongs to this model") from exc

@@ -1,0 +1,172 @@
+"""Pure pack/unpack functions for the constants of the ET-VK quantized linears.
+
+Every function here is pure (no graph, no program), returns a new contiguous
+tensor, and produces exactly the bytes that ExecuTorch 1.5.1's Vulkan pattern
+pass (``backends/vulkan/patterns/quantized_linear.py``) writes for the same
+input, so that a ``.pte`` lowered by qlower and one lowered the stock way hold
+identical constants. Each pack function that loses shape information has an
+inverse that takes the original size back.
+
+Padding rules (ET-VK 1.5.1, checked against its source):
+
+===========================  ==========================  =================
+constant                     layout                      padded dim → mult.
+===========================  ==========================  =================
+int4 weight (q4gsw, dq8ca)   uint8 [N, ceil8(K)/2]       K → 8 (zeros)
+int4 group scales            [num_groups, ceil4(N)]      N → 4 (zeros)
+int4 group sums (dq8ca)      int32 [num_groups, ceil8(N)] N → 8 (zeros)
+int8 weight (q8ta family)    int8 [N, K]                 none
+int8 channel scales          [ceil4(N)]                  N → 4 (zeros)
+int8 channel sums            int32 [ceil4(N)]            N → 4 (zeros)
+bias (every quantized op)    [ceil4(N)]                  N → 4 (zeros)
+===========================  ==========================  =================
+
+Padding only ever appends zeros at the end of the last dimension, and a
+tensor already aligned is returned unchanged (values and dtype), so applying
+a pad twice is harmless; packing int4 twice is not, which is why the fusion
+passes track what they have already packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT4_MIN = -8
+INT4_MAX = 7
+# Unsigned nibble = signed int4 + INT4_OFFSET.
+INT4_OFFSET = 8
+
+INT4_K_ALIGN = 8  # packed int4 weight: K padded to a multiple of this
+GROUP_SCALES_N_ALIGN = 4  # transposed group scales: N padded to this
+GROUP_SUMS_N_ALIGN = 8  # per-group weight sums: N padded to this
+CHANNEL_N_ALIGN = 4  # per-channel scales / sums and every bias: N padded to this
+
+
+def ceil_to(x: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``x``."""
+    return -(-x // multiple) * multiple
+
+
+def pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """Append zeros along ``dim`` until its size is a multiple of ``multiple``.
+
+    Returns ``t`` itself (same object) when it is already aligned, matching
+    ET-VK's ``align_width_and_update_state_dict``, which leaves aligned
+    tensors untouched.
+    """
+    dim = dim % t.dim()
+    size = t.shape[dim]
+    extra = ceil_to(size, multiple) - size
+    if extra == 0:
+        return t
+    # F.pad lists (left, right) pairs starting from the last dimension.
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, extra]
+    return F.pad(t, pad).contiguous()
+
+
+def is_int4_range(w: torch.Tensor) -> bool:
+    """True when ``w`` is an 8-bit integer tensor whose values fit in int4."""
+    if w.dtype not in (torch.int8, torch.uint8):
+        return False
+    if w.numel() == 0:
+        return True
+    return int(w.min()) >= INT4_MIN and int(w.max()) <= INT4_MAX
+
+
+def _check_int4(w: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+    if not is_int4_range(w):
+        raise ValueError("weights outside the int4 range [-8, 7]")
+
+
+def pack_int4(w: torch.Tensor) -> torch.Tensor:
+    """Pack signed int4 values (held one per int8) two per byte along K.
+
+    ``w``: int8 [N, K], every value in [-8, 7]. K is first zero-padded to a
+    multiple of 8; then, for each row and i in [0, ceil8(K)/2)::
+
+        byte[n, i] = ((w[n, 2i+1] + 8) << 4) | (w[n, 2i] + 8)
+
+    i.e. the even K index sits in the low nibble, the odd one in the high
+    nibble, both offset to unsigned. A padded zero becomes nibble 0x8.
+
+    Returns uint8 [N, ceil8(K) / 2].
+    """
+    _check_int4(w)
+    w = pad_to(w, 1, INT4_K_ALIGN)
+    u = (w.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
+    return ((u[:, 1::2] << 4) | u[:, 0::2]).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [N, ceil8(k)/2] → int8 [N, k]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError("expected a 2-D uint8 packed weight")
+    if packed.shape[1] * 2 < k:
+        raise ValueError(f"packed width {packed.shape[1]} cannot hold K={k}")
+    low = (packed & 0x0F).to(torch.int16) - INT4_OFFSET
+    high = (packed >> 4).to(torch.int16) - INT4_OFFSET
+    # Interleave back: column 2i from the low nibble, 2i+1 from the high one.
+    full = torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)
+    return full[:, :k].to(torch.int8).contiguous()
+
+
+def group_sums(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group sums of the int4 weights, transposed, for ``linear_dq8ca_q4gsw``.
+
+    ``w``: int8 [N, K] (unpacked, unpadded), ``group_size`` divides K.
+    ``sums[g, n] = sum(w[n, g*group_size : (g+1)*group_size])``, so the kernel
+    can subtract ``input_zp * sums`` after integer accumulation.
+
+    Returns int32 [K / group_size, ceil8(N)], padded columns zero.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"group size {group_size} does not divide K={k}")
+    sums = w.reshape(n, k // group_size, group_size).sum(dim=2).to(torch.int32)
+    return pad_to(sums.t().contiguous(), 1, GROUP_SUMS_N_ALIGN).contiguous()
+
+
+def pack_group_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Transpose per-group scales [N, num_groups] → [num_groups, ceil4(N)].
+
+    Padded columns are zero; the dtype is kept.
+    """
+    if scales.dim() != 2:
+        raise ValueError(f"expected [N, num_groups] scales, got {tuple(scales.shape)}")
+    return pad_to(scales.t().contiguous(), 1, GROUP_SCALES_N_ALIGN).contiguous()
+
+
+def unpack_group_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_group_scales`: [num_groups, ceil4(n)] → [n, num_groups]."""
+    return packed[:, :n].t().contiguous()
+
+
+def channel_sums(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel sums of int8 weights for the q8ta family.
+
+    ``w``: int8 [N, K]. Returns int32 [ceil4(N)], ``sums[n] = sum_k w[n, k]``,
+    padded entries zero.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+    return pad_to(w.sum(dim=1).to(torch.int32).contiguous(), 0, CHANNEL_N_ALIGN)
+
+
+def pad_channel_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per-channel weight scales [N] → [ceil4(N)], zero padded, dtype kept."""
+    return pad_to(scales, -1, CHANNEL_N_ALIGN)
+
+
+def pad_bias(bias: torch.Tensor) -> torch.Tensor:
+    """Bias [N] → [ceil4(N)], zero padded, dtype kept (every quantized linear)."""
+    return pad_to(bias, -1, CHANNEL_N_ALIGN)
+
+
+def unpad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Drop the padding from the last dimension: inverse of the ``pad_*`` helpers."""
+    return t[..., :n].contiguous()

@@ -1,0 +1,524 @@
+"""The quantized-linear family: detector and replacement builders.
+
+Anchors: ``aten.linear``, ``aten.mm``, ``aten.addmm`` and ``aten.bmm`` (batch 1)
+of the edge dialect, with the ``view_copy`` that linear decomposition puts
+around 3-D inputs, with and without bias. The weight must reach the anchor
+through a dequantize of a constant (optionally via ``permute_copy``).
+
+Routes (checked in this order, the same order ExecuTorch 1.5.1 uses, so both
+pick the same op for the same graph):
+
+=====================================  ===================================
+graph                                  fused op
+=====================================  ===================================
+q(static) → dq → linear [→ relu] → q   ``et_vk.q8ta_linear`` (M > 1) or
+  with per-channel int8 weights        ``et_vk.q8ta_linear_gemv`` (M = 1)
+dq(int4 per-group weight) → linear     ``et_vk.linear_q4gsw``
+choose_qparams → q → dq → linear       ``et_vk.linear_dq8ca_q4gsw``
+  with per-group int4 weights          (``choose_qparams_affine`` stays)
+q(static) → dq → linear, float output  ``et_vk.linear_q8ta_q8csw``
+=====================================  ===================================
+
+Guards (each rejection says why, in user words): the weight is a quantized
+constant; ``bmm`` has batch 1; K is a multiple of 4 (the kernels load
+activations in 4-wide texels); per-group weights have a group size dividing
+K; 4-bit ops get weights in [-8, 7].
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from executorch.backends.transforms.utils import (
+    create_constant_placeholder,
+    get_param_tensor,
+    set_param_tensor,
+)
+from executorch.exir import ExportedProgram
+from executorch.exir.dialects._ops import ops as exir_ops
+from torch.export.graph_signature import InputKind, TensorArgument
+
+from qlower import pack
+
+# The kernels read activations in vec4 texels along K.
+K_ALIGN = 4
+# The 4-bit ops pad scales along N to 4; ExecuTorch 1.5.1's CPU reference kernel
+# (run on fake tensors while lowering) cannot read padded scales, so its own
+# lowering of such a layer fails. Say so instead of failing.
+Q4_N_ALIGN = 4
+# How far back from an operand we look for its constant placeholder
+# (dequantize → permute_copy → placeholder is two hops).
+MAX_TRACE_DEPTH = 4
+
+EDGE = exir_ops.edge
+ANCHORS = {
+    EDGE.aten.linear.default: "linear",
+    EDGE.aten.mm.default: "mm",
+    EDGE.aten.addmm.default: "addmm",
+    EDGE.aten.bmm.default: "bmm",
+}
+
+_DQ_NAMES = {
+    "dequantize_per_tensor.tensor",
+    "dequantize_per_tensor.default",
+    "dequantize_per_channel.default",
+    "dequantize_per_channel_group.default",
+    "dequantize_per_token.default",
+    "dequantize_affine.default",
+}
+_Q_NAMES = {
+    "quantize_per_tensor.tensor",
+    "quantize_per_tensor.default",
+    "quantize_per_channel.default",
+    "quantize_per_token.default",
+    "quantize_affine.default",
+}
+
+# Scheme names (DESIGN §3) reported per layer.
+SCHEME_DYNAMIC = "qta8a_qga4w"
+SCHEME_WEIGHT_ONLY = "qga4w"
+SCHEME_STATIC = "q8ta_q8csw"
+SCHEME_FLOAT = "float"
+
+# Node meta key marking the et_vk nodes this module created.
+FUSED_TAG = "qlower_fused"
+
+# Packing formats: one constant may be packed once, in one format.
+FMT_INT4 = "int4 packed weight"
+FMT_GROUP_SCALES = "transposed group scales"
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """``op.overload`` of a call_function node (namespace dropped), '' otherwise."""
+    if node.op != "call_function":
+        return ""
+    name = getattr(node.target, "__name__", str(node.target))
+    # Edge ops read "torchao.dequantize_affine.default", torch ops "dequantize_affine.default".
+    return ".".join(name.replace("::", ".").split(".")[-2:])
+
+
+def is_dq(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and op_name(node) in _DQ_NAMES
+
+
+def is_q(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and op_name(node) in _Q_NAMES
+
+
+def is_choose_qparams(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and "choose_qparams" in op_name(node)
+
+
+def is_view_copy(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and "view_copy" in op_name(node)
+
+
+def is_torchao_dq(node: torch.fx.Node) -> bool:
+    return node.target == EDGE.torchao.dequantize_affine.default
+
+
+def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+    """Follow ``args[0]`` from ``arg`` to a placeholder; ([], None) if none is near."""
+    if not isinstance(arg, torch.fx.Node):
+        return None, []
+    cur, seen = arg, [arg]
+    for _ in range(MAX_TRACE_DEPTH):
+        if cur.op == "placeholder" or not cur.args or not isinstance(cur.args[0], torch.fx.Node):
+            break
+        cur = cur.args[0]
+        seen.append(cur)
+    if cur.op != "placeholder":
+        return None, []
+    return cur, seen
+
+
+def module_fqn(node: torch.fx.Node) -> str:
+    """The fully qualified name of the module the node was traced from."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path
+    src = node.meta.get("source_fn_stack")
+    if src:
+        return str(src[-1][0])
+    return node.name
+
+
+@dataclass
+class LinearInfo:
+    """What the report says about one linear-like node, matched or not."""
+
+    node: str
+    module: str
+    anchor: str
+    n: int | None = None
+    k: int | None = None
+    group_size: int | None = None
+    scheme: str = SCHEME_FLOAT
+    has_bias: bool = False
+    fused_op: str | None = None
+    reason: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class LinearMatch:
+    anchor: torch.fx.Node
+    info: LinearInfo
+    op: str  # fused op name without namespace, e.g. "linear_q4gsw"
+    weight: torch.fx.Node
+    weight_scales: torch.fx.Node
+    x: torch.fx.Node  # pattern input: float x, or int8 x for static
+    input_scale: Any = None
+    input_zp: Any = None
+    bias: torch.fx.Node | None = None
+    output: torch.fx.Node | None = None  # node whose uses the fused op takes over
+    out_scale: Any = None
+    out_zp: Any = None
+    relu: bool = False
+    orphans: list[torch.fx.Node] = field(default_factory=list)
+
+
+def _reject(info: LinearInfo, reason: str) -> tuple[None, LinearInfo]:
+    info.reason = reason
+    return None, info
+
+
+def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None, LinearInfo | None]:  # noqa: C901
+    """Match one anchor. Returns (match, info), (None, info with reason), or (None, None)."""
+    kind = ANCHORS.get(node.target) if node.op == "call_function" else None
+    if kind is None:
+        return None, None
+    info = LinearInfo(node=node.name, module=module_fqn(node), anchor=kind)
+    is_addmm = kind == "addmm"
+    x_arg = node.args[1 if is_addmm else 0]
+    w_arg = node.args[2 if is_addmm else 1]
+
+    out_val = node.meta.get("val")
+    if kind in ("mm", "addmm", "bmm") and isinstance(w_arg, torch.fx.Node):
+        info.n = int(w_arg.meta["val"].shape[-1])  # mm: [K, N] after permute
+    if isinstance(out_val, torch.Tensor):
+        info.n = int(out_val.shape[-1])
+    if isinstance(x_arg, torch.fx.Node) and isinstance(x_arg.meta.get("val"), torch.Tensor):
+        info.k = int(x_arg.meta["val"].shape[-1])
+
+    weight, w_chain = trace_to_placeholder(w_arg)
+    if weight is None or not _is_constant(ep, weight):
+        return _reject(info, "weight is not a constant (activation × activation product)")
+    w_dq = next((n for n in w_chain if is_dq(n)), None)
+    if w_dq is None:
+        return _reject(info, "weights are not quantized")
+    s_idx = 2 if is_torchao_dq(w_dq) else 1
+    w_scales, s_chain = trace_to_placeholder(w_dq.args[s_idx])
+    w_zeros, z_chain = trace_to_placeholder(w_dq.args[s_idx + 1])
+    if w_scales is None:
+        return _reject(info, "weight scales are not constants")
+    info.has_bias = False
+
+    if kind == "bmm" and out_val.shape[0] != 1:
+        return _reject(info, f"bmm batch {out_val.shape[0]} > 1")
+
+    # Skip the view_copy that decomposition puts in front of 3-D inputs.
+    x = x_arg
+    front_view = x if is_view_copy(x) else None
+    if front_view is not None:
+        x = x.args[0]
+    x_dq = x if is_dq(x) else None
+    x_q = None
+    input_scale = input_zp = None
+    if x_dq is not None:
+        i = 2 if is_torchao_dq(x_dq) else 1
+        input_scale, input_zp = x_dq.args[i], x_dq.args[i + 1]
+        x = x_dq.args[0]
+        if is_q(x) and _is_dynamic_scale(input_scale):
+            x_q = x
+            x = x.args[0]
+    pattern_input = x
+    k = int(pattern_input.meta["val"].shape[-1])
+    info.k = k
+
+    bias = None
+    if is_addmm:
+        bias, _ = trace_to_placeholder(node.args[0])
+    elif kind == "linear" and len(node.args) > 2 and node.args[2] is not None:
+        bias, _ = trace_to_placeholder(node.args[2])
+    info.has_bias = bias is not None
+
+    w_t = get_param_tensor(ep, weight)
+    wshape, sshape = tuple(weight.meta["val"].shape), tuple(w_scales.meta["val"].shape)
+    info.n = int(wshape[-2])
+    per_group = len(sshape) == 2 and sshape[-2] == wshape[-2]
+    per_channel = len(sshape) == 1 and sshape[0] == wshape[-2]
+    if per_group:
+        info.group_size = _group_size(w_dq, wshape[-1], sshape[-1])
+
+    static_in = x_dq is not None and isinstance(input_scale, float)
+    dynamic_in = x_dq is not None and _is_per_token(input_scale, pattern_input)
+    info.scheme = (
+        SCHEME_STATIC if static_in
+        else SCHEME_DYNAMIC if x_q is not None
+        else SCHEME_WEIGHT_ONLY if x_dq is None
+        else "int8 activations (unsupported granularity)"
+    )
+
+    if k % K_ALIGN != 0:
+        return _reject(info, f"K={k} is not a multiple of {K_ALIGN}")
+
+    m = LinearMatch(
+        anchor=node, info=info, op="", weight=weight, weight_scales=w_scales,
+        x=pattern_input, input_scale=input_scale, input_zp=input_zp, bias=bias, output=node,
+    )
+    m.orphans = [n for n in (w_zeros, w_scales, weight) if n is not None]
+
+    if static_in:
+        _find_output_quant(m, node)
+    if static_in and per_channel:
+        if m.out_scale is not None:
+            m.op = "q8ta_linear_gemv" if _rows(pattern_input) == 1 else "q8ta_linear"
+            return _accept(m)
+
+    q4_n_reason = (
+        f"N={info.n} is not a multiple of {Q4_N_ALIGN} "
+        "(ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
+    )
+    if x_dq is None:
+        if not per_group:
+            return _reject(info, "weight-only quantization needs per-group int4 weights")
+        if k % sshape[-1] != 0:
+            return _reject(info, f"group size {info.group_size} does not divide K={k}")
+        if not pack.is_int4_range(w_t):
+            return _reject(info, "weights outside the int4 range")
+        if info.n % Q4_N_ALIGN:
+            return _reject(info, q4_n_reason)
+        m.op = "linear_q4gsw"
+        return _accept(m)
+
+    if x_q is not None:
+        if not dynamic_in:
+            return _reject(info, "dynamic activation quantization is not per token")
+        if not per_group:
+            return _reject(info, "dynamic int8 activations need per-group int4 weights")
+        if k % sshape[-1] != 0:
+            return _reject(info, f"group size {info.group_size} does not divide K={k}")
+        if not pack.is_int4_range(w_t):
+            return _reject(info, "weights outside the int4 range")
+        if info.n % Q4_N_ALIGN:
+            return _reject(info, q4_n_reason)
+        m.op = "linear_dq8ca_q4gsw"
+        return _accept(m)
+
+    if not static_in:
+        return _reject(info, "activation quantization is neither static per tensor nor dynamic per token")
+    if not per_channel:
+        return _reject(info, "static int8 activations need per-channel int8 weights")
+    m.op = "linear_q8ta_q8csw"
+    info.note = "output feeds a float op, so no requantization"
+    return _accept(m)
+
+
+def _is_constant(ep: ExportedProgram, node: torch.fx.Node) -> bool:
+    sig = ep.graph_signature
+    return (
+        node.name in sig.inputs_to_parameters
+        or node.name in sig.inputs_to_buffers
+        or node.name in sig.inputs_to_lifted_tensor_constants
+    )
+
+
+def _accept(m: LinearMatch) -> tuple[LinearMatch, LinearInfo]:
+    m.info.fused_op = f"et_vk.{m.op}"
+    return m, m.info
+
+
+def _is_dynamic_scale(arg: Any) -> bool:
+    return (
+        isinstance(arg, torch.fx.Node)
+        and arg.target == operator.getitem
+        and is_choose_qparams(arg.args[0])
+    )
+
+
+def _is_per_token(scale: Any, x: torch.fx.Node) -> bool:
+    """Scales from choose_qparams with one entry per row of x."""
+    if not _is_dynamic_scale(scale):
+        return False
+    return scale.meta["val"].shape[-1] == x.meta["val"].shape[-2]
+
+
+def _group_size(w_dq: torch.fx.Node, k: int, num_groups: int) -> int:
+    block = w_dq.args[1] if is_torchao_dq(w_dq) else None
+    if isinstance(block, (list, tuple)) and block and isinstance(block[-1], int):
+        return int(block[-1])
+    return k // num_groups if num_groups else k
+
+
+def _rows(x: torch.fx.Node) -> int:
+    shape = x.meta["val"].shape
+    return int(shape[-2]) if len(shape) >= 2 else 1
+
+
+def _find_output_quant(m: LinearMatch, anchor: torch.fx.Node) -> None:
+    """Find linear [→ view_copy] [→ relu] → q; fill the output fields if found."""
+    if len(anchor.users) != 1:
+        return
+    cur = next(iter(anchor.users))
+    if is_view_copy(cur) and len(cur.users) == 1:
+        # The fused op then takes over the view's uses, whatever follows.
+        m.output = cur
+        cur = next(iter(cur.users))
+    relu = False
+    if cur.target == EDGE.aten.relu.default:
+        relu = True
+        cur = next(iter(cur.users)) if len(cur.users) == 1 else None
+    if cur is None or not is_q(cur):
+        return
+    m.output, m.out_scale, m.out_zp, m.relu = cur, cur.args[1], cur.args[2], relu
+
+
+# -- replacement ---------------------------------------------------------------
+
+class ConstantPacker:
+    """Rewrites constants of an ExportedProgram, each at most once per format.
+
+    Two placeholders may share one state-dict entry (tied weights), so the
+    key is the state-dict name, not the node. Packing the same constant in
+    two different formats is a bug and raises.
+    """
+
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.formats: dict[str, str] = {}
+
+    def _key(self, node: torch.fx.Node) -> str:
+        sig = self.ep.graph_signature
+        for table in (sig.inputs_to_parameters, sig.inputs_to_buffers, sig.inputs_to_lifted_tensor_constants):
+            if node.name in table:
+                return table[node.name]
+        return node.name
+
+    def rewrite(self, node: torch.fx.Node, fmt: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        key = self._key(node)
+        seen = self.formats.get(key)
+        if seen == fmt:
+            return
+        if seen is not None:
+            raise RuntimeError(f"constant {key} packed as {seen!r} and {fmt!r}")
+        self.formats[key] = fmt
+        self.set(node, fn(get_param_tensor(self.ep, node)))
+
+    def pad(self, node: torch.fx.Node, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Idempotent rewrites (zero padding) need no bookkeeping."""
+        old = get_param_tensor(self.ep, node)
+        new = fn(old)
+        if new is not old:
+            self.set(node, new)
+
+    def set(self, node: torch.fx.Node, tensor: torch.Tensor) -> None:
+        set_param_tensor(self.ep, node, tensor.contiguous())
+        node.meta["val"] = node.meta["val"].fake_mode.from_tensor(tensor, static_shapes=True)
+
+    def new_constant(self, graph: torch.fx.Graph, name: str, data: torch.Tensor) -> torch.fx.Node:
+        first = next(iter(graph.nodes))
+        with graph.inserting_before(first):
+            return create_constant_placeholder(
+                exp_program=self.ep, graph=graph, kind=InputKind.PARAMETER, name=name, data=data
+            )
+
+
+def _sums_name(ep: ExportedProgram, weight: torch.fx.Node) -> str:
+    sig = ep.graph_signature
+    fqn = sig.inputs_to_parameters.get(weight.name) or sig.inputs_to_buffers.get(weight.name) or weight.name
+    return (fqn + "_sums").replace(".", "_")
+
+
+def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torch.fx.Node:
+    """Insert the fused node for ``m``, pack its constants, redirect uses."""
+    graph = m.anchor.graph
+    w = get_param_tensor(ep, m.weight)  # unpacked int values, read before packing
+    if m.bias is not None:
+        packer.pad(m.bias, pack.pad_bias)
+
+    if m.op in ("linear_q4gsw", "linear_dq8ca_q4gsw"):
+        gs = w.shape[-1] // get_param_tensor(ep, m.weight_scales).shape[-1]
+        sums = pack.group_sums(w, gs) if m.op == "linear_dq8ca_q4gsw" else None
+        packer.rewrite(m.weight, FMT_INT4, pack.pack_int4)
+        packer.rewrite(m.weight_scales, FMT_GROUP_SCALES, pack.pack_group_scales)
+        if sums is None:
+            args = (m.x, m.weight, m.weight_scales, gs, m.bias)
+        else:
+            sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), sums)
+            args = (m.x, m.input_scale, m.input_zp, m.weight, sums_node, m.weight_scales, gs, m.bias)
+    else:
+        packer.pad(m.weight_scales, pack.pad_channel_scales)
+        sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.channel_sums(w))
+        args = (m.x, m.input_scale, m.input_zp, m.weight, sums_node, m.weight_scales)
+        if m.op == "linear_q8ta_q8csw":
+            args = args + (m.bias,)
+        else:
+            args = args + (m.out_scale, m.out_zp, m.bias, "relu" if m.relu else "none")
+
+    target = getattr(EDGE.et_vk, m.op).default
+    with graph.inserting_before(m.output):
+        fused = graph.create_node("call_function", target, args=args)
+    fused.meta = dict(m.output.meta)
+    fused.meta[FUSED_TAG] = m.op
+    # The replaced node may be a 2-D mm inside view_copys; record the shape the op
+    # really returns (a following view_copy then becomes a no-op).
+    fused.meta["val"] = _fake_run(target, args)
+    _rename_output(ep, m.output, fused)
+    m.output.replace_all_uses_with(fused)
+    # The view_copy that restored the 3-D shape after a 2-D mm is now a no-op
+    # (ExecuTorch's backend folds it the same way, via addmm → linear).
+    for user in list(fused.users):
+        if is_view_copy(user) and tuple(user.meta["val"].shape) == tuple(fused.meta["val"].shape):
+            _rename_output(ep, user, fused)
+            user.replace_all_uses_with(fused)
+    return fused
+
+
+def _rename_output(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Keep the graph signature's output names in step when ``new`` replaces ``old``."""
+    for spec in ep.graph_signature.output_specs:
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
+            spec.arg = TensorArgument(name=new.name)
+
+
+def _fake_run(target, args) -> torch.Tensor:
+    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
+    with mode:
+        return target._op(*vals)
+
+
+# -- delegation fix-up -----------------------------------------------------------
+#
+# VulkanPartitioner checks every tensor input of et_vk.linear_dq8ca_q4gsw (and
+# the q8ta family) against one float dtype set, so a node fused before
+# partitioning is rejected for its int8 zero point / int8 input and would stay
+# on the CPU, where ExecuTorch has no kernel for it. The stock flow escapes
+# that check because the partitioner accepts every node of a pattern its
+# detectors report. Report our fused nodes the same way, through ExecuTorch's
+# public pattern registry, with no replacement: the backend's own fusion pass
+# only runs entries that have one.
+
+PARTITION_PATTERN = "qlower_prefused_linear"
+
+
+def _detect_prefused(node: torch.fx.Node):
+    if node.op != "call_function" or FUSED_TAG not in node.meta:
+        return None
+    from executorch.backends.vulkan.patterns import PatternMatch
+
+    inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    return PatternMatch(inputs, [node], [node], node)
+
+
+def register_partition_pattern() -> None:
+    from executorch.backends.vulkan.patterns import fusable_patterns, register_pattern_detector
+
+    if PARTITION_PATTERN not in fusable_patterns:
+        register_pattern_detector(PARTITION_PATTERN)(_detect_prefused)

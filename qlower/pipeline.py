@@ -1,0 +1,166 @@
+"""The export pipeline: a flat list of named stages over one ``ExportJob``.
+
+    load → quantize → export → fuse → lower → serialize
+
+Each stage reads and fills fields of the job; ``export()`` runs them in order,
+timing each and telling ``on_stage`` when one starts and ends.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import FLOAT_SCHEMES, ExportOptions
+from .errors import ExportError, OutputError, first_line
+from .loader import LoadedModel, load_model
+from .quantize import (
+    LayerPlan,
+    calibration_batches,
+    check_strict,
+    plan_layers,
+    quantize_eager,
+    quantize_static,
+)
+
+
+@dataclass
+class ExportJob:
+    model_path: Path
+    output: Path | None
+    options: ExportOptions
+    entry: str | None = None
+    checkpoint: Path | None = None
+    warn: Callable[[str], None] = lambda message: None
+    # filled by the stages
+    loaded: LoadedModel | None = None
+    plans: list[LayerPlan] = field(default_factory=list)
+    quantized: torch.nn.Module | None = None
+    exported: Any = None  # torch.export.ExportedProgram
+    edge: Any = None  # EdgeProgramManager
+    program: Any = None  # ExecutorchProgramManager
+    pte_bytes: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def stage_load(job: ExportJob) -> None:
+    torch.manual_seed(job.options.seed)
+    job.loaded = load_model(job.model_path, entry=job.entry, checkpoint=job.checkpoint)
+
+
+def stage_quantize(job: ExportJob) -> None:
+    options, loaded = job.options, job.loaded
+    job.plans = plan_layers(loaded.module, options)
+    check_strict(job.plans, options)
+    if options.scheme == "q8ta_q8csw":
+        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, job.warn)
+        job.quantized = quantize_static(loaded.module, loaded.example_inputs, job.plans, batches)
+    else:
+        if options.scheme not in FLOAT_SCHEMES:
+            quantize_eager(loaded.module, job.plans)
+        job.quantized = loaded.module
+
+
+def stage_export(job: ExportJob) -> None:
+    from executorch.exir import EdgeCompileConfig
+    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
+
+    try:
+        job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}",
+                          "the model must be traceable by torch.export; QLOWER_DEBUG=1 shows the traceback") from exc
+    # Edge dialect with the partitioner's ops kept whole (linear, SDPA, …), as
+    # to_edge_transform_and_lower does, so the fuse stage sees them undecomposed.
+    job.edge = _gen_edge_manager_for_partitioners(
+        {"forward": [make_partitioner(job.options)]}, {"forward": job.exported}, EdgeCompileConfig(), {}, False
+    )
+
+
+def stage_fuse(job: ExportJob) -> None:
+    """qlower's graph passes run here, on the edge program, before partitioning."""
+
+
+def stage_lower(job: ExportJob) -> None:
+    from executorch.exir import ExecutorchBackendConfig
+
+    try:
+        edge = job.edge.to_backend({"forward": make_partitioner(job.options)})
+        job.program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ExportError(f"ExecuTorch's Vulkan lowering failed: {type(cause).__name__}: {first_line(cause)}",
+                          "QLOWER_DEBUG=1 shows the traceback; a per-layer 'skip' override can keep the failing layer float") from exc
+
+
+def stage_serialize(job: ExportJob) -> None:
+    job.pte_bytes = bytes(job.program.buffer)
+    if job.output is not None:
+        write_atomic(job.output, job.pte_bytes)
+
+
+STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
+    ("load", stage_load),
+    ("quantize", stage_quantize),
+    ("export", stage_export),
+    ("fuse", stage_fuse),
+    ("lower", stage_lower),
+    ("serialize", stage_serialize),
+]
+
+
+def make_partitioner(options: ExportOptions):
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+
+    return VulkanPartitioner({"force_fp16": options.scheme == "fp16"})
+
+
+def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
+    if job.output is not None:
+        check_writable(job.output)
+    for name, stage in STAGES:
+        on_stage(name, None)
+        start = time.perf_counter()
+        stage(job)
+        job.timings[name] = time.perf_counter() - start
+        on_stage(name, job.timings[name])
+    return job
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the long work if the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"output path {path} is a directory", "pass a file name such as out.pte")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist", f"create it first: mkdir -p {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot write {path}: permission denied", "choose a writable output path with -o")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory and rename: never a partial file."""
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {exc.strerror}", "check free disk space and permissions") from exc
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+

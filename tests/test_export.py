@@ -1,0 +1,198 @@
+"""qlower export end to end: schemes on the bundled examples, JSON, determinism, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qlower
+from qlower import pipeline
+from qlower.cli import app
+from qlower.pte import read_pte
+
+from .conftest import EXAMPLES, write_model
+
+runner = CliRunner()
+
+
+def fused_ops_in_file(path: Path) -> Counter:
+    """Fused-op histogram decoded straight from the .pte's VkGraph(s)."""
+    pte = read_pte(path)
+    return Counter(op.short_name for d in pte.vulkan_delegates for op in d.ops if op.name.startswith("et_vk."))
+
+
+MLP_EXPECTED = {
+    "qta8a_qga4w": {"linear_dq8ca_q4gsw": 2},
+    "qga4w": {"linear_q4gsw": 2},
+    "fp16": {},
+    "fp32": {},
+}
+
+
+@pytest.mark.parametrize("scheme", list(MLP_EXPECTED))
+def test_mlp_every_scheme(tmp_path, scheme):
+    out = tmp_path / "mlp.pte"
+    summary = qlower.export(EXAMPLES / "mlp.py", out, scheme=scheme, group_size=64)
+    assert out.is_file()
+    assert dict(fused_ops_in_file(out)) == MLP_EXPECTED[scheme]
+    assert summary["fused_ops"] == MLP_EXPECTED[scheme]
+    assert summary["vulkan_partitions"] == 1
+    assert summary["cpu_ops"] == {}
+    assert summary["layers"]["linear"] == 2
+    assert summary["size"]["total"] == out.stat().st_size
+
+
+def test_mlp_static_int8_with_calibration_file(tmp_path):
+    calib = tmp_path / "calib.pt"
+    torch.save([(torch.randn(4, 256),) for _ in range(4)], calib)
+    out = tmp_path / "mlp.pte"
+    summary = qlower.export(EXAMPLES / "mlp.py", out, scheme="q8ta_q8csw", calibration=str(calib))
+    fused = fused_ops_in_file(out)
+    assert sum(n for op, n in fused.items() if "q8ta" in op) == 2
+    assert summary["fused_ops"] == dict(sorted(fused.items()))
+
+
+def test_static_without_calibration_warns(tmp_path):
+    warnings = []
+    qlower.export(EXAMPLES / "mlp.py", tmp_path / "m.pte", scheme="q8ta_q8csw", calibration_batches=2, warn=warnings.append)
+    assert any("random batches" in w and "accuracy will suffer" in w for w in warnings)
+
+
+def test_cli_json_matches_file(tmp_path):
+    out = tmp_path / "mlp.pte"
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    assert doc["fused_ops"] == dict(fused_ops_in_file(out))
+    assert doc["layers"]["fused"] == 2 and doc["layers"]["unfused"] == 0
+    assert set(doc["timings_s"]) == {"load", "quantize", "export", "fuse", "lower", "serialize"}
+
+
+def test_cli_human_summary(tmp_path):
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(tmp_path / "m.pte"), "--scheme", "qga4w", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "linear_q4gsw ×2" in result.stdout
+    assert "Vulkan partitions: 1" in result.stdout
+
+
+def test_tiny_llama_with_int4_embeddings(tmp_path, tiny_llama):
+    out = tmp_path / "llama.pte"
+    summary = qlower.export(tiny_llama, out, scheme="qta8a_qga4w", group_size=32, quantize_embeddings=True)
+    fused = fused_ops_in_file(out)
+    assert fused["linear_dq8ca_q4gsw"] == 8  # 7 per block projections + LM head
+    assert fused["embedding_q4gsw"] == 1
+    assert summary["layers"]["embeddings_quantized"] == 1
+
+
+def test_cnn_static_int8(tmp_path):
+    out = tmp_path / "cnn.pte"
+    qlower.export(EXAMPLES / "cnn.py", out, scheme="q8ta_q8csw", calibration_batches=2)
+    fused = fused_ops_in_file(out)
+    assert sum(n for op, n in fused.items() if "q8ta" in op and "linear" in op) == 2
+
+
+def test_cnn_float(tmp_path):
+    out = tmp_path / "cnn.pte"
+    summary = qlower.export(EXAMPLES / "cnn.py", out, scheme="fp32")
+    assert summary["layers"] == {**summary["layers"], "linear": 2, "quantized": 0}
+
+
+ODD_MODEL = """
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(100, 64)   # K=100: group size 32 does not divide it
+        self.b = nn.Linear(64, 7)     # N=7
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+model = Odd()
+example_inputs = (torch.randn(2, 100),)
+"""
+
+
+def test_odd_shapes_left_float_and_reported(tmp_path):
+    path = write_model(tmp_path, ODD_MODEL)
+    summary = qlower.export(path, tmp_path / "odd.pte", scheme="qta8a_qga4w", group_size=32)
+    plans = {p["name"]: p for p in summary["layer_plans"]}
+    assert not plans["a"]["quantized"]
+    assert plans["a"]["reason"] == "group size 32 does not divide K=100"
+    assert plans["b"]["quantized"]
+
+
+def test_strict_turns_unquantizable_layer_into_error(tmp_path):
+    path = write_model(tmp_path, ODD_MODEL)
+    result = runner.invoke(app, ["export", str(path), "-o", str(tmp_path / "o.pte"), "--group-size", "32", "--strict"])
+    assert result.exit_code == 1
+    assert "error: layer 'a' cannot take scheme qta8a_qga4w: group size 32 does not divide K=100" in result.stderr
+    assert not (tmp_path / "o.pte").exists()
+
+
+def test_layer_overrides_from_config(tmp_path, tiny_llama):
+    config = tmp_path / "c.toml"
+    config.write_text('scheme = "qga4w"\ngroup_size = 32\n[layers]\n"output" = "skip"\n"re:layers\\\\.0\\\\.feed_forward\\\\..*" = { group_size = 64 }\n')
+    summary = qlower.export(tiny_llama, tmp_path / "l.pte", config=config)
+    plans = {p["name"]: p for p in summary["layer_plans"]}
+    assert plans["output"]["reason"] == "skipped by a per-layer override"
+    assert plans["layers.0.feed_forward.w1"]["group_size"] == 64
+    assert plans["layers.0.attention.wq"]["group_size"] == 32
+    assert summary["fused_ops"]["linear_q4gsw"] == 7
+
+
+def test_flags_override_config(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('scheme = "fp32"\n')
+    summary = qlower.export(EXAMPLES / "mlp.py", tmp_path / "m.pte", config=config, scheme="qga4w", group_size=64)
+    assert summary["scheme"] == "qga4w"
+    assert summary["fused_ops"] == {"linear_q4gsw": 2}
+
+
+def test_same_inputs_give_identical_bytes(tmp_path):
+    a, b = tmp_path / "a.pte", tmp_path / "b.pte"
+    qlower.export(EXAMPLES / "mlp.py", a, seed=3)
+    qlower.export(EXAMPLES / "mlp.py", b, seed=3)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_failed_export_keeps_existing_output(tmp_path, monkeypatch):
+    out = tmp_path / "keep.pte"
+    out.write_bytes(b"previous contents")
+
+    def broken_lower(job):
+        raise qlower.QlowerError("lowering broke", "a hint")
+
+    monkeypatch.setattr(pipeline, "STAGES", [(n, broken_lower if n == "lower" else f) for n, f in pipeline.STAGES])
+    with pytest.raises(qlower.QlowerError):
+        qlower.export(EXAMPLES / "mlp.py", out)
+    assert out.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pte"]
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "new.pte"
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.os, "replace", failing_replace)
+    with pytest.raises(qlower.QlowerError, match="No space left"):
+        pipeline.write_atomic(out, b"x" * 100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    model_file = write_model(tmp_path, "model = nn.Linear(64, 32)\nexample_inputs = (torch.randn(1, 64),)\n")
+    state = {"weight": torch.full((32, 64), 0.5), "bias": torch.zeros(32)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    from qlower.loader import load_model
+
+    for ckpt in ("w.safetensors", "w.pt"):
+        loaded = load_model(model_file, checkpoint=tmp_path / ckpt)
+        assert torch.equal(loaded.module.weight, state["weight"])
