@@ -1,20 +1,22 @@
 """qlower against the stock ExecuTorch flow: same model, same scheme, same run.
 
-    python benchmarks/export_bench.py                       # small Llama-style decoder
-    python benchmarks/export_bench.py --config large        # 8 layers, width 1024
+    python benchmarks/export_bench.py                       # examples/llama.py
+    python benchmarks/export_bench.py --config large        # built-in 8 layers, width 1024
     python benchmarks/export_bench.py --model examples/hf_llama.py
     python benchmarks/export_bench.py --profile qlower      # where the time goes
 
 Each flow runs in its own subprocess (fresh imports and caches, its own peak
-RSS): wall time from the built float model to the .pte bytes, peak RSS,
+RSS): wall time from the loaded float model to the .pte bytes, peak RSS,
 Vulkan partitions, CPU kernel calls, operators/shader variants the ET-VK
 runtime lacks ("will abort at load"), .pte size. Ratios are stock / qlower.
 
-stock:  torchao quantize_ -> torch.export -> to_edge_transform_and_lower(
-        VulkanPartitioner) -> to_executorch
-qlower: torchao quantize_ -> torch.export -> to_edge -> qlower.delegation
-        passes -> to_backend(VulkanPartitioner) with pattern graphs built
-        once -> to_executorch
+stock:  torchao quantize_ (Int8DynamicActivationIntxWeightConfig, int4 per
+        group) -> torch.export -> to_edge_transform_and_lower(VulkanPartitioner)
+        -> to_executorch
+qlower: qlower.pipeline's quantize stage -> torch.export -> edge program by
+        qlower.lower_speedups.to_edge_for_partitioner -> qlower.fuse.run_fusion
+        -> qlower.delegation passes -> to_backend(VulkanPartitioner) inside
+        qlower.lower_speedups.vulkan_patterns_once -> to_executorch
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+DEFAULT_MODEL = os.path.join(ROOT, "examples", "llama.py")
 CONFIGS = {
     # dim, layers, heads, ffn, vocab, seq
     "small": dict(dim=512, n_layers=4, n_heads=8, ffn=1536, vocab=8192, seq=64),
@@ -96,14 +99,12 @@ def llama_style(dim, n_layers, n_heads, ffn, vocab, seq):
 
 
 def load_model(args):
-    if args.model:
-        import runpy
+    if args.config:
+        return llama_style(**CONFIGS[args.config])
+    from qlower.loader import load_model as qlower_load
 
-        ns = runpy.run_path(args.model)
-        model = ns["model"] if "model" in ns else ns["make_model"]()
-        inputs = ns["example_inputs"] if "example_inputs" in ns else ns["make_example_inputs"]()
-        return model, tuple(inputs)
-    return llama_style(**CONFIGS[args.config])
+    loaded = qlower_load(args.model or DEFAULT_MODEL)
+    return loaded.module.eval(), tuple(loaded.example_inputs)
 
 
 # --------------------------------------------------------------------------
@@ -123,11 +124,13 @@ def quantize(model, group_size):
     )
 
 
-def stock_flow(model, inputs, phase):
+def stock_flow(model, inputs, args, phase):
     import torch
     from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    if args.scheme == "qta8a_qga4w":
+        phase("quantize", lambda: quantize(model, args.group_size))
     ep = phase("export", lambda: torch.export.export(model, inputs))
     lowered = phase(
         "to_edge+lower",
@@ -137,30 +140,38 @@ def stock_flow(model, inputs, phase):
     return phase("serialize", lambda: et.buffer)
 
 
-def qlower_flow(model, inputs, phase):
+def qlower_flow(model, inputs, args, phase):
+    from pathlib import Path
+
     import torch
-    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge
 
+    from qlower import pipeline
+    from qlower.config import make_options
     from qlower.delegation import run_delegation_passes
-    from qlower.lower_speedups import vulkan_patterns_once
+    from qlower.fuse import run_fusion
+    from qlower.loader import LoadedModel
+    from qlower.lower_speedups import to_edge_for_partitioner, vulkan_patterns_once
 
-    ep = phase("export", lambda: torch.export.export(model, inputs))
-    # The IR validity check re-runs every node through the dtype verifier;
-    # torch.export already checked the program.
-    edge = phase(
-        "to_edge",
-        lambda: to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)),
-    )
-    phase("delegation", lambda: run_delegation_passes(edge.exported_program()))
+    job = pipeline.ExportJob(Path("-"), None, make_options(scheme=args.scheme, group_size=args.group_size))
+    job.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
+    phase("quantize", lambda: pipeline.stage_quantize(job))
+    def export():
+        # pipeline.stage_export, with the edge program made by
+        # to_edge_for_partitioner (one decomposition instead of three).
+        job.exported = torch.export.export(job.quantized, inputs, strict=False)
+        job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
+
+    phase("export", export)
+    ep = job.edge.exported_program()
+    phase("fuse", lambda: run_fusion(ep, log=lambda message: None))
+    phase("delegation", lambda: run_delegation_passes(ep))
 
     def lower():
-        with vulkan_patterns_once(edge.exported_program()):
-            return edge.to_backend(VulkanPartitioner())
+        with vulkan_patterns_once(ep):
+            pipeline.stage_lower(job)
 
-    lowered = phase("lower", lower)
-    et = phase("to_executorch", lowered.to_executorch)
-    return phase("serialize", lambda: et.buffer)
+    phase("lower", lower)
+    return phase("serialize", lambda: bytes(job.program.buffer))
 
 
 def child(args) -> None:
@@ -187,9 +198,7 @@ def child(args) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    if args.scheme == "qta8a_qga4w":
-        phase("quantize", lambda: quantize(model, args.group_size))
-    buf = flow(model, inputs, phase)
+    buf = flow(model, inputs, args, phase)
     wall = time.perf_counter() - t0
     if profiler is not None:
         import pstats
@@ -229,7 +238,8 @@ def run_flow(flow: str, argv: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a model file (module-level model + example_inputs)")
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    ap.add_argument("--config", choices=sorted(CONFIGS),
+                    help="a built-in Llama-style decoder instead of a model file")
     ap.add_argument("--scheme", choices=["qta8a_qga4w", "fp32"], default="qta8a_qga4w")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--flows", default="stock,qlower")
@@ -251,7 +261,7 @@ def main() -> int:
             "peak_rss": round(s["peak_rss_mb"] / q["peak_rss_mb"], 2),
             "pte_size": round(s["pte_bytes"] / q["pte_bytes"], 3),
         }
-    model = args.model or f"llama_style[{args.config}]"
+    model = f"llama_style[{args.config}]" if args.config else (args.model or "examples/llama.py")
     if args.json:
         print(json.dumps({"model": model, "scheme": args.scheme, "flows": results, "ratios": ratios}))
         return 0

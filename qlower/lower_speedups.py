@@ -31,6 +31,7 @@ __all__ = [
     "PATTERN_FAMILY_OPS",
     "PREPROCESS_PASS_TRIGGERS",
     "program_ops",
+    "to_edge_for_partitioner",
     "vulkan_patterns_once",
 ]
 
@@ -120,3 +121,27 @@ def vulkan_patterns_once(ep: ExportedProgram) -> Iterator[None]:
         vulkan_preprocess.apply_passes = apply_passes
         for name, fn in saved.items():
             fusable_patterns[name].get_graphs_fn = fn
+
+
+def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity: bool = False):
+    """``EdgeProgramManager`` for ``ep`` as ``to_edge_transform_and_lower`` makes it.
+
+    ExecuTorch's path (``_gen_edge_manager_for_partitioners``) decomposes the
+    program two or three times so that the ops the partitioner asks to keep
+    whole (Vulkan: hardswish, upsample_nearest2d, pixel_shuffle) survive. When
+    the program calls none of them, one ``to_edge`` gives the same graph at a
+    third of the cost. The IR validity check re-runs every node through the
+    edge verifier; torch.export already checked the program, so it is off
+    unless asked for.
+    """
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
+
+    config = EdgeCompileConfig(_check_ir_validity=check_ir_validity)
+    keep, _ = partitioner.ops_to_not_decompose(ep)
+    keep = set(keep)
+    if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
+        return _gen_edge_manager_for_partitioners(
+            {"forward": [partitioner]}, {"forward": ep}, config, {}, False
+        )
+    return to_edge(ep, compile_config=config)
