@@ -124,11 +124,12 @@ def quantize(model, group_size):
     )
 
 
-def stock_flow(model, inputs, args, phase):
+def stock_flow(held, args, phase):
     import torch
     from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    model, inputs = held.pop()
     if args.scheme == "qta8a_qga4w":
         phase("quantize", lambda: quantize(model, args.group_size))
     ep = phase("export", lambda: torch.export.export(model, inputs))
@@ -140,7 +141,7 @@ def stock_flow(model, inputs, args, phase):
     return phase("serialize", lambda: et.buffer)
 
 
-def qlower_flow(model, inputs, args, phase):
+def qlower_flow(held, args, phase):
     from pathlib import Path
 
     import torch
@@ -153,15 +154,20 @@ def qlower_flow(model, inputs, args, phase):
     from qlower.lower_speedups import to_edge_for_partitioner, vulkan_patterns_once
 
     job = pipeline.ExportJob(Path("-"), None, make_options(scheme=args.scheme, group_size=args.group_size))
+    model, inputs = held.pop()
     job.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
     phase("quantize", lambda: pipeline.stage_quantize(job))
     def export():
         # pipeline.stage_export, with the edge program made by
         # to_edge_for_partitioner (one decomposition instead of three).
-        job.exported = torch.export.export(job.quantized, inputs, strict=False)
+        job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
         job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
 
     phase("export", export)
+    # Only the edge program is needed from here on: dropping the model and the
+    # aten program lets the float/int weights go once fusion has packed them.
+    job.exported = job.quantized = job.loaded = None
+    model = inputs = None
     ep = job.edge.exported_program()
     phase("fuse", lambda: run_fusion(ep, log=lambda message: None))
     phase("delegation", lambda: run_delegation_passes(ep))
@@ -181,7 +187,7 @@ def child(args) -> None:
     sys.path.insert(0, ROOT)
     from qlower.runtime_caps import summarize_pte
 
-    model, inputs = load_model(args)
+    held = [load_model(args)]  # the flow takes it, so the caller holds no reference
     phases: dict[str, float] = {}
 
     def phase(name, fn):
@@ -198,7 +204,7 @@ def child(args) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    buf = flow(model, inputs, args, phase)
+    buf = flow(held, args, phase)
     wall = time.perf_counter() - t0
     if profiler is not None:
         import pstats

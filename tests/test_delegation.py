@@ -255,3 +255,56 @@ def test_vulkan_patterns_once_prunes_and_restores():
     with vulkan_patterns_once(ep):
         assert fusable_patterns["hf_rope"].get_graphs_fn() == []
     assert {k: e.get_graphs_fn for k, e in fusable_patterns.items()} == before
+
+
+# ---------------------------------------------------------------------------
+# the bundled examples through qlower's own stages
+
+
+def pipeline_lower(model_path, scheme="qta8a_qga4w"):
+    """load → quantize → export (to_edge_for_partitioner) → fuse → delegation → lower."""
+    from pathlib import Path
+
+    from qlower import pipeline
+    from qlower.config import make_options
+    from qlower.fuse import run_fusion
+    from qlower.lower_speedups import to_edge_for_partitioner
+
+    job = pipeline.ExportJob(Path(model_path), None, make_options(scheme=scheme))
+    pipeline.stage_load(job)
+    pipeline.stage_quantize(job)
+    job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
+    job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
+    ep = job.edge.exported_program()
+    run_fusion(ep, log=lambda message: None)
+    delegation.run_delegation_passes(ep)
+    notes = delegation.cpu_notes(ep)
+    with vulkan_patterns_once(ep):
+        pipeline.stage_lower(job)
+    return notes, summarize_pte(bytes(job.program.buffer))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tiny_llama"])
+def test_bundled_example_one_partition(name, request):
+    path = request.getfixturevalue("tiny_llama") if name == "tiny_llama" else os.path.join(EXAMPLES, f"{name}.py")
+    notes, summary = pipeline_lower(path)
+    assert notes == []
+    assert (summary.partitions, summary.cpu_kernels, summary.problems) == (1, {}, [])
+
+
+def test_to_edge_for_partitioner_matches_executorch():
+    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
+
+    from qlower.lower_speedups import to_edge_for_partitioner
+
+    torch.manual_seed(0)
+    ep = torch.export.export(TinyDecoder().eval(), tokens(), strict=False)
+    ours = to_edge_for_partitioner(ep, VulkanPartitioner())
+    stock = _gen_edge_manager_for_partitioners(
+        {"forward": [VulkanPartitioner()]}, {"forward": ep}, EdgeCompileConfig(), {}, False
+    )
+
+    def histogram(edge):
+        return sorted(str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function")
+
+    assert histogram(ours) == histogram(stock)
