@@ -426,14 +426,22 @@ def cpu_notes(ep: ExportedProgram, compile_options: Optional[dict] = None) -> li
     """
     import logging
 
+    from executorch.backends.vulkan import patterns as vk_patterns
     from executorch.backends.vulkan import utils as vk_utils
     from executorch.backends.vulkan.partitioner import vulkan_partitioner as vp
 
+    from qlower.lower_speedups import vulkan_patterns_once
+
     options = compile_options or {}
+    # Nodes of a fusable pattern (fused linears included) are taken whole, as
+    # VulkanPartitioner.partition does.
+    with vulkan_patterns_once(ep):
+        fusable = vk_patterns.get_all_fusable_subgraphs(ep.graph_module)
     support = vp.VulkanSupportedOperators(
         options.get("texture_limits", vk_utils.DEFAULT_TEXTURE_LIMITS),
         options.get("buffer_limit", vk_utils.DEFAULT_BUFFER_LIMIT),
         skip_bool_tensors=options.get("skip_bool_tensors", False),
+        fusable_subgraphs=fusable,
     )
     reasons: dict[torch.fx.Node, str] = {}
     support.log_skip = lambda node, reason: reasons.setdefault(node, reason)
