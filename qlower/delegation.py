@@ -1,0 +1,460 @@
+"""Delegation fix-ups: make the whole edge program one Vulkan partition that loads.
+
+Run on the edge program (``to_edge(...).exported_program()``) after fusion and
+before ``VulkanPartitioner``. Each pass takes the ``ExportedProgram``, edits it
+in place and returns whether it changed anything; :data:`PASSES` is the order.
+:func:`run_delegation_passes` runs them all; :func:`cpu_notes` says which nodes
+would still stay on the CPU, and why.
+
+What the stock flow leaves on the CPU or hands to a runtime that cannot run
+it, and the rewrite that fixes it:
+
+- masks built from ``arange``/``full``/comparisons (SDPA ``is_causal``, HF
+  mask functions): ``fold_constant_subgraphs`` evaluates every subgraph that
+  depends on no user input and no parameter, so a causal mask for the fixed
+  sequence length becomes one constant additive float mask;
+- SDPA's "fully masked row" guard ``where(~any(~(s == -inf)), 0, softmax(s))``
+  (``logical_not`` and ``any``: missing on the runtime, CPU in the partitioner):
+  ``rewrite_softmax_guard`` drops it when the constant mask leaves every row a
+  finite score, else computes the condition as ``amax(s) == -inf``;
+- ``mul.Scalar``/``div.Scalar``/... (CPU kernels): ``scalar_ops_to_tensor``
+  uses the Tensor overload with a one-element constant;
+- integer ``eq``/``ne`` comparisons (the runtime has no
+  ``binary_eq_<storage>_int32`` shader): ``int_compare_to_float`` compares in
+  float, exact for integers below 2**24;
+- ``_assert_*`` nodes: ``remove_asserts``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from executorch.exir.dialects._ops import ops as exir_ops
+from executorch.exir.passes.constant_prop_pass import (
+    _QUANT_PRIMITIVES_EDGE,
+    create_constant_nodes_and_return_specs,
+)
+from torch._export.utils import (
+    get_buffer,
+    get_lifted_tensor_constant,
+    is_buffer,
+    is_lifted_tensor_constant,
+)
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.exported_program import InputKind, InputSpec, TensorArgument
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "CpuNote",
+    "PASSES",
+    "cpu_notes",
+    "fold_constant_subgraphs",
+    "int_compare_to_float",
+    "remove_asserts",
+    "rewrite_softmax_guard",
+    "run_delegation_passes",
+    "scalar_ops_to_tensor",
+]
+
+aten = exir_ops.edge.aten
+
+# A folded constant larger than this stays computed on the device: folding
+# an ``expand`` of a small table must not write a huge tensor into the .pte.
+MAX_FOLDED_NUMEL = 1 << 22
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _val(node: torch.fx.Node):
+    return node.meta.get("val")
+
+
+def _add_constant(
+    ep: ExportedProgram, tensor: torch.Tensor, like: Optional[torch.fx.Node] = None
+) -> torch.fx.Node:
+    """A new lifted constant placeholder holding ``tensor``."""
+    prefix = "_qlower_constant"
+    i = len(ep.constants)
+    while f"{prefix}{i}" in ep.constants:
+        i += 1
+    fqn = f"{prefix}{i}"
+    ep.constants[fqn] = tensor
+    first_user_input = next(
+        n for n in ep.graph.nodes
+        if n.op != "placeholder" or n.name in ep.graph_signature.user_inputs
+    )
+    with ep.graph.inserting_before(first_user_input):
+        node = ep.graph.placeholder(fqn)
+    if like is not None:
+        node.meta.update(like.meta)
+    fake_mode = detect_fake_mode(
+        tuple(n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta)
+    )
+    node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    specs = ep.graph_signature.input_specs
+    user_at = next(
+        (i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs)
+    )
+    specs.insert(
+        user_at,
+        InputSpec(
+            kind=InputKind.CONSTANT_TENSOR,
+            arg=TensorArgument(name=node.name),
+            target=fqn,
+            persistent=True,
+        ),
+    )
+    return node
+
+
+def _call(graph: torch.fx.Graph, target, args, val, like: torch.fx.Node) -> torch.fx.Node:
+    node = graph.call_function(target, args)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["val"] = val
+    return node
+
+
+def _cleanup(ep: ExportedProgram) -> None:
+    ep.graph.eliminate_dead_code()
+    # Drop constant placeholders that nothing uses any more.
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    sig = ep.graph_signature
+    for node in list(ep.graph.nodes):
+        if node.op != "placeholder" or node.users or node.name in sig.user_inputs:
+            continue
+        if node.name in sig.inputs_to_lifted_tensor_constants:
+            ep.constants.pop(sig.inputs_to_lifted_tensor_constants[node.name], None)
+        elif node.name in sig.inputs_to_buffers and node.name not in sig.buffers_to_mutate:
+            name = sig.inputs_to_buffers[node.name]
+            ep.constants.pop(name, None)
+            ep.state_dict.pop(name, None)
+        else:
+            continue
+        ep.graph.erase_node(node)
+        used.discard(node.name)
+    live = {n.name for n in ep.graph.nodes if n.op == "placeholder"}
+    sig.input_specs = [s for s in sig.input_specs if s.arg.name in live]
+    ep.graph_module.recompile()
+
+
+# --------------------------------------------------------------------------
+# passes
+
+
+def fold_constant_subgraphs(ep: ExportedProgram) -> bool:
+    """Evaluate subgraphs that depend on no user input and no parameter.
+
+    Seeds are constant buffers and lifted tensor constants, never parameters,
+    so quantized weights keep their dequantize nodes for the fusion patterns.
+    Quantization primitives and impure ops are never folded.
+    """
+    sig = ep.graph_signature
+    const: "OrderedDict[torch.fx.Node, torch.Tensor]" = OrderedDict()
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if is_lifted_tensor_constant(ep, node):
+            const[node] = get_lifted_tensor_constant(ep, node)
+        elif is_buffer(ep, node) and node.name not in sig.buffers_to_mutate:
+            const[node] = get_buffer(ep, node)
+    seeds = set(const)
+    skip = set(_QUANT_PRIMITIVES_EDGE)
+    outputs = set(ep.graph.find_nodes(op="output")[0].all_input_nodes)
+
+    def is_const(arg) -> bool:
+        leaves = pytree.tree_leaves((arg,))
+        return all(not isinstance(x, torch.fx.Node) or x in const for x in leaves)
+
+    for node in ep.graph.nodes:
+        if (
+            node.op != "call_function"
+            or node.target in skip
+            or node in outputs
+            or node.is_impure()
+            or not is_const(node.args)
+            or not is_const(node.kwargs)
+        ):
+            continue
+        args, kwargs = pytree.tree_map_only(
+            torch.fx.Node, lambda n: const[n], (node.args, node.kwargs)
+        )
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+        if isinstance(value, torch.Tensor):
+            if value.numel() > MAX_FOLDED_NUMEL:
+                continue
+            value = value.contiguous()
+        elif node.target is not operator.getitem:
+            continue
+        const[node] = value
+
+    folded = OrderedDict((n, t) for n, t in const.items() if n not in seeds)
+    # Only the frontier (a folded node some live node still reads) becomes a
+    # constant; everything behind it is erased.
+    frontier = OrderedDict(
+        (n, t) for n, t in folded.items()
+        if isinstance(t, torch.Tensor) and any(u not in const for u in n.users)
+    )
+    if not frontier:
+        return False
+    name_to_spec = {s.arg.name: s for s in sig.input_specs}
+    name_to_spec.update(create_constant_nodes_and_return_specs(frontier, ep))
+    sig.input_specs = [
+        name_to_spec[n.name] for n in ep.graph.find_nodes(op="placeholder")
+    ]
+    _cleanup(ep)
+    return True
+
+
+def _softmax_guard(where: torch.fx.Node):
+    """Match SDPA's guard; return (softmax, scores, guard condition) or None.
+
+    where(logical_not(any(logical_not(eq(s, -inf)), -1, True)), 0, softmax(s))
+    """
+    if where.target != aten.where.self:
+        return None
+    cond, zeros, sm = where.args
+    if not (isinstance(sm, torch.fx.Node) and sm.target == aten._softmax.default):
+        return None
+    if not (
+        isinstance(zeros, torch.fx.Node)
+        and zeros.target in (aten.full_like.default, aten.zeros_like.default)
+        and (zeros.target == aten.zeros_like.default or zeros.args[1] == 0)
+    ):
+        return None
+    chain = [aten.logical_not.default, aten.any.dim, aten.logical_not.default, aten.eq.Scalar]
+    n = cond
+    for target in chain:
+        if not isinstance(n, torch.fx.Node) or n.target != target:
+            return None
+        if target == aten.any.dim and not (n.args[1] in (-1, len(_val(n).shape) - 1)):
+            return None
+        if target != chain[-1]:
+            n = n.args[0]
+    eq = n
+    if eq.args[1] != -math.inf or eq.args[0] is not sm.args[0]:
+        return None
+    return sm, sm.args[0], cond
+
+
+def _every_row_has_finite(ep: ExportedProgram, scores: torch.fx.Node) -> bool:
+    """True when ``scores`` is ``x + mask`` with a constant mask that leaves a
+    finite entry in every row (along the last dim), so no row is all -inf."""
+    if scores.target != aten.add.Tensor:
+        return False
+    for arg in scores.args[:2]:
+        if isinstance(arg, torch.fx.Node) and is_lifted_tensor_constant(ep, arg):
+            mask = get_lifted_tensor_constant(ep, arg)
+            if mask.is_floating_point() and mask.dim() >= 1:
+                return bool(torch.isfinite(mask).any(dim=-1).all())
+    return False
+
+
+def rewrite_softmax_guard(ep: ExportedProgram) -> bool:
+    """Drop or re-express SDPA's fully-masked-row guard (see module doc)."""
+    changed = False
+    graph = ep.graph
+    for where in list(graph.nodes):
+        m = _softmax_guard(where)
+        if m is None:
+            continue
+        sm, scores, cond = m
+        if _every_row_has_finite(ep, scores):
+            where.replace_all_uses_with(sm)
+        else:
+            # all(s == -inf) along the row  <=>  amax(s) == -inf
+            with graph.inserting_before(where):
+                sval = _val(scores)
+                red = sval.amax(dim=-1, keepdim=True)
+                amax = _call(graph, aten.amax.default, (scores, [-1], True), red, cond)
+                new_cond = _call(
+                    graph, aten.eq.Scalar, (amax, -math.inf), red == -math.inf, cond
+                )
+            where.replace_input_with(cond, new_cond)
+        changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
+_SCALAR_TO_TENSOR = {
+    aten.mul.Scalar: aten.mul.Tensor,
+    aten.div.Scalar: aten.div.Tensor,
+    aten.add.Scalar: aten.add.Tensor,
+    aten.sub.Scalar: aten.sub.Tensor,
+}
+
+
+def scalar_ops_to_tensor(ep: ExportedProgram) -> bool:
+    """``mul.Scalar(x, c)`` → ``mul.Tensor(x, const([c]))`` (likewise div/add/sub).
+
+    The partitioner has no Scalar overloads of these (CPU kernels that split
+    the graph); the runtime broadcasts a one-element constant.
+    """
+    changed = False
+    for node in list(ep.graph.nodes):
+        target = _SCALAR_TO_TENSOR.get(node.target)
+        if target is None:
+            continue
+        x, scalar = node.args[:2]
+        xval = _val(x)
+        if not isinstance(xval, torch.Tensor) or not xval.is_floating_point():
+            continue
+        alpha = node.kwargs.get("alpha", 1)
+        if node.target in (aten.add.Scalar, aten.sub.Scalar):
+            scalar = scalar * alpha
+        const = _add_constant(ep, torch.full([1] * max(xval.dim(), 1), float(scalar), dtype=xval.dtype))
+        with ep.graph.inserting_before(node):
+            new = _call(ep.graph, target, (x, const), _val(node), node)
+        node.replace_all_uses_with(new)
+        ep.graph.erase_node(node)
+        changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
+_INT_COMPARE = {aten.eq.Tensor, aten.ne.Tensor, aten.eq.Scalar, aten.ne.Scalar}
+_EXACT_INT_IN_FLOAT = 1 << 24
+
+
+def int_compare_to_float(ep: ExportedProgram) -> bool:
+    """Compare integer tensors as float32 (exact below 2**24).
+
+    The runtime builds ``binary_eq_<storage>_int32`` for an int ``eq.Tensor``
+    and has no such shader; its float variants exist.
+    """
+    changed = False
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if node.target not in _INT_COMPARE:
+            continue
+        args = list(node.args)
+        ints = [
+            a for a in args[:2]
+            if isinstance(a, torch.fx.Node)
+            and isinstance(_val(a), torch.Tensor)
+            and not _val(a).is_floating_point()
+            and _val(a).dtype != torch.bool
+        ]
+        if not ints:
+            continue
+        if any(isinstance(a, int) and abs(a) >= _EXACT_INT_IN_FLOAT for a in args[:2]):
+            continue
+        with graph.inserting_before(node):
+            for i, a in enumerate(args[:2]):
+                if a in ints:
+                    fval = _val(a).to(torch.float32)
+                    args[i] = _call(
+                        graph, aten._to_copy.default, (a,), fval, node
+                    )
+                    args[i].kwargs = {"dtype": torch.float32}
+                elif isinstance(a, int):
+                    args[i] = float(a)
+        node.args = tuple(args)
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed
+
+
+_ASSERTS = {
+    torch.ops.aten._assert_async.msg,
+    torch.ops.aten._assert_async.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+}
+
+
+def remove_asserts(ep: ExportedProgram) -> bool:
+    """Drop runtime asserts (and the ``any``/``all`` that only feed them).
+
+    They check conditions that export already proved for the traced shapes;
+    on the device they are CPU kernels between partitions.
+    """
+    changed = False
+    for node in list(ep.graph.nodes):
+        target = getattr(node.target, "_op", node.target)
+        if node.op == "call_function" and (node.target in _ASSERTS or target in _ASSERTS):
+            ep.graph.erase_node(node)
+            changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
+PASSES: list[Callable[[ExportedProgram], bool]] = [
+    remove_asserts,
+    fold_constant_subgraphs,
+    rewrite_softmax_guard,
+    scalar_ops_to_tensor,
+    int_compare_to_float,
+]
+
+
+def run_delegation_passes(ep: ExportedProgram) -> list[str]:
+    """Run :data:`PASSES` in order on ``ep`` (in place); names of those that changed it."""
+    return [p.__name__ for p in PASSES if p(ep)]
+
+
+# --------------------------------------------------------------------------
+# what stays on the CPU
+
+
+@dataclass(frozen=True)
+class CpuNote:
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}) stays on CPU: {self.reason}"
+
+
+def cpu_notes(ep: ExportedProgram, compile_options: Optional[dict] = None) -> list[CpuNote]:
+    """Nodes the Vulkan partitioner would not take, each with its reason.
+
+    Asks the partitioner's own support check, so the reasons are its words.
+    """
+    import logging
+
+    from executorch.backends.vulkan import patterns as vk_patterns
+    from executorch.backends.vulkan import utils as vk_utils
+    from executorch.backends.vulkan.partitioner import vulkan_partitioner as vp
+
+    from qlower.lower_speedups import vulkan_patterns_once
+
+    options = compile_options or {}
+    # Nodes of a fusable pattern (fused linears included) are taken whole, as
+    # VulkanPartitioner.partition does.
+    with vulkan_patterns_once(ep):
+        fusable = vk_patterns.get_all_fusable_subgraphs(ep.graph_module)
+    support = vp.VulkanSupportedOperators(
+        options.get("texture_limits", vk_utils.DEFAULT_TEXTURE_LIMITS),
+        options.get("buffer_limit", vk_utils.DEFAULT_BUFFER_LIMIT),
+        skip_bool_tensors=options.get("skip_bool_tensors", False),
+        fusable_subgraphs=fusable,
+    )
+    reasons: dict[torch.fx.Node, str] = {}
+    support.log_skip = lambda node, reason: reasons.setdefault(node, reason)
+    notes = []
+    level = vp.logger.level
+    vp.logger.setLevel(logging.WARNING)
+    try:
+        for node in ep.graph.nodes:
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
+            if not support.is_node_supported({}, node):
+                op = getattr(node.target, "__name__", str(node.target))
+                notes.append(CpuNote(node.name, op, reasons.get(node, "not supported")))
+    finally:
+        vp.logger.setLevel(level)
+    return notes

@@ -1,0 +1,316 @@
+"""Delegation fix-ups: one Vulkan partition, no CPU kernels, only what the runtime has."""
+
+from __future__ import annotations
+
+import logging
+import os
+import runpy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+from executorch.exir import EdgeCompileConfig, to_edge
+from torch import nn
+
+from qlower import delegation
+from qlower.hf import conv1d_to_linear
+from qlower.lower_speedups import PATTERN_FAMILY_OPS, program_ops, vulkan_patterns_once
+from qlower.runtime_caps import summarize_pte
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+# fp32 graphs: the rewrites are exact up to float reassociation.
+ATOL = 1e-5
+
+logging.getLogger("").setLevel(logging.WARNING)  # the partitioner logs every op
+
+
+def edge_program(model, inputs):
+    ep = torch.export.export(model, inputs)
+    return to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+
+
+def lower(edge):
+    with vulkan_patterns_once(edge.exported_program()):
+        return summarize_pte(edge.to_backend(VulkanPartitioner()).to_executorch().buffer)
+
+
+def targets(ep):
+    return {getattr(n.target, "__name__", str(n.target)) for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def assert_fully_delegated(model, inputs, quantize=False):
+    if quantize:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    with torch.no_grad():
+        expected = model(*inputs)
+    edge = edge_program(model, inputs)
+    ep = edge.exported_program()
+    delegation.run_delegation_passes(ep)
+    assert delegation.cpu_notes(ep) == []
+    with torch.no_grad():
+        got = ep.module()(*inputs)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=ATOL)
+    summary = lower(edge)
+    assert summary.partitions == 1
+    assert summary.cpu_kernels == {}
+    assert summary.problems == []
+    return ep
+
+
+# ---------------------------------------------------------------------------
+# models
+
+
+class Attention(nn.Module):
+    """SDPA with is_causal: arange/le/logical_* mask, -inf guard, mul.Scalar."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(a.transpose(1, 2).reshape(b, t, d))
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, vocab=256, dim=64, layers=1):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Attention(dim) for _ in range(layers))
+        self.mlp = nn.Sequential(nn.Linear(dim, 128, bias=False), nn.SiLU(), nn.Linear(128, dim, bias=False))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x + self.mlp(x))
+
+
+def tokens(n=7, vocab=256):
+    return (torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0)),)
+
+
+# ---------------------------------------------------------------------------
+# whole models
+
+
+def test_llama_style_decoder_one_partition_fp32():
+    torch.manual_seed(0)
+    ep = assert_fully_delegated(TinyDecoder().eval(), tokens())
+    assert not targets(ep) & {"aten.logical_not.default", "aten.any.dim", "aten.mul.Scalar",
+                              "aten.scalar_tensor.default", "aten.arange.start_step"}
+
+
+def test_llama_style_decoder_one_partition_quantized():
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    edge = edge_program(model, tokens())
+    delegation.run_delegation_passes(edge.exported_program())
+    summary = lower(edge)
+    assert (summary.partitions, summary.cpu_kernels, summary.problems) == (1, {}, [])
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_gpt2"])
+def test_hf_recipe_one_partition(name):
+    pytest.importorskip("transformers")
+    ns = runpy.run_path(os.path.join(EXAMPLES, f"{name}.py"))
+    assert_fully_delegated(ns["model"], ns["example_inputs"])
+
+
+# ---------------------------------------------------------------------------
+# single passes
+
+
+def test_fold_keeps_parameters_and_folds_mask():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, x):
+            i = torch.arange(5)
+            mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
+            return (x @ self.w.t()) + mask
+
+    x = torch.randn(5, 5)
+    model = M()
+    edge = edge_program(model, (x,))
+    ep = edge.exported_program()
+    assert delegation.fold_constant_subgraphs(ep)
+    ops = targets(ep)
+    assert "aten.arange.start_step" not in ops and "aten.where.self" not in ops
+    assert "aten.permute_copy.default" in ops  # parameter transpose left for linear fusion
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_softmax_guard_with_dynamic_mask_uses_amax():
+    class M(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q = k = v = torch.randn(1, 2, 4, 8)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2, :] = float("-inf")  # a fully masked row: the guard makes it 0
+    inputs = (q, k, v, mask)
+    expected = M()(*inputs)
+    ep = edge_program(M(), inputs).exported_program()
+    if "aten.logical_not.default" not in targets(ep):
+        pytest.skip("this torch does not emit the fully-masked-row guard for float masks")
+    assert delegation.rewrite_softmax_guard(ep)
+    ops = targets(ep)
+    assert "aten.amax.default" in ops
+    assert not ops & {"aten.logical_not.default", "aten.any.dim"}
+    got = ep.module()(*inputs)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert torch.all(got[..., 2, :] == 0)
+
+
+def test_scalar_ops_become_tensor_ops():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.mul.Scalar(x, 0.25) + 1
+
+    x = torch.randn(3, 5)
+    ep = edge_program(M(), (x,)).exported_program()
+    assert "aten.mul.Scalar" in targets(ep)
+    assert delegation.scalar_ops_to_tensor(ep)
+    assert "aten.mul.Scalar" not in targets(ep)
+    torch.testing.assert_close(ep.module()(x), x * 0.25 + 1)
+
+
+def test_int_compare_moves_to_float():
+    class M(nn.Module):
+        def forward(self, a, b):
+            return torch.where(a == b, 1.0, 0.0)
+
+    a = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    b = torch.tensor([[1, 0, 3]], dtype=torch.int32)
+    ep = edge_program(M(), (a, b)).exported_program()
+    assert delegation.int_compare_to_float(ep)
+    eq = next(n for n in ep.graph.nodes if getattr(n.target, "__name__", "") == "aten.eq.Tensor")
+    assert all(arg.meta["val"].dtype == torch.float32 for arg in eq.args)
+    torch.testing.assert_close(ep.module()(a, b), torch.tensor([[1.0, 0.0, 1.0]]))
+
+
+def test_passes_are_idempotent():
+    torch.manual_seed(0)
+    ep = edge_program(TinyDecoder().eval(), tokens()).exported_program()
+    assert delegation.run_delegation_passes(ep)
+    assert delegation.run_delegation_passes(ep) == []
+
+
+# ---------------------------------------------------------------------------
+# GPT-2 Conv1D
+
+
+def test_conv1d_to_linear_same_math():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(12, 5), nn.ReLU(), Conv1D(3, 12))
+    x = torch.randn(2, 7, 5)
+    expected = model(x)
+    assert conv1d_to_linear(model) == 2
+    assert all(isinstance(model[i], nn.Linear) for i in (0, 2))
+    torch.testing.assert_close(model(x), expected)
+
+
+# ---------------------------------------------------------------------------
+# pattern graphs built once
+
+
+def test_pattern_family_ops_are_in_every_pattern_graph():
+    from executorch.backends.vulkan.patterns import fusable_patterns
+
+    for family, needs in PATTERN_FAMILY_OPS.items():
+        for graph in fusable_patterns[family].get_graphs_fn():
+            ops = {getattr(n.target, "__name__", str(n.target))
+                   for n in graph.graph.nodes if n.op == "call_function"}
+            assert needs <= ops, family
+
+
+def test_vulkan_patterns_once_prunes_and_restores():
+    from executorch.backends.vulkan.patterns import fusable_patterns
+
+    before = {k: e.get_graphs_fn for k, e in fusable_patterns.items()}
+    ep = edge_program(nn.Linear(8, 8), (torch.randn(2, 8),)).exported_program()
+    assert "aten.neg.default" not in program_ops(ep)
+    with vulkan_patterns_once(ep):
+        assert fusable_patterns["hf_rope"].get_graphs_fn() == []
+    assert {k: e.get_graphs_fn for k, e in fusable_patterns.items()} == before
+
+
+# ---------------------------------------------------------------------------
+# the bundled examples through qlower's own stages
+
+
+def pipeline_lower(model_path, scheme="qta8a_qga4w"):
+    """load → quantize → export (to_edge_for_partitioner) → fuse → delegation → lower."""
+    from pathlib import Path
+
+    from qlower import pipeline
+    from qlower.config import make_options
+    from qlower.fuse import run_fusion
+    from qlower.lower_speedups import to_edge_for_partitioner
+
+    job = pipeline.ExportJob(Path(model_path), None, make_options(scheme=scheme))
+    pipeline.stage_load(job)
+    pipeline.stage_quantize(job)
+    job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
+    job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
+    ep = job.edge.exported_program()
+    run_fusion(ep, log=lambda message: None)
+    delegation.run_delegation_passes(ep)
+    notes = delegation.cpu_notes(ep)
+    with vulkan_patterns_once(ep):
+        pipeline.stage_lower(job)
+    return notes, summarize_pte(bytes(job.program.buffer))
+
+
+@pytest.mark.parametrize("name", [
+    "mlp",
+    pytest.param("cnn", marks=pytest.mark.xfail(
+        reason="the fused head linear (N=10, padded to 12) fails ExecuTorch's preprocess "
+               "re-trace; the fuse stage fails the same way without these passes")),
+    "tiny_llama",
+])
+def test_bundled_example_one_partition(name, request):
+    path = request.getfixturevalue("tiny_llama") if name == "tiny_llama" else os.path.join(EXAMPLES, f"{name}.py")
+    notes, summary = pipeline_lower(path)
+    assert notes == []
+    assert (summary.partitions, summary.cpu_kernels, summary.problems) == (1, {}, [])
+
+
+def test_to_edge_for_partitioner_matches_executorch():
+    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
+
+    from qlower.lower_speedups import to_edge_for_partitioner
+
+    torch.manual_seed(0)
+    ep = torch.export.export(TinyDecoder().eval(), tokens(), strict=False)
+    ours = to_edge_for_partitioner(ep, VulkanPartitioner())
+    stock = _gen_edge_manager_for_partitioners(
+        {"forward": [VulkanPartitioner()]}, {"forward": ep}, EdgeCompileConfig(), {}, False
+    )
+
+    def histogram(edge):
+        return sorted(str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function")
+
+    assert histogram(ours) == histogram(stock)
