@@ -22,7 +22,9 @@ it, and the rewrite that fixes it:
 - integer ``eq``/``ne`` comparisons (the runtime has no
   ``binary_eq_<storage>_int32`` shader): ``int_compare_to_float`` compares in
   float, exact for integers below 2**24;
-- ``_assert_*`` nodes: ``remove_asserts``.
+- ``_assert_*`` nodes: ``remove_asserts``;
+- ``_adaptive_avg_pool2d`` (a CPU kernel) whose output divides its input:
+  ``adaptive_pool_to_avg_pool`` makes it the equal plain ``avg_pool2d``.
 """
 
 from __future__ import annotations
@@ -322,6 +324,34 @@ def scalar_ops_to_tensor(ep: ExportedProgram) -> bool:
     return changed
 
 
+def adaptive_pool_to_avg_pool(ep: ExportedProgram) -> bool:
+    """``_adaptive_avg_pool2d(x, out)`` → ``avg_pool2d(x, k, k)`` when out divides the input.
+
+    The runtime has no adaptive pooling (a CPU kernel that splits the graph);
+    with H and W multiples of the output size every window is the same
+    ``k = in / out``, which is exactly a plain average pool.
+    """
+    changed = False
+    for node in list(ep.graph.nodes):
+        if node.target != aten._adaptive_avg_pool2d.default:
+            continue
+        x, out_size = node.args[:2]
+        xval = _val(x)
+        if not isinstance(xval, torch.Tensor) or xval.dim() < 3:
+            continue
+        h, w = int(xval.shape[-2]), int(xval.shape[-1])
+        oh, ow = (list(out_size) * 2)[:2] if len(out_size) == 1 else list(out_size)
+        if not oh or not ow or h % oh or w % ow:
+            continue
+        kernel = [h // oh, w // ow]
+        with ep.graph.inserting_before(node):
+            new = _call(ep.graph, aten.avg_pool2d.default, (x, kernel, kernel), _val(node), node)
+        node.replace_all_uses_with(new)
+        ep.graph.erase_node(node)
+        changed = True
+    return changed
+
+
 _INT_COMPARE = {aten.eq.Tensor, aten.ne.Tensor, aten.eq.Scalar, aten.ne.Scalar}
 _EXACT_INT_IN_FLOAT = 1 << 24
 
@@ -397,6 +427,7 @@ PASSES: list[Callable[[ExportedProgram], bool]] = [
     rewrite_softmax_guard,
     scalar_ops_to_tensor,
     int_compare_to_float,
+    adaptive_pool_to_avg_pool,
 ]
 
 

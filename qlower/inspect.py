@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .pte import FUSED_OP_ARGS, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, read_pte, size_breakdown
+from .pte import FUSED_OP_ARGS, INLINE_CONSTANT, NOT_FUSED_ET_VK, VULKAN_BACKEND, Delegate, Pte, read_pte, size_breakdown
 
 # --- expectations ------------------------------------------------------------
 
@@ -335,17 +335,18 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
         else:  # unknown schema, or an op returning several values
             labels = [f"arg{i}" for i in range(len(inputs))]
         described = [{"name": n, **g.describe(v)} for n, v in zip(labels, inputs)]
+        is_fused = call.name.startswith("et_vk.") and short not in NOT_FUSED_ET_VK
         ops.append({
             "node_id": call.node_id,
             "op": call.name,
             "short_name": short,
-            "fused": call.name.startswith("et_vk."),
+            "fused": is_fused,
             "args": described,
             "outputs": [g.describe(v) for v in outputs],
         })
         for label, vid in zip(labels, inputs):
             users[vid].append(f"{short}#{call.node_id}.{label}")
-        if call.name.startswith("et_vk."):
+        if is_fused:
             fused[short].append(_fused_params(g, short, call.node_id, dict(zip(labels, inputs)), outputs))
     constants, constant_bytes = _constants(pte, g, users)
     memory = _memory(g, constant_bytes)

@@ -47,6 +47,8 @@ class ExportJob:
     exported: Any = None  # torch.export.ExportedProgram
     edge: Any = None  # EdgeProgramManager
     fusion: Any = None  # FusionReport
+    delegation_passes: list[str] = field(default_factory=list)  # fix-up passes that changed the graph
+    cpu_notes: list = field(default_factory=list)  # nodes that would stay on the CPU, and why
     program: Any = None  # ExecutorchProgramManager
     pte_bytes: bytes | None = None
     verify_samples: int = 0  # > 0: run the verify stage on that many input batches
@@ -81,25 +83,38 @@ def stage_export(job: ExportJob) -> None:
     except Exception as exc:
         raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}",
                           "the model must be traceable by torch.export; QLOWER_DEBUG=1 shows the traceback") from exc
-    # Edge dialect with the partitioner's ops kept whole (linear, SDPA, …), as
-    # to_edge_transform_and_lower does, so the fuse stage sees them undecomposed.
-    job.edge = _gen_edge_manager_for_partitioners(
-        {"forward": [make_partitioner(job.options)]}, {"forward": job.exported}, EdgeCompileConfig(), {}, False
-    )
+    from .lower_speedups import to_edge_for_partitioner
+
+    # Edge dialect with the partitioner's ops kept whole (as to_edge_transform_and_lower
+    # does), decomposed once when nothing needs keeping.
+    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options))
+    if not job.verify_samples:
+        # The edge program holds what lowering needs; let the eager weights go.
+        job.exported = job.quantized = None
+        job.loaded.module = None
 
 
 def stage_fuse(job: ExportJob) -> None:
     """qlower's graph passes run here, on the edge program, before partitioning."""
     from .fuse import run_fusion
 
-    job.fusion = run_fusion(job.edge.exported_program(), dump_after=job.dump_after, log=job.log)
+    from .delegation import cpu_notes, run_delegation_passes
+
+    ep = job.edge.exported_program()
+    job.fusion = run_fusion(ep, dump_after=job.dump_after, log=job.log)
+    # Delegation fix-ups: one partition, nothing the runtime lacks (see delegation.py).
+    job.delegation_passes = run_delegation_passes(ep)
+    job.cpu_notes = cpu_notes(ep)
 
 
 def stage_lower(job: ExportJob) -> None:
     from executorch.exir import ExecutorchBackendConfig
 
+    from .lower_speedups import vulkan_patterns_once
+
     try:
-        edge = job.edge.to_backend({"forward": make_partitioner(job.options)})
+        with vulkan_patterns_once(job.edge.exported_program()):
+            edge = job.edge.to_backend({"forward": make_partitioner(job.options)})
         job.program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         job.pte_bytes = bytes(job.program.buffer)
     except Exception as exc:

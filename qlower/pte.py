@@ -504,8 +504,13 @@ FUSED_OP_ARGS = {
 FLOAT_DTYPES = {"FLOAT16", "FLOAT32", "FLOAT64"}
 
 
+# et_vk ops that move data rather than compute a fused layer.
+NOT_FUSED_ET_VK = {"prepack"}
+
+
 def fused_op_histogram(pte: Pte) -> Counter:
-    return Counter(op.short_name for d in pte.vulkan_delegates for op in d.ops if op.name.startswith("et_vk."))
+    return Counter(op.short_name for d in pte.vulkan_delegates for op in d.ops
+                   if op.name.startswith("et_vk.") and op.short_name not in NOT_FUSED_ET_VK)
 
 
 def cpu_operators(pte: Pte) -> Counter:

@@ -33,6 +33,10 @@ def render_export(summary: dict[str, Any]) -> None:
     out.print(f"fused ops: {fused}")
     cpu = ", ".join(f"{op} ×{n}" for op, n in summary["cpu_ops"].items()) or "none"
     out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {cpu}")
+    for note in summary["cpu_notes"]:
+        out.print(f"[yellow]stays on the CPU[/]: {note['node']} ({note['op']}): {note['reason']}")
+    for problem in summary["runtime_problems"]:
+        out.print(f"[red]will abort at load[/]: {problem['message']} (Vulkan node {problem['node_id']})")
     if summary.get("verification"):
         v = summary["verification"]
         worst = min((o["vs_float"]["sqnr_db"] for o in v["outputs"]), default=None) if v.get("outputs") else None

@@ -295,62 +295,11 @@ class PteSummary:
         return sum(self.cpu_kernels.values())
 
 
-# flatc writes non-finite doubles as bare inf/nan, which is not JSON; the
-# library's flatbuffer_to_vk_graph then fails on any graph holding one (SDPA's
-# ``eq(s, -inf)`` guard does).
-_NONFINITE = re.compile(r"(?<=[\[:,\s])([+-]?)(inf|infinity|nan)(?=[\s,\]}])", re.I)
-
-
-def decode_vk_graph(blob: bytes) -> vk.VkGraph:
-    """The VkGraph of a Vulkan delegate blob (header + flatbuffer)."""
-    import json
-    import os
-    import tempfile
-
-    from executorch.backends.vulkan import serialization
-    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
-        extract_vk_flatbuffer,
-    )
-    from executorch.exir._serialize._dataclass import _json_to_dataclass
-    from executorch.exir._serialize._flatbuffer import _flatc_decompile
-
-    with tempfile.TemporaryDirectory() as d:
-        schema = os.path.join(d, "schema.fbs")
-        with open(schema, "wb") as f:
-            f.write(resources.files(serialization).joinpath("schema.fbs").read_bytes())
-        with open(os.path.join(d, "schema.bin"), "wb") as f:
-            f.write(extract_vk_flatbuffer(blob))
-        _flatc_decompile(d, schema, os.path.join(d, "schema.bin"), ["--raw-binary"])
-        with open(os.path.join(d, "schema.json")) as f:
-            text = f.read()
-
-    def fix(m: re.Match) -> str:
-        if m.group(2).lower() == "nan":
-            return "NaN"
-        return ("-" if m.group(1) == "-" else "") + "Infinity"
-
-    return _json_to_dataclass(json.loads(_NONFINITE.sub(fix, text)), vk.VkGraph)
-
-
 def summarize_pte(buf: bytes) -> PteSummary:
-    from executorch.exir._serialize._program import deserialize_pte_binary
+    """Partitions, CPU kernels and predicted load problems of a .pte's first method."""
+    from .pte import cpu_operators, read_pte
 
-    program = deserialize_pte_binary(buf).program
-    plan = program.execution_plan[0]
-    partitions, kernels = 0, {}
-    for chain in plan.chains:
-        for instr in chain.instructions:
-            kind = type(instr.instr_args).__name__
-            if kind == "DelegateCall":
-                partitions += 1
-            elif kind == "KernelCall":
-                op = plan.operators[instr.instr_args.op_index]
-                name = f"{op.name}.{op.overload}" if op.overload else op.name
-                kernels[name] = kernels.get(name, 0) + 1
-    problems = []
-    for delegate in plan.delegates:
-        if delegate.id != "VulkanBackend":
-            continue
-        blob = program.backend_delegate_data[delegate.processed.index].data
-        problems += load_problems(decode_vk_graph(blob))
-    return PteSummary(partitions, kernels, problems)
+    pte = read_pte(buf)
+    partitions = sum(1 for s in pte.steps if s.kind == "delegate")
+    problems = [p for d in pte.vulkan_delegates for p in load_problems(d.graph)]
+    return PteSummary(partitions, dict(cpu_operators(pte)), problems)

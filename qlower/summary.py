@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .pte import read_pte, summarize
+from .runtime_caps import load_problems
 from .quantize import LayerPlan
 
 EMBEDDING_FUSED_OP = "embedding_q4gsw"
@@ -35,6 +36,10 @@ def export_summary(job) -> dict[str, Any]:
         },
         "layer_report": rows,
         "fusion_passes": job.fusion.passes if job.fusion else [],
+        "delegation_passes": list(job.delegation_passes),
+        "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.cpu_notes],
+        "runtime_problems": [{"node_id": p.node_id, "op": p.op, "message": p.message}
+                             for d in pte.vulkan_delegates for p in load_problems(d.graph)],
         **counts,
         "verification": job.verification,
         "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
