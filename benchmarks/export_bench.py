@@ -13,10 +13,10 @@ runtime lacks ("will abort at load"), .pte size. Ratios are stock / qlower.
 stock:  torchao quantize_ (Int8DynamicActivationIntxWeightConfig, int4 per
         group) -> torch.export -> to_edge_transform_and_lower(VulkanPartitioner)
         -> to_executorch
-qlower: qlower.pipeline's quantize stage -> torch.export -> edge program by
-        qlower.lower_speedups.to_edge_for_partitioner -> qlower.fuse.run_fusion
-        -> qlower.delegation passes -> to_backend(VulkanPartitioner) inside
-        qlower.lower_speedups.vulkan_patterns_once -> to_executorch
+qlower: qlower.pipeline.STAGES after load: quantize -> export (torch.export,
+        edge program by qlower.lower_speedups.to_edge_for_partitioner) -> fuse
+        (qlower.fuse + qlower.delegation) -> lower (VulkanPartitioner inside
+        qlower.lower_speedups.vulkan_patterns_once, to_executorch)
 """
 
 from __future__ import annotations
@@ -142,42 +142,21 @@ def stock_flow(held, args, phase):
 
 
 def qlower_flow(held, args, phase):
+    """qlower's own pipeline stages (qlower.pipeline.STAGES) after loading."""
     from pathlib import Path
-
-    import torch
 
     from qlower import pipeline
     from qlower.config import make_options
-    from qlower.delegation import run_delegation_passes
-    from qlower.fuse import run_fusion
     from qlower.loader import LoadedModel
-    from qlower.lower_speedups import to_edge_for_partitioner, vulkan_patterns_once
 
     job = pipeline.ExportJob(Path("-"), None, make_options(scheme=args.scheme, group_size=args.group_size))
     model, inputs = held.pop()
     job.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
-    phase("quantize", lambda: pipeline.stage_quantize(job))
-    def export():
-        # pipeline.stage_export, with the edge program made by
-        # to_edge_for_partitioner (one decomposition instead of three).
-        job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
-        job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
-
-    phase("export", export)
-    # Only the edge program is needed from here on: dropping the model and the
-    # aten program lets the float/int weights go once fusion has packed them.
-    job.exported = job.quantized = job.loaded = None
     model = inputs = None
-    ep = job.edge.exported_program()
-    phase("fuse", lambda: run_fusion(ep, log=lambda message: None))
-    phase("delegation", lambda: run_delegation_passes(ep))
-
-    def lower():
-        with vulkan_patterns_once(ep):
-            pipeline.stage_lower(job)
-
-    phase("lower", lower)
-    return phase("serialize", lambda: bytes(job.program.buffer))
+    for name, stage in pipeline.STAGES:
+        if name not in ("load", "verify", "serialize"):
+            phase(name, lambda stage=stage: stage(job))
+    return phase("serialize", lambda: job.pte_bytes)
 
 
 def child(args) -> None:

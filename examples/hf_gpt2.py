@@ -1,7 +1,8 @@
 """Hugging Face GPT2LMHeadModel, 2 layers, random weights from a small config.
 
-GPT-2's projections are HF ``Conv1D`` modules; ``conv1d_to_linear`` turns them
-into ``nn.Linear`` (same math) so that the quantizer takes them.
+GPT-2's projections are HF ``Conv1D`` modules; qlower's quantize stage turns
+them into ``nn.Linear`` (same math, ``qlower.hf.conv1d_to_linear``) so that
+they are quantized and fused like any linear.
 
     qlower export examples/hf_gpt2.py -o gpt2.pte
 
@@ -11,7 +12,7 @@ Needs ``pip install transformers``; nothing is downloaded.
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qlower.hf import CausalLMLogits, conv1d_to_linear
+from qlower.hf import CausalLMLogits
 
 SEQ_LEN = 16
 
@@ -27,7 +28,5 @@ config = GPT2Config(
     eos_token_id=0,
     attn_implementation="sdpa",
 )
-lm = GPT2LMHeadModel(config)
-conv1d_to_linear(lm)
-model = CausalLMLogits(lm).eval()
+model = CausalLMLogits(GPT2LMHeadModel(config)).eval()
 example_inputs = (torch.randint(0, config.vocab_size, (1, SEQ_LEN)),)

@@ -62,7 +62,11 @@ def stage_load(job: ExportJob) -> None:
 
 
 def stage_quantize(job: ExportJob) -> None:
+    from .hf import conv1d_to_linear
+
     options, loaded = job.options, job.loaded
+    if options.scheme not in FLOAT_SCHEMES:
+        conv1d_to_linear(loaded.module)  # GPT-2-style projections become linears the quantizer takes
     job.plans = plan_layers(loaded.module, options)
     check_strict(job.plans, options)
     if options.scheme == "q8ta_q8csw":

@@ -261,41 +261,14 @@ def test_vulkan_patterns_once_prunes_and_restores():
 # the bundled examples through qlower's own stages
 
 
-def pipeline_lower(model_path, scheme="qta8a_qga4w"):
-    """load → quantize → export (to_edge_for_partitioner) → fuse → delegation → lower."""
-    from pathlib import Path
-
-    from qlower import pipeline
-    from qlower.config import make_options
-    from qlower.fuse import run_fusion
-    from qlower.lower_speedups import to_edge_for_partitioner
-
-    job = pipeline.ExportJob(Path(model_path), None, make_options(scheme=scheme))
-    pipeline.stage_load(job)
-    pipeline.stage_quantize(job)
-    job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
-    job.edge = to_edge_for_partitioner(job.exported, pipeline.make_partitioner(job.options))
-    ep = job.edge.exported_program()
-    run_fusion(ep, log=lambda message: None)
-    delegation.run_delegation_passes(ep)
-    notes = delegation.cpu_notes(ep)
-    with vulkan_patterns_once(ep):
-        pipeline.stage_lower(job)
-    return notes, summarize_pte(bytes(job.program.buffer))
-
-
-@pytest.mark.parametrize("name", [
-    "mlp",
-    pytest.param("cnn", marks=pytest.mark.xfail(
-        reason="the fused head linear (N=10, padded to 12) fails ExecuTorch's preprocess "
-               "re-trace; the fuse stage fails the same way without these passes")),
-    "tiny_llama",
-])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tiny_llama"])
 def test_bundled_example_one_partition(name, request):
+    import qlower
+
     path = request.getfixturevalue("tiny_llama") if name == "tiny_llama" else os.path.join(EXAMPLES, f"{name}.py")
-    notes, summary = pipeline_lower(path)
-    assert notes == []
-    assert (summary.partitions, summary.cpu_kernels, summary.problems) == (1, {}, [])
+    summary = qlower.export(path, None)
+    assert summary["cpu_notes"] == []
+    assert (summary["vulkan_partitions"], summary["cpu_ops"], summary["runtime_problems"]) == (1, {}, [])
 
 
 def test_to_edge_for_partitioner_matches_executorch():

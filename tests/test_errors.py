@@ -186,3 +186,11 @@ def test_parse_config_errors_name_the_key(data, fragment):
 
 def test_override_exact_name_does_not_match_prefix():
     assert not LayerOverride("layers.1").matches("layers.10")
+
+
+@pytest.mark.parametrize("preset", sorted((EXAMPLES.parent / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_bundled_presets_are_valid(preset):
+    from qlower.config import make_options
+
+    options = make_options(preset)
+    assert options.scheme in ("qta8a_qga4w", "qga4w")
