@@ -181,7 +181,7 @@ def test_fused_parameters(exported):
     (vk,) = inspect_pte(path)["vulkan"]
     nodes = vk["fused"]["linear_dq8ca_q4gsw"]
     got = [(p["n"], p["k"], p["group_size"], p["packed_weight_bytes"], p["scale_dtype"], p["bias"]) for p in nodes]
-    plans = [p for p in summary["layer_plans"] if p["kind"] == "linear"]
+    plans = [p for p in summary["layer_report"] if p["kind"] == "linear"]
     assert got == [(p["n"], p["k"], summary["group_size"], p["n"] * p["k"] // 2, "float32", True) for p in plans]
     assert vk["non_fused_ops"] == {"choose_qparams_affine": 2, "relu": 1}
     weights = {u for c in vk["constants"] for u in c["users"] if u.endswith(".weights")}
