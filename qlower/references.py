@@ -249,6 +249,7 @@ FLOAT_ET_VK_OPS = frozenset({
     "et_vk.apply_rotary_emb.default",
     "et_vk.apply_rotary_emb_hf.default",
     "et_vk.apply_rotary_emb_interleaved.default",
+    "et_vk.prepack.default",  # copies a constant into a GPU tensor: the identity on values
 })
 
 # Ops whose output is one linear layer's output (for per-layer comparison).

@@ -64,12 +64,15 @@ class Thresholds:
 # lowest seen so that other inputs pass (random weights are a worst case for
 # int4). vs quantized: the golden run and the eager quantized model compute
 # the same integers, so only float summation order (and, for requantized int8,
-# an occasional rounding tie: one step in a few elements) separates them; the
-# bars leave room for that in larger models yet sit far above what a few
-# flipped bits in one packed weight give (30-50 dB in that layer).
+# an occasional rounding tie: one step in a few elements) separates them. At
+# the outputs such ties compound through the layers (49.9 dB seen on a 2-block
+# decoder with int4 embeddings), so the int4 output bar is 30 dB; the layer
+# bar stays high because each layer is compared in isolation (fed the golden
+# run's own input, see isolated_eager_layer) and sits far above what a few
+# flipped bits in one packed weight give (36 dB in that layer).
 THRESHOLDS: dict[str, Thresholds] = {
-    "qta8a_qga4w": Thresholds(vs_float=15.0, vs_quantized=60.0, layer=60.0),
-    "qga4w": Thresholds(vs_float=15.0, vs_quantized=60.0, layer=60.0),
+    "qta8a_qga4w": Thresholds(vs_float=15.0, vs_quantized=30.0, layer=60.0),
+    "qga4w": Thresholds(vs_float=15.0, vs_quantized=30.0, layer=60.0),
     "q8ta_q8csw": Thresholds(vs_float=20.0, vs_quantized=40.0, layer=40.0),
     "fp16": Thresholds(vs_float=45.0, vs_quantized=45.0, layer=45.0),
     "fp32": Thresholds(vs_float=80.0, vs_quantized=80.0, layer=80.0),
@@ -251,6 +254,31 @@ def golden_layer(record: OpRecord) -> LayerOutput:
     return LayerOutput("", out.detach().float(), record.name, record.delegate, record.index)
 
 
+# Fused ops whose first argument is the float input of the eager nn.Linear.
+FLOAT_INPUT_LINEAR_OPS = frozenset({"et_vk.linear_dq8ca_q4gsw.default", "et_vk.linear_q4gsw.default"})
+
+
+def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord) -> torch.Tensor | None:
+    """The eager quantized layer run on the golden run's own input to that layer.
+
+    Comparing layers in isolation keeps upstream differences out: a per-token
+    rounding tie that lands differently in float (summation order) flips one
+    int8 activation and the difference then grows layer by layer (measured:
+    133 dB at the first layer, 42 dB five layers later in a 2-block decoder),
+    which would hide, or mimic, a damaged weight. In isolation both sides
+    quantize the same input, so only a difference in the layer itself shows.
+    None where the input cannot be fed to the eager module (PT2E graphs, int8 inputs).
+    """
+    if isinstance(module, torch.fx.GraphModule) or record.name not in FLOAT_INPUT_LINEAR_OPS:
+        return None
+    try:
+        layer = module.get_submodule(name)
+    except AttributeError:
+        return None
+    with torch.no_grad():
+        return layer(record.args[0].float()).detach()
+
+
 def eager_counterpart(record: OpRecord, eager: torch.Tensor) -> torch.Tensor:
     """The eager layer output as the fused op produces it (fused relu, int8 requantization)."""
     eager = eager.float()
@@ -418,7 +446,8 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
         for (i, k), g, record in zip(pairs, golden_layers, records):
             if i < len(layer_golden) and k is not None:
                 layer_golden[i].append(g.output)
-                layer_eager[i].append(eager_counterpart(record, eager_layers[k].output))
+                eager = isolated_eager_layer(models.quantized_model, eager_layers[k].name, record)
+                layer_eager[i].append(eager_counterpart(record, eager if eager is not None else eager_layers[k].output))
 
     outputs = []
     failures = []

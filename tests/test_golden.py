@@ -108,14 +108,18 @@ def test_q8ta_linear_reference_requantizes_with_relu():
 
 
 def test_program_with_cpu_kernels_between_partitions(exported):
-    """The llama .pte runs as several Vulkan delegates with CPU kernels between them."""
+    """The stock flow's llama .pte runs as several Vulkan delegates with CPU kernels between them."""
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
     from qlower.verify import sqnr_db
 
-    model, pte_path = exported("llama", "qta8a_qga4w")
-    pte = read_pte(pte_path)
+    model, _ = exported("llama", "qta8a_qga4w")
+    loaded = _quantized_eager(model, "qta8a_qga4w")
+    ep = torch.export.export(loaded.module, loaded.example_inputs, strict=False)
+    pte = read_pte(to_edge_transform_and_lower(ep, partitioner=[VulkanPartitioner()]).to_executorch().buffer)
     kinds = {s.kind for s in pte.steps}
     assert kinds == {"delegate", "kernel"} and len(pte.vulkan_delegates) > 1
-    loaded = _quantized_eager(model, "qta8a_qga4w")
     (out,) = run_pte(pte, loaded.example_inputs)
     with torch.no_grad():
         expected = loaded.module(*loaded.example_inputs)
