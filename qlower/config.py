@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,3 @@ def make_options(config: str | Path | None = None, **flags: Any) -> ExportOption
         if value is not None:
             values[key] = value
     return ExportOptions(**values)
-
-
-def with_overrides(options: ExportOptions, **changes: Any) -> ExportOptions:
-    return replace(options, **changes)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, QlowerError, first_line
 
 MODEL_NAMES = ("model", "make_model")
 INPUT_NAMES = ("example_inputs", "make_example_inputs")
@@ -105,12 +105,10 @@ def _located(exc: BaseException, path: Path) -> str:
     return f"{where}: {type(exc).__name__}: {first_line(exc)}"
 
 
-
 def _call_user(fn, what: str, path: Path):
     try:
         return fn()
     except Exception as exc:
-        sys.modules.pop(module_name, None)
         raise ModelLoadError(_located(exc, path), f"fix {what} in the model file") from exc
 
 
@@ -191,3 +189,46 @@ def load_checkpoint(module: nn.Module, checkpoint: str | Path) -> None:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"checkpoint {checkpoint} does not fit the model: {first_line(exc)}", "check that the checkpoint belongs to this model") from exc
+
+
+# --- input batches (calibration data, verification inputs) --------------------
+
+
+def read_input_batches(path: Path, what: str, error: type[QlowerError], tensor_is_batches: bool) -> list[tuple]:
+    """torch.save'd inputs: a list of input tuples, one tuple, or one tensor.
+
+    A bare tensor is [batches, *input_shape] when ``tensor_is_batches`` (calibration
+    data), else one input of one batch.
+    """
+    hint = "torch.save([(x1,), (x2,), ...], path)"
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}", f"save a list of input tuples: {hint}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"cannot read {what} file {path}: {first_line(exc)}", f"save a list of input tuples: {hint}") from exc
+    if isinstance(data, torch.Tensor):
+        return [(t,) for t in data] if tensor_is_batches else [(data,)]
+    if isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return [data]
+    if isinstance(data, (list, tuple)) and data:
+        return [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in data]
+    raise error(f"{what} file {path} holds {type(data).__name__}, expected a non-empty list of input tuples", hint)
+
+
+def describe_tensor(t: Any) -> str:
+    """'float32[4, 256]', or the type name of a non-tensor."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random input shaped and typed like ``t``."""
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, t.shape, generator=gen).bool()
+    # Integer inputs are usually indices: stay within the example's range.
+    high = int(t.max().item()) + 1 if t.numel() else 2
+    return torch.randint(0, max(high, 2), t.shape, generator=gen, dtype=t.dtype)

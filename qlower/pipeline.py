@@ -79,8 +79,6 @@ def stage_quantize(job: ExportJob) -> None:
 
 
 def stage_export(job: ExportJob) -> None:
-    from executorch.exir import EdgeCompileConfig
-    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
 
     try:
         job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)

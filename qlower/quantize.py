@@ -9,7 +9,6 @@ never a crash (``--strict`` makes it an error).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,8 @@ from torch import nn
 
 from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
-from .patterns.linear import Q4_N_ALIGN
+from .loader import describe_tensor, random_like, read_input_batches
+from .patterns.linear import Q4_N_ALIGN, q4_n_reason
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
 EMBEDDING_DIM_MULTIPLE = 32
@@ -65,7 +65,7 @@ def _plan_linear(name: str, layer: nn.Linear, scheme: str, group_size: int) -> L
         plan.reason = f"group size {group_size} does not divide K={k}"
     elif grouped and n % Q4_N_ALIGN != 0:
         # Quantizing it anyway would crash ExecuTorch's own Vulkan lowering.
-        plan.reason = f"N={n} is not a multiple of {Q4_N_ALIGN} (ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
+        plan.reason = q4_n_reason(n)
     else:
         plan.quantized = True
     return plan
@@ -196,7 +196,7 @@ def quantize_static(module: nn.Module, example_inputs: tuple, plans: list[LayerP
 def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None]) -> list[tuple]:
     """Calibration batches: --calibration FILE, the model file's own, or random ones (with a warning)."""
     if options.calibration:
-        batches = _read_calibration(Path(options.calibration))
+        batches = read_input_batches(Path(options.calibration), "calibration", CalibrationError, tensor_is_batches=True)
     elif from_model:
         batches = from_model
     else:
@@ -205,24 +205,10 @@ def calibration_batches(example_inputs: tuple, options: ExportOptions, from_mode
             "accuracy will suffer — pass --calibration FILE with real inputs"
         )
         gen = torch.Generator().manual_seed(options.seed)
-        return [tuple(_random_like(t, gen) for t in example_inputs) for _ in range(options.calibration_batches)]
+        return [tuple(random_like(t, gen) for t in example_inputs) for _ in range(options.calibration_batches)]
     for i, batch in enumerate(batches):
         _check_batch(i, batch, example_inputs)
     return batches
-
-
-def _read_calibration(path: Path) -> list[tuple]:
-    if not path.is_file():
-        raise CalibrationError(f"calibration file not found: {path}", "save a list of input tuples with torch.save")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {first_line(exc)}", "save a list of input tuples with torch.save") from exc
-    if isinstance(data, torch.Tensor):  # [num_batches, *input_shape] for single-input models
-        return [(t,) for t in data]
-    if isinstance(data, (list, tuple)) and data:
-        return [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in data]
-    raise CalibrationError(f"calibration file {path} holds {type(data).__name__}, expected a non-empty list of input tuples", "torch.save([(x1,), (x2,), ...], path)")
 
 
 def _check_batch(i: int, batch: tuple, example: tuple) -> None:
@@ -231,22 +217,6 @@ def _check_batch(i: int, batch: tuple, example: tuple) -> None:
     for j, (got, want) in enumerate(zip(batch, example)):
         if got.dtype != want.dtype or got.shape[1:] != want.shape[1:] or got.dim() != want.dim():
             raise CalibrationError(
-                f"calibration batch {i} input {j} is {_describe(got)}, expected {_describe(want)}",
+                f"calibration batch {i} input {j} is {describe_tensor(got)}, expected {describe_tensor(want)}",
                 "calibration inputs must match the example inputs' dtype and shape (the batch dim may differ)",
             )
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-
-
-def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if t.is_floating_point():
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-    high = int(t.max().item()) + 1 if t.numel() else 2
-    return torch.randint(0, max(high, 2), t.shape, generator=gen, dtype=t.dtype)
-
-
-def silence_known_warnings() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")

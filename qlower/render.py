@@ -40,7 +40,7 @@ def render_export(summary: dict[str, Any]) -> None:
     if summary.get("verification"):
         v = summary["verification"]
         worst = min((o["vs_float"]["sqnr_db"] for o in v["outputs"]), default=None) if v.get("outputs") else None
-        out.print(f"verify: [green]passed[/]" + (f" (worst output SQNR vs float {worst:.1f} dB)" if worst is not None else ""))
+        out.print("verify: [green]passed[/]" + (f" (worst output SQNR vs float {worst:.1f} dB)" if worst is not None else ""))
     size = summary["size"]
     out.print(
         f".pte size: {human_bytes(size['total'])} (packed weights {human_bytes(size['packed_weights'])}, "

@@ -19,7 +19,6 @@ Operators whose naming is not modelled are only checked for registration.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Iterable, Optional
@@ -30,7 +29,6 @@ __all__ = [
     "LoadProblem",
     "ShaderLookup",
     "PteSummary",
-    "decode_vk_graph",
     "load_problems",
     "op_supported",
     "predict_shaders",

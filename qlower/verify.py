@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from . import references
-from .errors import VerifyError, first_line
+from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
+from .loader import describe_tensor, random_like, read_input_batches
 from .pte import Pte, fused_op_histogram, read_pte
 
 # SQNR reported for outputs that are bit-identical (log of zero noise); JSON has no inf.
@@ -145,52 +146,20 @@ def infer_scheme(pte: Pte) -> tuple[str, int | None, bool]:
 def make_samples(example_inputs: tuple, samples: int, seed: int, inputs_file: str | Path | None = None) -> list[tuple]:
     """Input batches: from --inputs FILE, else the example inputs then random ones like them."""
     if inputs_file is not None:
-        batches = read_inputs(Path(inputs_file))
+        batches = read_input_batches(Path(inputs_file), "inputs", VerifyError, tensor_is_batches=False)
     else:
         gen = torch.Generator().manual_seed(seed)
-        batches = [tuple(example_inputs)] + [tuple(_random_like(t, gen) for t in example_inputs) for _ in range(max(samples, 1) - 1)]
+        batches = [tuple(example_inputs)] + [tuple(random_like(t, gen) for t in example_inputs) for _ in range(max(samples, 1) - 1)]
     for i, batch in enumerate(batches):
         if len(batch) != len(example_inputs):
             raise VerifyError(f"input batch {i} has {len(batch)} tensors, the model takes {len(example_inputs)}", "match the example inputs")
         for j, (got, want) in enumerate(zip(batch, example_inputs)):
             if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
                 raise VerifyError(
-                    f"input batch {i} tensor {j} is {_describe(got)}, the .pte was exported for {_describe(want)}",
+                    f"input batch {i} tensor {j} is {describe_tensor(got)}, the .pte was exported for {describe_tensor(want)}",
                     "the .pte has static shapes: inputs must match the example inputs' shape and dtype exactly",
                 )
     return batches
-
-
-def read_inputs(path: Path) -> list[tuple]:
-    if not path.is_file():
-        raise VerifyError(f"inputs file not found: {path}", "save a tuple or a list of input tuples with torch.save")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VerifyError(f"cannot read inputs file {path}: {first_line(exc)}", "save a list of input tuples with torch.save") from exc
-    if isinstance(data, torch.Tensor):
-        return [(data,)]
-    if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
-        return [data]
-    if isinstance(data, list) and data:
-        return [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in data]
-    raise VerifyError(f"inputs file {path} holds {type(data).__name__}", "torch.save((x,), path) or torch.save([(x1,), (x2,)], path)")
-
-
-def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if t.is_floating_point():
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-    if t.dtype == torch.bool:
-        return torch.randint(0, 2, t.shape, generator=gen).bool()
-    # Integer inputs are usually indices: stay within the example's range.
-    high = int(t.max().item()) + 1 if t.numel() else 2
-    return torch.randint(0, max(high, 2), t.shape, generator=gen, dtype=t.dtype)
-
-
-def _describe(t: Any) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
 
 
 # --- layer capture --------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import runpy
 
 import pytest
 import torch
@@ -126,11 +125,20 @@ def test_llama_style_decoder_one_partition_quantized():
     assert (summary.partitions, summary.cpu_kernels, summary.problems) == (1, {}, [])
 
 
-@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_gpt2"])
+# Linear projections each recipe has (2 blocks): Llama/Qwen2 7 per block + LM
+# head; GPT-2 4 per block (its Conv1D projections) + LM head.
+HF_FUSED_LINEARS = {"hf_llama": 15, "hf_qwen2": 15, "hf_gpt2": 9}
+
+
+@pytest.mark.parametrize("name", sorted(HF_FUSED_LINEARS))
 def test_hf_recipe_one_partition(name):
     pytest.importorskip("transformers")
-    ns = runpy.run_path(os.path.join(EXAMPLES, f"{name}.py"))
-    assert_fully_delegated(ns["model"], ns["example_inputs"])
+    import qlower
+
+    summary = qlower.export(os.path.join(EXAMPLES, f"{name}.py"), None)
+    assert (summary["vulkan_partitions"], summary["cpu_ops"], summary["runtime_problems"]) == (1, {}, [])
+    assert summary["fused_ops"]["linear_dq8ca_q4gsw"] == HF_FUSED_LINEARS[name]
+    assert summary["layers"]["unfused"] == 0
 
 
 # ---------------------------------------------------------------------------

@@ -194,3 +194,13 @@ def test_bundled_presets_are_valid(preset):
 
     options = make_options(preset)
     assert options.scheme in ("qta8a_qga4w", "qga4w")
+
+
+def test_exception_inside_factory_names_file_and_line(tmp_path):
+    path = write_model(tmp_path, "def make_model():\n    raise RuntimeError('weights missing')\nexample_inputs = (torch.randn(1),)\n")
+    assert_one_error(run(["export", str(path)], 1), f"{path}:4", "RuntimeError: weights missing")
+
+
+def test_exception_inside_example_inputs_function(tmp_path):
+    path = write_model(tmp_path, "model = nn.Linear(2, 2)\ndef example_inputs():\n    return 1 / 0\n")
+    assert_one_error(run(["export", str(path)], 1), f"{path}:5", "ZeroDivisionError")

@@ -135,6 +135,21 @@ def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.
     return cur, seen
 
 
+def _q4_weight_problem(info: LinearInfo, k: int, scales_shape: tuple, w_t: torch.Tensor) -> str | None:
+    """The first guard a per-group int4 weight fails for the 4-bit fused ops, or None."""
+    if k % scales_shape[-1] != 0:
+        return f"group size {info.group_size} does not divide K={k}"
+    if not pack.is_int4_range(w_t):
+        return "weights outside the int4 range"
+    if info.n % Q4_N_ALIGN:
+        return q4_n_reason(info.n)
+    return None
+
+
+def q4_n_reason(n: int) -> str:
+    return f"N={n} is not a multiple of {Q4_N_ALIGN} (ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
+
+
 def _same_last_dim(a: torch.fx.Node, b) -> bool:
     va, vb = a.meta.get("val"), getattr(b, "meta", {}).get("val")
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape[-1] == vb.shape[-1]
@@ -288,19 +303,12 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             m.op = "q8ta_linear_gemv" if _rows(pattern_input) == 1 else "q8ta_linear"
             return _accept(m)
 
-    q4_n_reason = (
-        f"N={info.n} is not a multiple of {Q4_N_ALIGN} "
-        "(ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
-    )
     if x_dq is None:
         if not per_group:
             return _reject(info, "weight-only quantization needs per-group int4 weights")
-        if k % sshape[-1] != 0:
-            return _reject(info, f"group size {info.group_size} does not divide K={k}")
-        if not pack.is_int4_range(w_t):
-            return _reject(info, "weights outside the int4 range")
-        if info.n % Q4_N_ALIGN:
-            return _reject(info, q4_n_reason)
+        reason = _q4_weight_problem(info, k, sshape, w_t)
+        if reason:
+            return _reject(info, reason)
         m.op = "linear_q4gsw"
         return _accept(m)
 
@@ -309,12 +317,9 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             return _reject(info, "dynamic activation quantization is not per token")
         if not per_group:
             return _reject(info, "dynamic int8 activations need per-group int4 weights")
-        if k % sshape[-1] != 0:
-            return _reject(info, f"group size {info.group_size} does not divide K={k}")
-        if not pack.is_int4_range(w_t):
-            return _reject(info, "weights outside the int4 range")
-        if info.n % Q4_N_ALIGN:
-            return _reject(info, q4_n_reason)
+        reason = _q4_weight_problem(info, k, sshape, w_t)
+        if reason:
+            return _reject(info, reason)
         m.op = "linear_dq8ca_q4gsw"
         return _accept(m)
 
