@@ -132,12 +132,15 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
     the program calls none of them, one ``to_edge`` gives the same graph at a
     third of the cost. The IR validity check re-runs every node through the
     edge verifier; torch.export already checked the program, so it is off
-    unless asked for.
+    unless asked for. The dim-order rewrite (clone/_to_copy → their dim_order
+    variants) is skipped: one whole re-trace of the graph for ops the Vulkan
+    delegate treats alike (aten.clone and aten._to_copy are in the runtime's
+    operator list; qlower graphs lower to one partition with no CPU kernels).
     """
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.exir.program._program import _gen_edge_manager_for_partitioners
 
-    config = EdgeCompileConfig(_check_ir_validity=check_ir_validity)
+    config = EdgeCompileConfig(_check_ir_validity=check_ir_validity, _skip_dim_order=True)
     keep, _ = partitioner.ops_to_not_decompose(ep)
     keep = set(keep)
     if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
