@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 from torch.export import ExportedProgram
 
 __all__ = [
+    "EDGE_PASS_TRIGGERS",
     "PATTERN_FAMILY_OPS",
     "PREPROCESS_PASS_TRIGGERS",
     "program_ops",
@@ -132,19 +133,69 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
     the program calls none of them, one ``to_edge`` gives the same graph at a
     third of the cost. The IR validity check re-runs every node through the
     edge verifier; torch.export already checked the program, so it is off
-    unless asked for. The dim-order rewrite (clone/_to_copy → their dim_order
-    variants) is skipped: one whole re-trace of the graph for ops the Vulkan
-    delegate treats alike (aten.clone and aten._to_copy are in the runtime's
-    operator list; qlower graphs lower to one partition with no CPU kernels).
+    unless asked for.
     """
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.exir.program._program import _gen_edge_manager_for_partitioners
 
-    config = EdgeCompileConfig(_check_ir_validity=check_ir_validity, _skip_dim_order=True)
+    config = EdgeCompileConfig(_check_ir_validity=check_ir_validity)
     keep, _ = partitioner.ops_to_not_decompose(ep)
     keep = set(keep)
-    if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
-        return _gen_edge_manager_for_partitioners(
-            {"forward": [partitioner]}, {"forward": ep}, config, {}, False
-        )
-    return to_edge(ep, compile_config=config)
+    with edge_passes_pruned():
+        if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
+            return _gen_edge_manager_for_partitioners(
+                {"forward": [partitioner]}, {"forward": ep}, config, {}, False
+            )
+        return to_edge(ep, compile_config=config)
+
+
+def _has_symbolic_values(graph) -> bool:
+    from torch import SymBool, SymFloat, SymInt
+
+    return any(isinstance(n.meta.get("val"), (SymInt, SymFloat, SymBool)) for n in graph.nodes)
+
+
+def _has_view_ops(graph) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "is_view", False) for n in graph.nodes)
+
+
+# aten→edge pass (class name) -> does the (decomposed) program give it anything to do?
+# Read from each pass's call_operator: it only rewrites these nodes, yet re-traces
+# the whole graph through fake tensors (~0.5 s each on the bundled llama).
+EDGE_PASS_TRIGGERS: dict[str, Callable] = {
+    "NormalizeTransposePass": lambda graph: any(n.target is _aten_t() for n in graph.nodes),
+    "ReplaceBrokenOpsWithFunctionalOpsPass": _has_view_ops,
+    "SymToTensorPass": _has_symbolic_values,
+}
+
+
+def _aten_t():
+    import torch
+
+    return torch.ops.aten.t.default
+
+
+@contextlib.contextmanager
+def edge_passes_pruned() -> Iterator[None]:
+    """Within the block, to_edge skips the aten→edge passes that have nothing to rewrite."""
+    from executorch.exir.program import _program
+
+    generate, get_passes = _program._generate_edge_program, _program._get_aten_to_edge_passes
+
+    def generate_pruned(config, program, *args, **kwargs):
+        def passes(cfg):
+            pre, post = get_passes(cfg)
+            pre = [p for p in pre if EDGE_PASS_TRIGGERS.get(type(p).__name__, lambda g: True)(program.graph)]
+            return pre, post
+
+        _program._get_aten_to_edge_passes = passes
+        try:
+            return generate(config, program, *args, **kwargs)
+        finally:
+            _program._get_aten_to_edge_passes = get_passes
+
+    _program._generate_edge_program = generate_pruned
+    try:
+        yield
+    finally:
+        _program._generate_edge_program = generate

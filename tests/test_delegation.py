@@ -291,13 +291,21 @@ def test_to_edge_for_partitioner_matches_executorch():
         {"forward": [VulkanPartitioner()]}, {"forward": ep}, EdgeCompileConfig(), {}, False
     )
 
-    # qlower skips the dim-order rewrite (the Vulkan delegate ignores dim order):
-    # its aten.clone/_to_copy are ExecuTorch's _clone_dim_order/_to_dim_order_copy.
-    same_op = {"dim_order_ops._clone_dim_order.default": "aten.clone.default",
-               "dim_order_ops._to_dim_order_copy.default": "aten._to_copy.default"}
-
     def histogram(edge):
-        names = (n.target.__name__ for n in edge.exported_program().graph.nodes if n.op == "call_function")
-        return sorted(same_op.get(name, name) for name in names)
+        return sorted(str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function")
 
     assert histogram(ours) == histogram(stock)
+
+
+def test_edge_pass_triggers():
+    from qlower.lower_speedups import EDGE_PASS_TRIGGERS
+
+    class T(nn.Module):
+        def forward(self, x):
+            return x.t().reshape(-1) * 2
+
+    graph = torch.export.export(T(), (torch.randn(3, 4),), strict=False).run_decompositions({}).graph
+    assert EDGE_PASS_TRIGGERS["NormalizeTransposePass"](graph) or EDGE_PASS_TRIGGERS["ReplaceBrokenOpsWithFunctionalOpsPass"](graph)
+    assert not EDGE_PASS_TRIGGERS["SymToTensorPass"](graph)  # static shapes
+    static = torch.export.export(nn.Linear(4, 4), (torch.randn(2, 4),), strict=False).graph
+    assert not EDGE_PASS_TRIGGERS["ReplaceBrokenOpsWithFunctionalOpsPass"](static)
