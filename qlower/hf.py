@@ -35,6 +35,8 @@ def conv1d_to_linear(model: nn.Module) -> int:
     GPT-2 keeps its attention and MLP projections in float. Returns how many
     modules were swapped; the model is changed in place.
     """
+    from .quantize import replace_module
+
     swaps = []
     for name, module in model.named_modules():
         # Matched by class name so this works without importing transformers.
@@ -50,7 +52,5 @@ def conv1d_to_linear(model: nn.Module) -> int:
             linear.weight.copy_(weight.t())
             if conv.bias is not None:
                 linear.bias.copy_(conv.bias.detach())
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, linear)
+        replace_module(model, name, linear)
     return len(swaps)

@@ -121,14 +121,15 @@ def quantize_eager(module: nn.Module, plans: list[LayerPlan]) -> None:
         quantize_(module, make_config(scheme, group_size), filter_fn=_by_name(names))
     for plan in plans:
         if plan.quantized and plan.kind == "embedding":
-            _replace_module(module, plan.name, Int4Embedding.from_float(module.get_submodule(plan.name), plan.group_size))
+            replace_module(module, plan.name, Int4Embedding.from_float(module.get_submodule(plan.name), plan.group_size))
 
 
 def _by_name(names: set[str]) -> Callable[[nn.Module, str], bool]:
     return lambda _module, fqn: fqn in names
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (a dotted path) is."""
     parent_name, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 

@@ -29,10 +29,8 @@ def render_export(summary: dict[str, Any]) -> None:
         + (f"; other matmuls: {layers['other_matmuls']} ({layers['other_matmuls_fused']} fused)" if layers["other_matmuls"] else "")
     )
     render_layer_table(summary["layer_report"])
-    fused = ", ".join(f"{op} ×{n}" for op, n in summary["fused_ops"].items()) or "none"
-    out.print(f"fused ops: {fused}")
-    cpu = ", ".join(f"{op} ×{n}" for op, n in summary["cpu_ops"].items()) or "none"
-    out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {cpu}")
+    out.print(f"fused ops: {_counts(summary['fused_ops'])}")
+    out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {_counts(summary['cpu_ops'])}")
     for note in summary["cpu_notes"]:
         out.print(f"[yellow]stays on the CPU[/]: {note['node']} ({note['op']}): {note['reason']}")
     for problem in summary["runtime_problems"]:
