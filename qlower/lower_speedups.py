@@ -28,9 +28,13 @@ from typing import Callable, Iterator
 from torch.export import ExportedProgram
 
 __all__ = [
-    "EDGE_PASS_TRIGGERS",
+    "COMMUTING_EDGE_PASSES",
+    "MERGEABLE_EDGE_PASSES",
     "PATTERN_FAMILY_OPS",
     "PREPROCESS_PASS_TRIGGERS",
+    "edge_passes_merged",
+    "generate_edge_program",
+    "merge_edge_passes",
     "program_ops",
     "to_edge_for_partitioner",
     "vulkan_patterns_once",
@@ -141,7 +145,7 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
     config = EdgeCompileConfig(_check_ir_validity=check_ir_validity)
     keep, _ = partitioner.ops_to_not_decompose(ep)
     keep = set(keep)
-    with edge_passes_pruned():
+    with edge_passes_merged():
         if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
             return _gen_edge_manager_for_partitioners(
                 {"forward": [partitioner]}, {"forward": ep}, config, {}, False
@@ -149,53 +153,135 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
         return to_edge(ep, compile_config=config)
 
 
-def _has_symbolic_values(graph) -> bool:
-    from torch import SymBool, SymFloat, SymInt
+# ExecuTorch passes that are pure ``call_operator`` rewrites on ExportPass: each
+# re-traces the whole graph through fake tensors (~0.5 s a pass on the bundled
+# llama) to change a few nodes. Chained through one class (cooperative
+# ``super().call_operator``), a run of them costs one re-trace; each node still
+# goes through the passes in their order. Read from each class: none overrides
+# anything but ``__init__``, ``call_operator`` and (ScalarToTensorPass) a
+# ``call`` that wraps ``super().call``. Ops a pass inserts with
+# ``self.call_operator`` go through the whole chain; the earlier passes leave
+# them as they are (tests/test_delegation.py checks graphs equal ExecuTorch's).
+MERGEABLE_EDGE_PASSES = frozenset({
+    "ReplaceViewOpsWithViewCopyOpsPass",  # torch's; stood in for by _ViewOpsToViewCopy
+    "NormalizeTransposePass",
+    "ReplaceBrokenOpsWithFunctionalOpsPass",
+    "ScalarToTensorPass",
+    "SymToTensorPass",
+    "RemoveMixedTypeOperators",
+    "OpReplacePass",
+    "MemoryFormatOpsPass",
+})
 
-    return any(isinstance(n.meta.get("val"), (SymInt, SymFloat, SymBool)) for n in graph.nodes)
+
+# Graph passes that only rename targets the mergeable passes never touch
+# (sym_size packet -> sym_size.int): they commute with them, so a run of
+# mergeable passes is not cut in two by one of these; it runs before the run.
+COMMUTING_EDGE_PASSES = frozenset({"ReplaceSymSizeOpPass"})
 
 
-def _has_view_ops(graph) -> bool:
-    return any(n.op == "call_function" and getattr(n.target, "is_view", False) for n in graph.nodes)
+def merge_edge_passes(passes: list) -> list:
+    """``passes`` with each run of mergeable passes replaced by one chained pass.
+
+    ExecuTorch's pass lists hold some passes wrapped in functions
+    (``pass_result_wrapper``); the pass itself is their ``__wrapped__``.
+    """
+    out, run = [], []
+
+    def flush():
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            classes = tuple(_chainable(type(p)) for p in run)
+            chained = type("Chained_" + "_".join(c.__name__ for c in classes), classes, {})
+            out.append(chained())
+        run.clear()
+
+    for p in passes:
+        p = getattr(p, "__wrapped__", p)
+        name = type(p).__name__
+        if name in MERGEABLE_EDGE_PASSES:
+            run.append(p)
+        elif name in COMMUTING_EDGE_PASSES:
+            out.append(p)
+        else:
+            flush()
+            out.append(p)
+    flush()
+    return out
 
 
-# aten→edge pass (class name) -> does the (decomposed) program give it anything to do?
-# Read from each pass's call_operator: it only rewrites these nodes, yet re-traces
-# the whole graph through fake tensors (~0.5 s each on the bundled llama).
-EDGE_PASS_TRIGGERS: dict[str, Callable] = {
-    "NormalizeTransposePass": lambda graph: any(n.target is _aten_t() for n in graph.nodes),
-    "ReplaceBrokenOpsWithFunctionalOpsPass": _has_view_ops,
-    "SymToTensorPass": _has_symbolic_values,
-}
+def _chainable(cls: type) -> type:
+    if cls.__name__ == "ReplaceViewOpsWithViewCopyOpsPass":
+        return _view_ops_to_view_copy()
+    return cls
 
 
-def _aten_t():
-    import torch
+@functools.cache
+def _view_ops_to_view_copy() -> type:
+    """torch's ReplaceViewOpsWithViewCopyOpsPass on ExecuTorch's ExportPass base, so it chains."""
+    from executorch.exir.pass_base import ExportPass
+    from torch._export.passes.replace_view_ops_with_view_copy_ops_pass import (
+        _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS,
+        get_view_copy_of_view_op,
+    )
+    from torch._ops import HigherOrderOperator
 
-    return torch.ops.aten.t.default
+    class ViewOpsToViewCopy(ExportPass):
+        def call_operator(self, op, args, kwargs, meta):
+            if op in _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS:
+                op = _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS[op]
+            elif not isinstance(op, HigherOrderOperator):
+                op = get_view_copy_of_view_op(op._schema) or op
+            return super().call_operator(op, args, kwargs, meta)
+
+    return ViewOpsToViewCopy
+
+
+def generate_edge_program(config, program, core_aten_ops_exception_list=None, preserve_ops=None):
+    """ExecuTorch 1.5.1's ``_generate_edge_program`` with its re-tracing passes merged.
+
+    Same steps in the same order (``executorch/exir/program/_program.py``);
+    only the pass list goes through :func:`merge_edge_passes`: eight
+    whole-graph re-traces become two.
+    """
+    from executorch.exir.program import _program as p
+
+    program = p.remove_unused_parameters_pass(program)
+    pre, post = p._get_aten_to_edge_passes(config)
+    passes = [p.RemoveNonCoreAtenOpGraphAssertsPass(), p.ReplaceViewOpsWithViewCopyOpsPass(), *pre, p.OpReplacePass()]
+    if not config._skip_dim_order:
+        passes.append(p.MemoryFormatOpsPass())
+    gm = program.graph_module
+    for ps in merge_edge_passes(passes):
+        gm = ps(gm).graph_module
+    edge_program = ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=p._get_updated_graph_signature(program.graph_signature, gm),
+        state_dict=program.state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs,
+        constants=program.constants,
+        verifiers=[p.EXIREdgeDialectVerifier(
+            edge_compile_config=config, class_only=True,
+            core_aten_ops_exception_list=core_aten_ops_exception_list, preserve_ops=preserve_ops,
+        )],
+    )
+    edge_program = p.lift_constant_tensor_pass(edge_program)
+    edge_program = p.convert_constant_dim_order_pass.convert_constant_dim_order_pass(edge_program)
+    return p._transform(edge_program, *post)
 
 
 @contextlib.contextmanager
-def edge_passes_pruned() -> Iterator[None]:
-    """Within the block, to_edge skips the aten→edge passes that have nothing to rewrite."""
+def edge_passes_merged() -> Iterator[None]:
+    """Within the block, ExecuTorch's to_edge builds edge programs with :func:`generate_edge_program`."""
     from executorch.exir.program import _program
 
-    generate, get_passes = _program._generate_edge_program, _program._get_aten_to_edge_passes
-
-    def generate_pruned(config, program, *args, **kwargs):
-        def passes(cfg):
-            pre, post = get_passes(cfg)
-            pre = [p for p in pre if EDGE_PASS_TRIGGERS.get(type(p).__name__, lambda g: True)(program.graph)]
-            return pre, post
-
-        _program._get_aten_to_edge_passes = passes
-        try:
-            return generate(config, program, *args, **kwargs)
-        finally:
-            _program._get_aten_to_edge_passes = get_passes
-
-    _program._generate_edge_program = generate_pruned
+    saved = _program._generate_edge_program
+    _program._generate_edge_program = generate_edge_program
     try:
         yield
     finally:
-        _program._generate_edge_program = generate
+        _program._generate_edge_program = saved

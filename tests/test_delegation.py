@@ -277,35 +277,3 @@ def test_bundled_example_one_partition(name, request):
     summary = qlower.export(path, None)
     assert summary["cpu_notes"] == []
     assert (summary["vulkan_partitions"], summary["cpu_ops"], summary["runtime_problems"]) == (1, {}, [])
-
-
-def test_to_edge_for_partitioner_matches_executorch():
-    from executorch.exir.program._program import _gen_edge_manager_for_partitioners
-
-    from qlower.lower_speedups import to_edge_for_partitioner
-
-    torch.manual_seed(0)
-    ep = torch.export.export(TinyDecoder().eval(), tokens(), strict=False)
-    ours = to_edge_for_partitioner(ep, VulkanPartitioner())
-    stock = _gen_edge_manager_for_partitioners(
-        {"forward": [VulkanPartitioner()]}, {"forward": ep}, EdgeCompileConfig(), {}, False
-    )
-
-    def histogram(edge):
-        return sorted(str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function")
-
-    assert histogram(ours) == histogram(stock)
-
-
-def test_edge_pass_triggers():
-    from qlower.lower_speedups import EDGE_PASS_TRIGGERS
-
-    class T(nn.Module):
-        def forward(self, x):
-            return x.t().reshape(-1) * 2
-
-    graph = torch.export.export(T(), (torch.randn(3, 4),), strict=False).run_decompositions({}).graph
-    assert EDGE_PASS_TRIGGERS["NormalizeTransposePass"](graph) or EDGE_PASS_TRIGGERS["ReplaceBrokenOpsWithFunctionalOpsPass"](graph)
-    assert not EDGE_PASS_TRIGGERS["SymToTensorPass"](graph)  # static shapes
-    static = torch.export.export(nn.Linear(4, 4), (torch.randn(2, 4),), strict=False).graph
-    assert not EDGE_PASS_TRIGGERS["ReplaceBrokenOpsWithFunctionalOpsPass"](static)
