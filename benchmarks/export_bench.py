@@ -13,8 +13,9 @@ runtime lacks ("will abort at load"), .pte size. Ratios are stock / qlower.
 stock:  torchao quantize_ (Int8DynamicActivationIntxWeightConfig, int4 per
         group) -> torch.export -> to_edge_transform_and_lower(VulkanPartitioner)
         -> to_executorch
-qlower: qlower.pipeline.STAGES after load: quantize -> export (torch.export,
-        edge program by qlower.lower_speedups.to_edge_for_partitioner) -> fuse
+qlower: qlower.pipeline.STAGES after load: quantize (torchao, then one
+        qlower::quantized_linear node per layer) -> export (torch.export, edge
+        program by qlower.lower_speedups.to_edge_for_partitioner) -> fuse
         (qlower.fuse + qlower.delegation) -> lower (VulkanPartitioner inside
         qlower.lower_speedups.vulkan_patterns_once, to_executorch)
 """

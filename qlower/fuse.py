@@ -21,8 +21,10 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     their own ``choose_qparams_affine`` from torchao; they compute the same
     per-token scales, so keep one. ExecuTorch 1.5.1 keeps all of them.
 ``fuse_quantized_linear``
-    dequantize → linear (→ quantize) chains → ``et_vk`` fused linears
-    (:mod:`qlower.patterns.linear` lists the routes and guards).
+    dequantize → linear (→ quantize) chains, and the export pipeline's
+    one-node ``qlower.quantized_linear``, → ``et_vk`` fused linears
+    (:mod:`qlower.patterns.linear` lists the routes and guards). Those one-node
+    linears get one ``choose_qparams_affine`` per distinct input here.
 ``drop_unused_constants``
     Dead dequantize nodes go, and so do the constants only they read
     (weight zero points), so they do not end up in the ``.pte``.
@@ -108,6 +110,7 @@ class FusionContext:
     report: FusionReport
     packer: linear_family.ConstantPacker
     orphans: list[torch.fx.Node] = field(default_factory=list)
+    act_qparams: dict = field(default_factory=dict)  # input node -> (scale, zero point) nodes
 
 
 # -- passes --------------------------------------------------------------------
@@ -151,6 +154,8 @@ def fuse_quantized_linear(ep: ExportedProgram, ctx: FusionContext) -> int:
         ctx.report.layers.append(info)
         if match is None:
             continue
+        if match.op == "linear_dq8ca_q4gsw" and match.input_scale is None:  # qlower::quantized_linear
+            match.input_scale, match.input_zp = linear_family.act_qparams(match.anchor, match.x, ctx.act_qparams)
         linear_family.replace(ep, match, ctx.packer)
         ctx.orphans.extend(match.orphans)
         fused += 1

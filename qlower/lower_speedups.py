@@ -15,7 +15,7 @@ so such a family cannot match).
 
 It also drops, from each partition's ``preprocess``, the passes whose only
 work is on operators the partition does not contain (batch-norm folding,
-conv+clamp fusion, PT2E q/dq folding): each of them re-traces the whole graph
+conv+clamp fusion, PT2E q/dq folding, relu/gelu input squeezing): each of them re-traces the whole graph
 to validate it even when it changed nothing.
 """
 
@@ -66,6 +66,7 @@ PREPROCESS_PASS_TRIGGERS: dict[str, Callable[[frozenset[str]], bool]] = {
     "FuseQuantizedOpsTransform": lambda ops: any(
         o.startswith("quantized_decomposed.dequantize") for o in ops
     ),
+    "SqueezeUnsqueezeInputs": lambda ops: bool(ops & {"aten.relu.default", "aten.gelu.default"}),
 }
 
 

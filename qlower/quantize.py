@@ -19,7 +19,8 @@ from torch import nn
 from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
-from .patterns.linear import Q4_N_ALIGN, q4_n_reason
+from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason
+from .quantized_linear import QuantizedLinear
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
 EMBEDDING_DIM_MULTIPLE = 32
@@ -119,6 +120,8 @@ def quantize_eager(module: nn.Module, plans: list[LayerPlan]) -> None:
             groups.setdefault((plan.scheme, plan.group_size), set()).add(plan.name)
     for (scheme, group_size), names in sorted(groups.items()):
         quantize_(module, make_config(scheme, group_size), filter_fn=_by_name(names))
+        for name in sorted(names):
+            replace_module(module, name, QuantizedLinear.from_torchao(module.get_submodule(name), q4_fusable))
     for plan in plans:
         if plan.quantized and plan.kind == "embedding":
             replace_module(module, plan.name, Int4Embedding.from_float(module.get_submodule(plan.name), plan.group_size))

@@ -37,6 +37,7 @@ from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
 from .loader import describe_tensor, random_like, read_input_batches
 from .pte import Pte, fused_op_histogram, read_pte
+from .quantized_linear import LINEAR_LAYERS
 
 # SQNR reported for outputs that are bit-identical (log of zero noise); JSON has no inf.
 SQNR_IDENTICAL_DB = 300.0
@@ -189,7 +190,7 @@ def run_eager_with_layers(module: nn.Module, inputs: tuple) -> tuple[list[torch.
         else:
             handles = [
                 child.register_forward_hook(lambda m, a, out, name=name: captured.append(LayerOutput(name, out.detach().clone())))
-                for name, child in module.named_modules() if isinstance(child, nn.Linear)
+                for name, child in module.named_modules() if isinstance(child, LINEAR_LAYERS)
             ]
             try:
                 outputs = module(*inputs)

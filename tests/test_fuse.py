@@ -311,3 +311,88 @@ def test_dump_after_and_unknown_pass():
     assert lines and "linear_q4gsw" in lines[0]
     with pytest.raises(ConfigError, match="unknown fusion pass"):
         fuse.run_fusion(ep, dump_after="nope")
+
+
+# -- qlower::quantized_linear (the export pipeline's route) ---------------------------
+
+def as_quantized_linear_ops(model):
+    """Swap torchao's quantized linears for QuantizedLinear, as the quantize stage does."""
+    from qlower.patterns.linear import q4_fusable
+    from qlower.quantize import replace_module
+    from qlower.quantized_linear import QuantizedLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and type(mod.weight).__name__ == "IntxUnpackedToInt8Tensor":
+            replace_module(model, name, QuantizedLinear.from_torchao(mod, q4_fusable))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["qta8a_qga4w", "qga4w"])
+@pytest.mark.parametrize("shape", [(1, 5, 64), (3, 64)])
+@pytest.mark.parametrize("opaque", [True, False])
+def test_quantized_linear_computes_what_torchao_computes(scheme, shape, opaque):
+    from qlower.quantized_linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = quantize(Chain(), scheme, None)
+    x = torch.randn(*shape)
+    for name in ("l1", "l2", "l3"):
+        layer = model.get_submodule(name)
+        ours = QuantizedLinear.from_torchao(layer, lambda *_: opaque)
+        x_in = torch.randn(*shape[:-1], layer.in_features)
+        assert torch.equal(ours(x_in), layer(x_in)), name
+    ep = torch.export.export(as_quantized_linear_ops(model), (x,))
+    targets = Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    assert targets["qlower.quantized_linear.default"] == 3
+    assert not any(t.startswith("torchao.") for t in targets)
+
+
+@pytest.mark.parametrize("scheme", ["qta8a_qga4w", "qga4w"])
+def test_quantized_linear_op_lowers_to_executorchs_ops_and_bytes(scheme):
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 64)
+    model = quantize(Chain(), scheme, x)
+    with torch.no_grad():
+        expected = model(x)
+    stock, _ = lower_stock(torch.export.export(model, (x,)))
+    (ours, _), report, fused_module = lower_ours(torch.export.export(as_quantized_linear_ops(model), (x,)))
+    assert [l.fused_op for l in report.layers] == EXPECTED[scheme]
+    assert [(l.module, l.n, l.k, l.group_size) for l in report.layers] == [
+        ("l1", 100, 64, 32), ("l2", N_ODD, 100, 20), ("l3", 32, N_ODD, N_ODD)]
+    assert len(ours) == len(stock)
+    for (s_chain, s_consts), (o_chain, o_consts) in zip(stock, ours):
+        assert fused_ops(o_chain) == fused_ops(s_chain)
+        assert Counter(o_consts) == Counter(s_consts)
+    with torch.no_grad():
+        got = fused_module(x)
+    assert sqnr_db(expected, got) >= (MIN_SQNR_DB_DYNAMIC if scheme == "qta8a_qga4w" else MIN_SQNR_DB_EXACT)
+
+
+def test_layers_that_cannot_fuse_keep_the_torchao_chain():
+    from qlower.patterns.linear import q4_fusable
+
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    # K=6 is not a multiple of 4: the fused ops cannot take it.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(6)))
+    assert not q4_fusable(model[0].weight.qdata, model[0].weight.block_size)
+    x = torch.randn(2, 6)
+    ep = torch.export.export(as_quantized_linear_ops(model), (x,))
+    assert not any("qlower" in str(n.target) for n in ep.graph.nodes)
+    report = fuse.run_fusion(to_edge(ep).exported_program())
+    assert [l.reason for l in report.layers] == ["K=6 is not a multiple of 4"]
+
+
+def test_quantized_linear_ops_share_activation_qparams():
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 64)
+    model = as_quantized_linear_ops(quantize(Siblings(), "qta8a_qga4w", x))
+    edge = to_edge(torch.export.export(model, (x,)))
+    report = fuse.run_fusion(edge.exported_program())
+    assert len(report.fused) == 6
+    chooses = [n for n in edge.exported_program().graph.nodes if "choose_qparams_affine" in str(n.target)]
+    # q/k/v read x, gate/up read a, down reads its own input: three choices, not six.
+    assert len(chooses) == 3

@@ -47,8 +47,8 @@ def test_fused_op_equals_reference_on_eager_weights_bit_for_bit(exported, scheme
     layers = [loaded.module.fc1, loaded.module.fc2]
     assert len(records) == len(layers)
     for record, layer in zip(records, layers):
-        w = layer.weight.qdata
-        scales = layer.weight.scale
+        w = layer.weight  # QuantizedLinear: torchao's int values and scales as plain tensors
+        scales = layer.weight_scale
         group_size = w.shape[1] // scales.shape[1]
         x = record.args[0]
         if scheme == "qta8a_qga4w":
@@ -114,8 +114,14 @@ def test_program_with_cpu_kernels_between_partitions(exported):
 
     from qlower.verify import sqnr_db
 
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from qlower.loader import load_model
+
     model, _ = exported("llama", "qta8a_qga4w")
-    loaded = _quantized_eager(model, "qta8a_qga4w")
+    loaded = load_model(model)  # quantized as the stock flow does it: torchao alone
+    quantize_(loaded.module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
     ep = torch.export.export(loaded.module, loaded.example_inputs, strict=False)
     pte = read_pte(to_edge_transform_and_lower(ep, partitioner=[VulkanPartitioner()]).to_executorch().buffer)
     kinds = {s.kind for s in pte.steps}

@@ -17,6 +17,9 @@ dq(int4 per-group weight) → linear     ``et_vk.linear_q4gsw``
 choose_qparams → q → dq → linear       ``et_vk.linear_dq8ca_q4gsw``
   with per-group int4 weights          (``choose_qparams_affine`` stays)
 q(static) → dq → linear, float output  ``et_vk.linear_q8ta_q8csw``
+``qlower.quantized_linear`` (the       ``et_vk.linear_dq8ca_q4gsw`` (a
+  export pipeline's one-node form,     ``choose_qparams_affine`` per input
+  :mod:`qlower.quantized_linear`)      is added) or ``et_vk.linear_q4gsw``
 =====================================  ===================================
 
 Guards (each rejection says why, in user words): the weight is a quantized
@@ -42,6 +45,8 @@ from executorch.exir.dialects._ops import ops as exir_ops
 from torch.export.graph_signature import InputKind, TensorArgument
 
 from qlower import pack
+from qlower.errors import ExportError
+from qlower.quantized_linear import act_block_size, int_range
 
 # The kernels read activations in vec4 texels along K.
 K_ALIGN = 4
@@ -54,6 +59,8 @@ Q4_N_ALIGN = 4
 MAX_TRACE_DEPTH = 4
 
 EDGE = exir_ops.edge
+# qlower's one-node quantized linear (qlower.quantized_linear), from the quantize stage.
+QUANTIZED_LINEAR = EDGE.qlower.quantized_linear.default
 ANCHORS = {
     EDGE.aten.linear.default: "linear",
     EDGE.aten.mm.default: "mm",
@@ -135,15 +142,21 @@ def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.
     return cur, seen
 
 
-def _q4_weight_problem(info: LinearInfo, k: int, scales_shape: tuple, w_t: torch.Tensor) -> str | None:
-    """The first guard a per-group int4 weight fails for the 4-bit fused ops, or None."""
-    if k % scales_shape[-1] != 0:
-        return f"group size {info.group_size} does not divide K={k}"
-    if not pack.is_int4_range(w_t):
+def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tensor) -> str | None:
+    """The first guard a per-group int4 weight [N, K] fails for the 4-bit fused ops, or None."""
+    if not group_size or k % group_size != 0:
+        return f"group size {group_size} does not divide K={k}"
+    if not pack.is_int4_range(w_int):
         return "weights outside the int4 range"
-    if info.n % Q4_N_ALIGN:
-        return q4_n_reason(info.n)
+    if n % Q4_N_ALIGN:
+        return q4_n_reason(n)
     return None
+
+
+def q4_fusable(w_int: torch.Tensor, block_size) -> bool:
+    """Will a per-group int4 weight [N, K] with this block size fuse? (K alignment included.)"""
+    n, k = w_int.shape
+    return k % K_ALIGN == 0 and q4_weight_problem(n, k, int(block_size[-1]), w_int) is None
 
 
 def q4_n_reason(n: int) -> str:
@@ -210,6 +223,8 @@ def _reject(info: LinearInfo, reason: str) -> tuple[None, LinearInfo]:
 
 def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None, LinearInfo | None]:  # noqa: C901
     """Match one anchor. Returns (match, info), (None, info with reason), or (None, None)."""
+    if node.op == "call_function" and node.target == QUANTIZED_LINEAR:
+        return _detect_quantized_linear(ep, node)
     kind = ANCHORS.get(node.target) if node.op == "call_function" else None
     if kind is None:
         return None, None
@@ -306,7 +321,7 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
     if x_dq is None:
         if not per_group:
             return _reject(info, "weight-only quantization needs per-group int4 weights")
-        reason = _q4_weight_problem(info, k, sshape, w_t)
+        reason = q4_weight_problem(info.n, k, info.group_size, w_t)
         if reason:
             return _reject(info, reason)
         m.op = "linear_q4gsw"
@@ -317,7 +332,7 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
             return _reject(info, "dynamic activation quantization is not per token")
         if not per_group:
             return _reject(info, "dynamic int8 activations need per-group int4 weights")
-        reason = _q4_weight_problem(info, k, sshape, w_t)
+        reason = q4_weight_problem(info.n, k, info.group_size, w_t)
         if reason:
             return _reject(info, reason)
         m.op = "linear_dq8ca_q4gsw"
@@ -330,6 +345,46 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
     m.op = "linear_q8ta_q8csw"
     info.note = "output feeds a float op, so no requantization"
     return _accept(m)
+
+
+def _detect_quantized_linear(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch, LinearInfo]:
+    """``qlower::quantized_linear``: the quantize stage emitted it only for layers that fuse."""
+    x, weight, scales, zeros, block_size, bits, dynamic, bias, _dtype = node.args
+    w_t = get_param_tensor(ep, weight)
+    n, k = (int(d) for d in w_t.shape)
+    info = LinearInfo(node=node.name, module=module_fqn(node), anchor="linear", n=n, k=k,
+                      group_size=int(block_size[-1]), has_bias=bias is not None,
+                      scheme=SCHEME_DYNAMIC if dynamic else SCHEME_WEIGHT_ONLY)
+    reason = f"{bits}-bit weights" if bits != 4 else (
+        f"K={k} is not a multiple of {K_ALIGN}" if k % K_ALIGN else q4_weight_problem(n, k, info.group_size, w_t))
+    if reason:
+        raise ExportError(f"layer {info.module} was quantized for fusion but cannot fuse: {reason}",
+                          "report this with the model; a per-layer 'skip' override keeps the layer float")
+    m = LinearMatch(anchor=node, info=info, op="linear_dq8ca_q4gsw" if dynamic else "linear_q4gsw",
+                    weight=weight, weight_scales=scales, x=x, bias=bias, output=node)
+    m.orphans = [zeros]
+    return _accept(m)
+
+
+def act_qparams(anchor: torch.fx.Node, x: torch.fx.Node, cache: dict) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """Per-token int8 scale and zero point of ``x``, as torchao chooses them; one node per input."""
+    if x in cache:
+        return cache[x]
+    target = EDGE.torchao.choose_qparams_affine.default
+    qmin, qmax = int_range(torch.int8)
+    args = (x, "ASYMMETRIC", act_block_size(x.meta["val"]), torch.int8, qmin, qmax, None, None, torch.int8)
+    graph = anchor.graph
+    with graph.inserting_before(anchor):
+        choose = graph.create_node("call_function", target, args=args)
+        choose.meta = {k: v for k, v in anchor.meta.items() if k != "val"}
+        choose.meta["val"] = _fake_run(target, args)
+        items = []
+        for i in range(2):
+            item = graph.create_node("call_function", operator.getitem, args=(choose, i))
+            item.meta = dict(choose.meta, val=choose.meta["val"][i])
+            items.append(item)
+    cache[x] = tuple(items)
+    return cache[x]
 
 
 def _is_constant(ep: ExportedProgram, node: torch.fx.Node) -> bool:

@@ -1,0 +1,112 @@
+"""One graph node per quantized linear, from the quantize stage to the fuse stage.
+
+torchao's quantized weights (``IntxUnpackedToInt8Tensor``) make every linear a
+chain of torchao ops in the exported graph: choose_qparams → quantize →
+dequantize of the input (dynamic scheme), dequantize of the weight, linear.
+Each of those ops is decomposed on fake tensors every time ``torch.export``,
+the decomposition and each ExecuTorch pass re-traces the graph, which is
+most of the export time of a quantized decoder.
+
+:class:`QuantizedLinear` takes torchao's int values, scales and zero points
+and calls ``qlower::quantized_linear`` instead: one opaque op with a shape-only
+fake kernel and, on real tensors, exactly the torchao calls the subclass makes
+(tested bit for bit). The fuse stage replaces it by the ET-VK fused op
+(:mod:`qlower.patterns.linear`). A layer the fused ops cannot take keeps the
+explicit torchao chain, which the fuse stage reports as unfused with the
+reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+OP = "qlower::quantized_linear"
+
+
+def int_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Signed range of torch.int1 … torch.int8 (torchao's bounds for them)."""
+    bits = int(str(dtype).removeprefix("torch.int"))
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def act_block_size(x: torch.Tensor) -> list[int]:
+    """Per-token block: one scale per row of the last dimension."""
+    return [1] * (x.dim() - 1) + [x.shape[-1]]
+
+
+def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[int], weight_bits: int,
+                   dynamic_activations: bool, bias, dtype: torch.dtype) -> torch.Tensor:
+    """What torchao's IntxUnpackedToInt8Tensor linear computes, op for op.
+
+    The torchao ops are called directly: their Python wrappers run under
+    no_grad, which export records as a higher-order op around each call.
+    """
+    ops = torch.ops.torchao
+    if dynamic_activations:
+        block = act_block_size(x)
+        qmin, qmax = int_range(torch.int8)
+        scale, zero_point = ops.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, qmin, qmax, None, None, torch.int8)
+        q = ops.quantize_affine(x, block, scale, zero_point, torch.int8, qmin, qmax)
+        x = ops.dequantize_affine(q, block, scale, zero_point, torch.int8, qmin, qmax, output_dtype=x.dtype)
+    qmin, qmax = int_range(getattr(torch, f"int{weight_bits}"))
+    w = ops.dequantize_affine(weight, block_size, weight_scale, weight_zero_point, torch.int8, qmin, qmax, output_dtype=dtype)
+    return nn.functional.linear(x, w, bias)
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_zero_point: torch.Tensor, block_size: list[int], weight_bits: int,
+                     dynamic_activations: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return torchao_linear(x, weight, weight_scale, weight_zero_point, block_size, weight_bits,
+                          dynamic_activations, bias, dtype)
+
+
+@quantized_linear.register_fake
+def _(x, weight, weight_scale, weight_zero_point, block_size, weight_bits, dynamic_activations, bias, dtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class QuantizedLinear(nn.Module):
+    """A torchao-quantized linear as plain tensors and one ``qlower::quantized_linear`` call."""
+
+    def __init__(self, qdata, scale, zero_point, block_size, weight_bits: int, dtype: torch.dtype, bias,
+                 dynamic_activations: bool, opaque: bool):
+        super().__init__()
+        # Parameters named after the linear's weight, so packed constants keep its name.
+        self.weight = nn.Parameter(qdata, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.weight_zero_point = nn.Parameter(zero_point, requires_grad=False)
+        self.bias = bias
+        self.block_size = [int(b) for b in block_size]
+        self.weight_bits = weight_bits
+        self.dtype = dtype  # of the dequantized weight
+        self.dynamic_activations = dynamic_activations
+        self.opaque = opaque  # False: the explicit torchao chain (the fused ops cannot take it)
+
+    @classmethod
+    def from_torchao(cls, layer: nn.Linear, fusable) -> "QuantizedLinear":
+        """``fusable(qdata, block_size) -> bool``: may the fuse stage take this layer?"""
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+
+        w = layer.weight
+        if not isinstance(w, IntxUnpackedToInt8Tensor):
+            raise ExportError(f"torchao quantized a layer to {type(w).__name__}, expected IntxUnpackedToInt8Tensor",
+                              "install the pinned torchao version (pip install -e .)")
+        bits = int(str(w.target_dtype).removeprefix("torch.int"))
+        return cls(w.qdata, w.scale, w.zero_point, w.block_size, bits, w.dtype, layer.bias,
+                   dynamic_activations=w.activation_quantization is not None,
+                   opaque=fusable(w.qdata, w.block_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.weight, self.weight_scale, self.weight_zero_point, self.block_size, self.weight_bits,
+                self.dynamic_activations, self.bias, self.dtype)
+        if self.opaque:
+            return torch.ops.qlower.quantized_linear(*args)
+        return torchao_linear(*args)
+
+
+# Module types whose output is one linear layer's (the eager side of verify).
+LINEAR_LAYERS = (nn.Linear, QuantizedLinear)
