@@ -169,11 +169,13 @@ def child(args) -> None:
 
     held = [load_model(args)]  # the flow takes it, so the caller holds no reference
     phases: dict[str, float] = {}
+    peak_after: dict[str, float] = {}  # peak RSS so far at the end of each phase: where the peak is
 
     def phase(name, fn):
         t = time.perf_counter()
         out = fn()
         phases[name] = round(time.perf_counter() - t, 3)
+        peak_after[name] = _peak_rss_mb()
         return out
 
     flow = {"stock": stock_flow, "qlower": qlower_flow}[args.child]
@@ -183,9 +185,11 @@ def child(args) -> None:
 
         profiler = cProfile.Profile()
         profiler.enable()
+    peak_after["load"] = _peak_rss_mb()
     t0 = time.perf_counter()
     buf = flow(held, args, phase)
     wall = time.perf_counter() - t0
+    peak = _peak_rss_mb()  # before the .pte is summarized below, which is not part of either flow
     if profiler is not None:
         import pstats
 
@@ -197,13 +201,18 @@ def child(args) -> None:
         "wall_s": round(wall, 3),
         "phases_s": phases,
         # Peak RSS of this process (the parent's RUSAGE_CHILDREN would mix flows).
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak,
+        "peak_rss_after_mb": peak_after,
         "partitions": s.partitions,
         "cpu_kernel_calls": s.cpu_kernel_calls,
         "cpu_kernels": s.cpu_kernels,
         "unsupported": sorted({p.message for p in s.problems}),
         "pte_bytes": len(buf),
     }))
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # --------------------------------------------------------------------------
@@ -265,6 +274,7 @@ def main() -> int:
     for name, r in results.items():
         if "error" not in r:
             print(f"  {name} phases: {r['phases_s']}")
+            print(f"  {name} peak RSS MB after each phase: {r['peak_rss_after_mb']}")
             for u in r["unsupported"]:
                 print(f"  {name} will abort at load: {u}")
             if r["cpu_kernels"]:

@@ -49,7 +49,6 @@ class ExportJob:
     fusion: Any = None  # FusionReport
     delegation_passes: list[str] = field(default_factory=list)  # fix-up passes that changed the graph
     cpu_notes: list = field(default_factory=list)  # nodes that would stay on the CPU, and why
-    program: Any = None  # ExecutorchProgramManager
     pte_bytes: bytes | None = None
     verify_samples: int = 0  # > 0: run the verify stage on that many input batches
     verification: dict | None = None
@@ -116,9 +115,13 @@ def stage_lower(job: ExportJob) -> None:
 
     try:
         with vulkan_patterns_once(job.edge.exported_program()):
-            edge = job.edge.to_backend({"forward": make_partitioner(job.options)})
-        job.program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
-        job.pte_bytes = bytes(job.program.buffer)
+            lowered = job.edge.to_backend({"forward": make_partitioner(job.options)})
+        # The delegate blob holds the packed weights now; let the edge program's copy go
+        # before serializing makes another one (peak RSS).
+        job.edge = None
+        program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+        del lowered
+        job.pte_bytes = bytes(program.buffer)
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ExportError(f"ExecuTorch's Vulkan lowering failed: {type(cause).__name__}: {first_line(cause)}",
