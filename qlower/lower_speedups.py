@@ -162,9 +162,9 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
 # anything but ``__init__``, ``call_operator`` and (ScalarToTensorPass) a
 # ``call`` that wraps ``super().call``. Ops a pass inserts with
 # ``self.call_operator`` go through the whole chain; the earlier passes leave
-# them as they are (tests/test_delegation.py checks graphs equal ExecuTorch's).
+# them as they are (tests/test_lower_speedups.py checks graphs equal ExecuTorch's).
 MERGEABLE_EDGE_PASSES = frozenset({
-    "ReplaceViewOpsWithViewCopyOpsPass",  # torch's; stood in for by _ViewOpsToViewCopy
+    "ReplaceViewOpsWithViewCopyOpsPass",  # torch's; stood in for by _view_ops_to_view_copy()
     "NormalizeTransposePass",
     "ReplaceBrokenOpsWithFunctionalOpsPass",
     "ScalarToTensorPass",

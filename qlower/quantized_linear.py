@@ -37,6 +37,15 @@ def act_block_size(x: torch.Tensor) -> list[int]:
     return [1] * (x.dim() - 1) + [x.shape[-1]]
 
 
+def per_token_qparams_args(x, x_value: torch.Tensor) -> tuple:
+    """``torchao::choose_qparams_affine`` arguments for per-token asymmetric int8 of ``x``.
+
+    ``x`` is the tensor, or its graph node with ``x_value`` its (fake) value.
+    """
+    qmin, qmax = int_range(torch.int8)
+    return (x, "ASYMMETRIC", act_block_size(x_value), torch.int8, qmin, qmax, None, None, torch.int8)
+
+
 def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[int], weight_bits: int,
                    dynamic_activations: bool, bias, dtype: torch.dtype) -> torch.Tensor:
     """What torchao's IntxUnpackedToInt8Tensor linear computes, op for op.
@@ -48,7 +57,7 @@ def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[
     if dynamic_activations:
         block = act_block_size(x)
         qmin, qmax = int_range(torch.int8)
-        scale, zero_point = ops.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, qmin, qmax, None, None, torch.int8)
+        scale, zero_point = ops.choose_qparams_affine(*per_token_qparams_args(x, x))
         q = ops.quantize_affine(x, block, scale, zero_point, torch.int8, qmin, qmax)
         x = ops.dequantize_affine(q, block, scale, zero_point, torch.int8, qmin, qmax, output_dtype=x.dtype)
     qmin, qmax = int_range(getattr(torch, f"int{weight_bits}"))

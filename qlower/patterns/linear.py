@@ -46,7 +46,7 @@ from torch.export.graph_signature import InputKind, TensorArgument
 
 from qlower import pack
 from qlower.errors import ExportError
-from qlower.quantized_linear import act_block_size, int_range
+from qlower.quantized_linear import per_token_qparams_args
 
 # The kernels read activations in vec4 texels along K.
 K_ALIGN = 4
@@ -153,10 +153,17 @@ def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tenso
     return None
 
 
+def q4_fusion_problem(w_int: torch.Tensor, group_size: int) -> str | None:
+    """The first guard a per-group int4 weight [N, K] fails, K alignment included, or None."""
+    n, k = (int(d) for d in w_int.shape)
+    if k % K_ALIGN:
+        return f"K={k} is not a multiple of {K_ALIGN}"
+    return q4_weight_problem(n, k, group_size, w_int)
+
+
 def q4_fusable(w_int: torch.Tensor, block_size) -> bool:
-    """Will a per-group int4 weight [N, K] with this block size fuse? (K alignment included.)"""
-    n, k = w_int.shape
-    return k % K_ALIGN == 0 and q4_weight_problem(n, k, int(block_size[-1]), w_int) is None
+    """Will a per-group int4 weight [N, K] with this block size fuse?"""
+    return q4_fusion_problem(w_int, int(block_size[-1])) is None
 
 
 def q4_n_reason(n: int) -> str:
@@ -355,8 +362,7 @@ def _detect_quantized_linear(ep: ExportedProgram, node: torch.fx.Node) -> tuple[
     info = LinearInfo(node=node.name, module=module_fqn(node), anchor="linear", n=n, k=k,
                       group_size=int(block_size[-1]), has_bias=bias is not None,
                       scheme=SCHEME_DYNAMIC if dynamic else SCHEME_WEIGHT_ONLY)
-    reason = f"{bits}-bit weights" if bits != 4 else (
-        f"K={k} is not a multiple of {K_ALIGN}" if k % K_ALIGN else q4_weight_problem(n, k, info.group_size, w_t))
+    reason = f"{bits}-bit weights" if bits != 4 else q4_fusion_problem(w_t, info.group_size)
     if reason:
         raise ExportError(f"layer {info.module} was quantized for fusion but cannot fuse: {reason}",
                           "report this with the model; a per-layer 'skip' override keeps the layer float")
@@ -371,8 +377,7 @@ def act_qparams(anchor: torch.fx.Node, x: torch.fx.Node, cache: dict) -> tuple[t
     if x in cache:
         return cache[x]
     target = EDGE.torchao.choose_qparams_affine.default
-    qmin, qmax = int_range(torch.int8)
-    args = (x, "ASYMMETRIC", act_block_size(x.meta["val"]), torch.int8, qmin, qmax, None, None, torch.int8)
+    args = per_token_qparams_args(x, x.meta["val"])
     graph = anchor.graph
     with graph.inserting_before(anchor):
         choose = graph.create_node("call_function", target, args=args)
