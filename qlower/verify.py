@@ -52,29 +52,37 @@ class Thresholds:
     layer: float  # each matched layer vs the same layer of the eager quantized model
 
 
-# Chosen from measurements on the bundled examples (examples/mlp.py and a
-# 2-layer examples/llama.py; 4 samples: the example inputs + 3 random ones):
+# Chosen from measurements on the bundled examples and recipes (4 samples: the
+# example inputs + 3 random ones; int4 at group size 128 unless noted):
 #
-#   scheme        vs float   vs quantized eager   worst layer
-#   qta8a_qga4w   20.4-22.5  133 dB               129 dB
-#   qga4w         20.4-22.5  134-139 dB           129 dB
-#   q8ta_q8csw    32.3       identical            identical
-#   fp16          63.9-66.7  63.9-66.7 dB         60.6 dB
-#   fp32          134-id.    134 dB-identical     129 dB
+#   scheme        vs float                 vs quantized eager   worst layer
+#   qta8a_qga4w   20.4-22.9 (uniform init) 50-133 dB            129 dB
+#                 12.6-19.7 (HF, normal)
+#   qga4w         20.4-22.5                134-139 dB           129 dB
+#   q8ta_q8csw    32.3                     identical            identical
+#   fp16          63.9-66.7                63.9-66.7 dB         60.6 dB
+#   fp32          134-id.                  134 dB-identical     129 dB
 #
-# vs float: what the scheme's rounding costs; the bar sits a few dB under the
-# lowest seen so that other inputs pass (random weights are a worst case for
-# int4). vs quantized: the golden run and the eager quantized model compute
-# the same integers, so only float summation order (and, for requantized int8,
-# an occasional rounding tie: one step in a few elements) separates them. At
+# vs float: what the scheme's rounding costs, a property of the model and not
+# of the lowering. int4 costs most on normally distributed weights (the
+# transformers recipes, initialized N(0, 0.02): 12.6 dB on the 2-layer Llama,
+# 13.0 on Qwen2, 14.0 at group size 32) and least on uniform ones (nn.Linear's
+# default init: 20-23 dB). The int4 bar sits under the lowest legitimate value
+# and above what broken quantization gives on the same models (weights read a
+# row or a nibble off: -3 dB; zero points off by one: -13 to -7 dB; values
+# clamped to int3: 1.8-7.3 dB). Subtler damage (scales of the wrong group:
+# 4.8-22.8 dB) is not the bar's job: tests check the quantized layers bit for
+# bit against torchao. vs quantized: the golden run and the eager quantized model
+# compute the same integers, so only float summation order (and, for requantized
+# int8, an occasional rounding tie: one step in a few elements) separates them. At
 # the outputs such ties compound through the layers (49.9 dB seen on a 2-block
 # decoder with int4 embeddings), so the int4 output bar is 30 dB; the layer
 # bar stays high because each layer is compared in isolation (fed the golden
 # run's own input, see isolated_eager_layer) and sits far above what a few
 # flipped bits in one packed weight give (36 dB in that layer).
 THRESHOLDS: dict[str, Thresholds] = {
-    "qta8a_qga4w": Thresholds(vs_float=15.0, vs_quantized=30.0, layer=60.0),
-    "qga4w": Thresholds(vs_float=15.0, vs_quantized=30.0, layer=60.0),
+    "qta8a_qga4w": Thresholds(vs_float=10.0, vs_quantized=30.0, layer=60.0),
+    "qga4w": Thresholds(vs_float=10.0, vs_quantized=30.0, layer=60.0),
     "q8ta_q8csw": Thresholds(vs_float=20.0, vs_quantized=40.0, layer=40.0),
     "fp16": Thresholds(vs_float=45.0, vs_quantized=45.0, layer=45.0),
     "fp32": Thresholds(vs_float=80.0, vs_quantized=80.0, layer=80.0),
@@ -237,13 +245,19 @@ def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord) -> torc
     133 dB at the first layer, 42 dB five layers later in a 2-block decoder),
     which would hide, or mimic, a damaged weight. In isolation both sides
     quantize the same input, so only a difference in the layer itself shows.
-    None where the input cannot be fed to the eager module (PT2E graphs, int8 inputs).
+    None where the input cannot be fed to the eager module (PT2E graphs, int8
+    inputs, an ``aten.linear`` whose input the graph quantized before it).
     """
-    if isinstance(module, torch.fx.GraphModule) or record.name not in FLOAT_INPUT_LINEAR_OPS:
+    if isinstance(module, torch.fx.GraphModule):
         return None
     try:
         layer = module.get_submodule(name)
     except AttributeError:
+        return None
+    # A float layer (skipped, or a float scheme) is fed like a fused one; an
+    # unfused quantized one would quantize its already quantized input again.
+    float_layer = record.name == "aten.linear.default" and type(layer) is nn.Linear
+    if record.name not in FLOAT_INPUT_LINEAR_OPS and not float_layer:
         return None
     with torch.no_grad():
         return layer(record.args[0].float()).detach()

@@ -131,14 +131,16 @@ HF_FUSED_LINEARS = {"hf_llama": 15, "hf_qwen2": 15, "hf_gpt2": 9}
 
 
 @pytest.mark.parametrize("name", sorted(HF_FUSED_LINEARS))
-def test_hf_recipe_one_partition(name):
+def test_hf_recipe_one_partition_and_verifies(name):
     pytest.importorskip("transformers")
     import qlower
 
-    summary = qlower.export(os.path.join(EXAMPLES, f"{name}.py"), None)
+    # verify=2: the example inputs and a random batch, at the default thresholds.
+    summary = qlower.export(os.path.join(EXAMPLES, f"{name}.py"), None, verify=2)
     assert (summary["vulkan_partitions"], summary["cpu_ops"], summary["runtime_problems"]) == (1, {}, [])
     assert summary["fused_ops"]["linear_dq8ca_q4gsw"] == HF_FUSED_LINEARS[name]
     assert summary["layers"]["unfused"] == 0
+    assert summary["verification"]["passed"]
 
 
 # ---------------------------------------------------------------------------

@@ -152,3 +152,23 @@ def test_verify_after_export_reuses_the_job(tmp_path):
     report = verify_after_export(job, samples=2)
     assert report["passed"], report["failures"]
     assert report["outputs"][0]["vs_quantized"]["sqnr_db"] >= THRESHOLDS["qta8a_qga4w"].vs_quantized
+
+
+def test_float_layers_are_compared_in_isolation():
+    """A float (skipped) linear is fed the golden run's own input, like a fused
+    one, so upstream rounding ties do not count against it; an unfused
+    quantized layer is not, since its graph input is already quantized."""
+    from torch import nn
+
+    from qlower.golden import OpRecord
+    from qlower.quantized_linear import QuantizedLinear
+    from qlower.verify import isolated_eager_layer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    record = OpRecord(0, 0, "aten.linear.default", [x, model[0].weight, model[0].bias], None)
+    torch.testing.assert_close(isolated_eager_layer(model, "0", record), model[0](x), rtol=0, atol=0)
+    chain = QuantizedLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.int8),
+                            [1, 8], 4, torch.float32, None, dynamic_activations=True, opaque=False)
+    assert isolated_eager_layer(nn.Sequential(chain), "0", record) is None
