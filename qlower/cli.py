@@ -30,6 +30,8 @@ class QlowerGroup(typer.core.TyperGroup):
 
     def _run(self, args, prog_name, complete_var, **extra) -> int:
         debug = os.environ.get("QLOWER_DEBUG") == "1"
+        wants_json = "--json" in (sys.argv[1:] if args is None else args)
+        _printed_json.clear()
         try:
             # Without standalone mode, click returns a typer.Exit's code instead of raising it.
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -37,19 +39,14 @@ class QlowerGroup(typer.core.TyperGroup):
         except QlowerError as exc:
             if debug:
                 raise
-            console.err.print(f"[red]error:[/] {exc.message}", markup=True)
-            if exc.hint:
-                console.err.print(f"hint: {exc.hint}", markup=False)
-            return exc.exit_code
+            return _report_error(exc.message, exc.hint, exc.exit_code, wants_json)
         except click_exc.NoArgsIsHelpError:
             return 0
         except click_exc.UsageError as exc:
             if debug:
                 raise
             command = exc.ctx.command_path if exc.ctx else "qlower"
-            console.err.print(f"[red]error:[/] {exc.format_message()}", markup=True)
-            console.err.print(f"hint: see '{command} --help'", markup=False)
-            return 2
+            return _report_error(exc.format_message(), f"see '{command} --help'", 2, wants_json)
         except typer.Exit as exc:
             return exc.exit_code
         except typer.Abort:
@@ -82,8 +79,22 @@ def _check_choice(value: str | None, legal) -> str | None:
     return value
 
 
+_printed_json: list[bool] = []  # non-empty once this invocation wrote its JSON document
+
+
 def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    _printed_json.append(True)
+
+
+def _report_error(message: str, hint: str | None, exit_code: int, wants_json: bool) -> int:
+    """The ``error:`` and ``hint:`` lines on stderr; with --json, also the one document on stdout."""
+    console.err.print(f"[red]error:[/] {message}", markup=True)
+    if hint:
+        console.err.print(f"hint: {hint}", markup=False)
+    if wants_json and not _printed_json:
+        print_json({"ok": False, "error": message, "hint": hint, "exit_code": exit_code})
+    return exit_code
 
 
 class StageProgress:

@@ -204,3 +204,21 @@ def test_exception_inside_factory_names_file_and_line(tmp_path):
 def test_exception_inside_example_inputs_function(tmp_path):
     path = write_model(tmp_path, "model = nn.Linear(2, 2)\ndef example_inputs():\n    return 1 / 0\n")
     assert_one_error(run(["export", str(path)], 1), f"{path}:5", "ZeroDivisionError")
+
+
+def test_json_errors_print_one_document(tmp_path, capsys):
+    """CI parses stdout under --json: an error is a document too, next to the stderr lines."""
+    import json
+
+    assert main(["export", str(tmp_path / "nope.py"), "--json"]) == 1
+    assert main(["export", MLP, "--scheme", "nope", "--json"]) == 2
+    out, err = capsys.readouterr()
+    decoder, documents, rest = json.JSONDecoder(), [], out.strip()
+    while rest:
+        doc, end = decoder.raw_decode(rest)
+        documents.append(doc)
+        rest = rest[end:].strip()
+    assert [(d["ok"], d["exit_code"]) for d in documents] == [(False, 1), (False, 2)]
+    assert "model file not found" in documents[0]["error"] and documents[0]["hint"]
+    assert "--scheme" in documents[1]["error"]
+    assert err.count("error:") == 2
