@@ -8,6 +8,7 @@ timing each and telling ``on_stage`` when one starts and ends.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -55,6 +56,13 @@ class ExportJob:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def release_memory() -> None:
+    """Free what a stage let go now: graphs and programs are reference cycles
+    that hold their weights until the next collection, which would otherwise
+    come after the next stage's allocations (peak RSS)."""
+    gc.collect()
+
+
 def stage_load(job: ExportJob) -> None:
     torch.manual_seed(job.options.seed)
     job.loaded = load_model(job.model_path, entry=job.entry, checkpoint=job.checkpoint)
@@ -93,6 +101,7 @@ def stage_export(job: ExportJob) -> None:
         # The edge program holds what lowering needs; let the eager weights go.
         job.exported = job.quantized = None
         job.loaded.module = None
+        release_memory()
 
 
 def stage_fuse(job: ExportJob) -> None:
@@ -119,8 +128,10 @@ def stage_lower(job: ExportJob) -> None:
         # The delegate blob holds the packed weights now; let the edge program's copy go
         # before serializing makes another one (peak RSS).
         job.edge = None
+        release_memory()
         program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         del lowered
+        release_memory()
         job.pte_bytes = bytes(program.buffer)
     except Exception as exc:
         cause = exc.__cause__ or exc
