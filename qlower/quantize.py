@@ -180,7 +180,14 @@ def quantize_static(module: nn.Module, example_inputs: tuple, plans: list[LayerP
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer()
+    class LinearQuantizer(XNNPACKQuantizer):
+        # XNNPACK's transform turns every add/mul scalar into a float tensor so that
+        # those ops could be quantized; only linears are, and on integer tensors
+        # (position ids: arange + 0) the float constant makes index tensors float.
+        def transform_for_annotation(self, model):
+            return model
+
+    quantizer = LinearQuantizer()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
     for plan in plans:
         if plan.kind == "linear" and plan.quantized:

@@ -96,6 +96,28 @@ def test_cnn_static_int8(tmp_path):
     assert sum(n for op, n in fused.items() if "q8ta" in op and "linear" in op) == 2
 
 
+def test_static_int8_with_integer_position_ids(tmp_path):
+    """Position ids built as arange + 0 (as transformers does) stay integer
+    through PT2E: nothing but the linears is rewritten for quantization."""
+    model = write_model(tmp_path, """
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(16, 16)
+
+            def forward(self, x):
+                positions = torch.arange(x.shape[1]) + 0
+                return self.proj(x)[:, positions.flip(0)] * 2
+
+        torch.manual_seed(0)
+        model = M().eval()
+        example_inputs = (torch.randn(1, 8, 16),)
+    """)
+    summary = qlower.export(model, tmp_path / "m.pte", scheme="q8ta_q8csw", calibration_batches=2, verify=2)
+    assert summary["vulkan_partitions"] == 1 and summary["verification"]["passed"]
+    assert sum(n for op, n in fused_ops_in_file(tmp_path / "m.pte").items() if "q8ta" in op and "linear" in op) == 1
+
+
 def test_cnn_float(tmp_path):
     out = tmp_path / "cnn.pte"
     summary = qlower.export(EXAMPLES / "cnn.py", out, scheme="fp32")

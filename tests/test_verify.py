@@ -11,43 +11,19 @@ import torch
 from typer.testing import CliRunner
 
 from qlower.cli import app, main
-from qlower.errors import ExportError
 from qlower.pte import read_pte
 from qlower.verify import THRESHOLDS, verify
 
 SCHEMES = ["qta8a_qga4w", "qga4w", "q8ta_q8csw", "fp16", "fp32"]
-# Exports of the llama and CNN examples take about a minute each on a small
-# machine; the default run exports each once for the default scheme only.
-SLOW = os.environ.get("QLOWER_SLOW_TESTS") == "1"
-slow = pytest.mark.skipif(not SLOW, reason="slow export; set QLOWER_SLOW_TESTS=1")
-# ExecuTorch 1.5.1's own Vulkan pattern pass fails on these (issue: fusion
-# passes); verify has nothing to check until export succeeds.
-EXPORT_FAILS = {
-    ("cnn", "qta8a_qga4w"): "ExecuTorch's quantized-linear pattern pass fails on the N=10 head",
-    ("cnn", "qga4w"): "ExecuTorch's Vulkan lowering fails on the CNN's int4 head",
-    ("llama", "q8ta_q8csw"): "ExecuTorch's Vulkan lowering fails (GuardOnDataDependentSymNode) on the PT2E llama",
-}
-CASES = (
-    [pytest.param("mlp", s, id=f"mlp-{s}") for s in SCHEMES]
-    + [pytest.param("llama", s, id=f"llama-{s}", marks=() if s == "qta8a_qga4w" else slow) for s in SCHEMES]
-    + [pytest.param("cnn", s, id=f"cnn-{s}", marks=slow) for s in SCHEMES]
-)
+# Every scheme on every bundled example (about two minutes on a 2-core machine).
+CASES = [pytest.param(example, s, id=f"{example}-{s}") for example in ("mlp", "llama", "cnn") for s in SCHEMES]
 
 runner = CliRunner()
 
 
-def _export_or_skip(exported, example, scheme):
-    try:
-        return exported(example, scheme)
-    except ExportError as exc:
-        if (example, scheme) in EXPORT_FAILS:
-            pytest.skip(f"{EXPORT_FAILS[example, scheme]}: {exc.message}")
-        raise
-
-
 @pytest.mark.parametrize("example,scheme", CASES)
 def test_every_scheme_verifies(exported, example, scheme):
-    model, pte = _export_or_skip(exported, example, scheme)
+    model, pte = exported(example, scheme)
     result = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
