@@ -4,7 +4,6 @@ a .pte written by the stock ExecuTorch flow, and the CLI contract."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
