@@ -82,7 +82,9 @@ def _check_choice(value: str | None, legal) -> str | None:
 _printed_json: list[bool] = []  # non-empty once this invocation wrote its JSON document
 
 
-def print_json(document: Any) -> None:
+def print_json(document: dict[str, Any], ok: bool = True) -> None:
+    """The command's one JSON document; every one has "ok" (false for errors, failed checks)."""
+    document = {"ok": ok, **document}
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     _printed_json.append(True)
 
@@ -93,7 +95,7 @@ def _report_error(message: str, hint: str | None, exit_code: int, wants_json: bo
     if hint:
         console.err.print(f"hint: {hint}", markup=False)
     if wants_json and not _printed_json:
-        print_json({"ok": False, "error": message, "hint": hint, "exit_code": exit_code})
+        print_json({"error": message, "hint": hint, "exit_code": exit_code}, ok=False)
     return exit_code
 
 
@@ -275,7 +277,7 @@ def verify(
     if plot is not None:
         plot_layers(report, plot)
     if as_json:
-        print_json(report)
+        print_json(report, ok=report["passed"])
     else:
         render_report(report, show_layers=layers)
         if device is not None:

@@ -68,6 +68,7 @@ def test_cli_json_matches_file(tmp_path):
     result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    assert doc["ok"] is True
     assert doc["fused_ops"] == dict(fused_ops_in_file(out))
     assert doc["layers"]["fused"] == 2 and doc["layers"]["unfused"] == 0
     assert set(doc["timings_s"]) == {"load", "quantize", "export", "fuse", "lower", "serialize"}

@@ -100,7 +100,8 @@ def test_threshold_override_fails_with_exit_1(exported):
     model, pte = exported("mlp", "fp16")
     result = runner.invoke(app, ["verify", str(model), str(pte), "--min-sqnr-float", "200", "--json"])
     assert result.exit_code == 1
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)  # the report is the one document, not an error document
+    assert report["ok"] is False and not report["passed"]
     assert report["thresholds"]["vs_float"] == 200 and "vs the float model" in report["failures"][0]
 
 
