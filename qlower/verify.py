@@ -57,8 +57,8 @@ class Thresholds:
 #
 #   scheme        vs float                 vs quantized eager   worst layer
 #   qta8a_qga4w   20.4-22.9 (uniform init) 50-133 dB            129 dB
-#                 12.6-19.7 (HF, normal)
-#   qga4w         20.4-22.5                134-139 dB           129 dB
+#                 12.6-15.4 (HF, normal)
+#   qga4w         20.4-22.9, HF 12.6-15.4  134-139 dB           129 dB
 #   q8ta_q8csw    32.3                     identical            identical
 #   fp16          63.9-66.7                63.9-66.7 dB         60.6 dB
 #   fp32          134-id.                  134 dB-identical     129 dB
