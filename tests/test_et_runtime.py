@@ -1,0 +1,87 @@
+"""qlower's .pte files on the real ExecuTorch Vulkan runtime (opt-in).
+
+Set QLOWER_ET_RUNNER to ExecuTorch's ``executor_runner`` built with the
+Vulkan backend (``EXECUTORCH_BUILD_VULKAN=ON``) for the pinned executorch
+version, and VK_ICD_FILENAMES to a Vulkan driver (e.g. Mesa lavapipe's
+``lvp_icd.x86_64.json``). Each bundled example and transformers recipe is
+exported with the default scheme, run by that runtime on its example inputs,
+and compared with qlower's golden executor of the same file; a stock-flow
+file must abort at load with the message ``qlower inspect`` predicts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qlower
+from qlower.golden import GoldenExecutor
+from qlower.loader import load_model
+from qlower.pte import read_pte
+from qlower.runtime_caps import summarize_pte
+from qlower.verify import THRESHOLDS, sqnr_db
+
+from .conftest import EXAMPLES
+
+RUNNER = os.environ.get("QLOWER_ET_RUNNER")
+pytestmark = pytest.mark.skipif(not RUNNER, reason="set QLOWER_ET_RUNNER to an ExecuTorch executor_runner built with Vulkan")
+
+MODELS = ["mlp", "cnn", "llama", "hf_llama", "hf_qwen2", "hf_gpt2"]
+
+
+def run_on_runtime(pte: Path, inputs: tuple, workdir: Path) -> tuple[subprocess.CompletedProcess, list[Path]]:
+    """Runs ``forward`` once; raw input files in, raw output files (``out-<i>.bin``) back."""
+    files = []
+    for i, t in enumerate(inputs):
+        files.append(workdir / f"input{i}.bin")
+        t.contiguous().numpy().tofile(files[-1])
+    out = workdir / "out"
+    proc = subprocess.run(
+        [RUNNER, "--model_path", str(pte), "--inputs", ",".join(map(str, files)), "--output_file", str(out), "--print_output", "none"],
+        capture_output=True, text=True, timeout=900,
+    )
+    return proc, sorted(workdir.glob("out-*.bin"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_qlower_file_runs_and_matches_golden(name, tmp_path):
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    path = EXAMPLES / f"{name}.py"
+    pte = tmp_path / f"{name}.pte"
+    summary = qlower.export(path, pte)
+    torch.manual_seed(0)
+    inputs = tuple(load_model(path).example_inputs)
+    golden = GoldenExecutor(read_pte(pte)).run(inputs)
+    proc, outputs = run_on_runtime(pte, inputs, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(outputs) == len(golden)
+    bar = THRESHOLDS[summary["scheme"]].vs_quantized  # what verify asks of the .pte's outputs
+    for want, got_file in zip(golden, outputs):
+        got = torch.from_numpy(np.fromfile(got_file, dtype=np.float32)).reshape(want.shape)
+        assert sqnr_db(want.float(), got) >= bar, got_file.name
+
+
+def test_stock_file_aborts_at_load_as_inspect_predicts(tmp_path):
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    loaded = load_model(EXAMPLES / "llama.py")
+    quantize_(loaded.module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    ep = torch.export.export(loaded.module, tuple(loaded.example_inputs))
+    buffer = to_edge_transform_and_lower(ep, partitioner=[VulkanPartitioner()]).to_executorch().buffer
+    pte = tmp_path / "stock.pte"
+    pte.write_bytes(buffer)
+    predicted = {p.message for p in summarize_pte(buffer).problems}
+    assert predicted
+    proc, _ = run_on_runtime(pte, tuple(loaded.example_inputs), tmp_path)
+    assert proc.returncode != 0
+    assert any(message in proc.stdout + proc.stderr for message in predicted), proc.stderr[-2000:]
