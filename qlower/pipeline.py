@@ -86,7 +86,6 @@ def stage_quantize(job: ExportJob) -> None:
 
 
 def stage_export(job: ExportJob) -> None:
-
     try:
         job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
     except Exception as exc:

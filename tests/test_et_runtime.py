@@ -45,7 +45,7 @@ def run_on_runtime(pte: Path, inputs: tuple, workdir: Path) -> tuple[subprocess.
         [RUNNER, "--model_path", str(pte), "--inputs", ",".join(map(str, files)), "--output_file", str(out), "--print_output", "none"],
         capture_output=True, text=True, timeout=900,
     )
-    return proc, sorted(workdir.glob("out-*.bin"))
+    return proc, sorted(workdir.glob("out-*.bin"), key=lambda f: int(f.stem.removeprefix("out-")))
 
 
 @pytest.mark.parametrize("name", MODELS)
