@@ -73,11 +73,18 @@ class ExportOptions:
     calibration_batches: int = DEFAULT_CALIBRATION_BATCHES
     strict: bool = False
     seed: int = 0
+    kv_cache: bool | None = None  # None: on for a Hugging Face causal-LM folder, off for a model file
+    max_seq_len: int | None = None  # None: min(the model's max positions, DEFAULT_MAX_SEQ_LEN)
+    metadata: str | None = None  # JSON object of runner metadata values overriding the derived ones
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         _check_scheme(self.scheme, "scheme")
         _check_group_size(self.group_size, "group_size")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}", "use e.g. 2048")
+        if self.metadata is not None:
+            parse_metadata(self.metadata)
         if self.calibration_batches <= 0:
             raise ConfigError(f"calibration_batches must be positive, got {self.calibration_batches}", "use e.g. 8")
 
@@ -90,6 +97,25 @@ class ExportOptions:
 
 
 OPTION_KEYS = tuple(f.name for f in fields(ExportOptions))
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def parse_metadata(text: str) -> dict[str, Any]:
+    """``--metadata '{"get_bos_id": 1, "get_eos_ids": [2]}'`` → dict of int/bool/float/list values."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"metadata is not valid JSON: {exc.msg}", 'e.g. --metadata \'{"get_bos_id": 1, "get_eos_ids": [2]}\'') from exc
+    if not isinstance(data, dict):
+        raise ConfigError("metadata must be a JSON object of method name → value", 'e.g. {"get_bos_id": 1}')
+    for key, value in data.items():
+        items = value if isinstance(value, list) else [value]
+        if not key.isidentifier() or not items and isinstance(value, list) or not all(isinstance(v, (int, float, bool)) for v in items):
+            raise ConfigError(f"metadata {key!r}: values must be numbers, booleans or non-empty lists of them, got {value!r}",
+                              'e.g. {"get_eos_ids": [2, 32000]}')
+    return data
 
 
 def _check_scheme(scheme: Any, key: str) -> None:
@@ -125,7 +151,8 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> dict[str, Any]
         if key == "layers":
             out["layers"] = _parse_layers(value, origin)
             continue
-        expected = {"strict": bool, "quantize_embeddings": bool, "calibration": str}.get(key, int if key != "scheme" else str)
+        expected = {"strict": bool, "quantize_embeddings": bool, "kv_cache": bool, "calibration": str,
+                    "metadata": str, "scheme": str}.get(key, int)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{origin}: {key} must be {expected.__name__}, got {value!r}", f"e.g. {key} = {_example(key)}")
         out[key] = value
@@ -152,7 +179,8 @@ def _parse_layers(table: Any, origin: str) -> tuple[LayerOverride, ...]:
 
 def _example(key: str) -> str:
     return {"scheme": '"qta8a_qga4w"', "group_size": "128", "strict": "true", "quantize_embeddings": "true",
-            "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0"}.get(key, "...")
+            "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0", "kv_cache": "true",
+            "max_seq_len": "2048", "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
 
 
 def make_options(config: str | Path | None = None, **flags: Any) -> ExportOptions:

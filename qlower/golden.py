@@ -26,7 +26,7 @@ import torch
 
 from . import references
 from .errors import VerifyError
-from .pte import VK_HEADER_LENGTH, VULKAN_BACKEND, Pte, read_pte
+from .pte import VK_HEADER_LENGTH, VULKAN_BACKEND, Pte, qualified_op_name, read_pte
 
 # VkDataType (executorch/backends/vulkan/serialization/vulkan_graph_schema.py).
 VK_DTYPES = {
@@ -66,9 +66,24 @@ class GoldenExecutor:
 
     # -- the execution plan ----------------------------------------------------
 
-    def run(self, inputs: tuple | list) -> list[torch.Tensor]:
+    def reset(self) -> None:
+        """Forget state kept between runs (KV caches live in constants the ops write)."""
+        self._constants.clear()
+
+    def method_names(self) -> list[str]:
+        return [plan.name for plan in self.pte.program.execution_plan]
+
+    def run(self, inputs: tuple | list, method: str | None = None) -> list:
+        """Run ``method`` (default: ``forward``, else the first). State such as a
+        KV cache carries over from one call to the next, as on the runtime."""
         program = self.pte.program
-        plan = program.execution_plan[0]
+        plans = {p.name: p for p in program.execution_plan}
+        if method is None:
+            plan = plans.get("forward", program.execution_plan[0])
+        elif method in plans:
+            plan = plans[method]
+        else:
+            raise VerifyError(f"the .pte has no method {method!r}", f"methods: {', '.join(plans)}")
         values: list[Any] = [_UNSET] * len(plan.values)
         if len(inputs) != len(plan.inputs):
             raise VerifyError(f"the program takes {len(plan.inputs)} inputs, got {len(inputs)}",
@@ -104,8 +119,13 @@ class GoldenExecutor:
         if not isinstance(given, torch.Tensor):
             raise VerifyError(f"input {position} must be a tensor, got {type(given).__name__}", "pass tensors")
         dtype = ET_DTYPES.get(spec.scalar_type.name)
-        if list(given.shape) != list(spec.sizes):
-            raise VerifyError(f"input {position} has shape {list(given.shape)}, the .pte was exported for {list(spec.sizes)}",
+        bounds = list(spec.sizes)
+        if is_dynamic(spec):
+            if given.dim() != len(bounds) or any(g > b for g, b in zip(given.shape, bounds)):
+                raise VerifyError(f"input {position} has shape {list(given.shape)}, the .pte takes at most {bounds}",
+                                  "pass an input within the shape bounds the .pte was exported with")
+        elif list(given.shape) != bounds:
+            raise VerifyError(f"input {position} has shape {list(given.shape)}, the .pte was exported for {bounds}",
                               "the .pte has static shapes: pass inputs shaped like the model's example inputs")
         return given.to(dtype) if dtype is not None else given
 
@@ -205,7 +225,7 @@ class GoldenExecutor:
             values[pid] = out.to(dtype) if dtype is not None and isinstance(out, torch.Tensor) else out
 
     def _run_op(self, graph, blob_index: int, env: dict, op, call_index: int, index: int) -> None:
-        name = op.name
+        name = qualified_op_name(op.name)
         *arg_ids, out_id = op.args
         args = [self._vk_value(graph, blob_index, env, vid) for vid in arg_ids]
         kwargs: dict = {}
@@ -248,6 +268,8 @@ class GoldenExecutor:
             result = self._vk_constant(graph, blob_index, value)
         elif kind == "Null":
             result = None
+        elif kind == "SymInt":  # its initial value, until an op (sym_size, select_as_symint) writes it
+            result = int(value.value)
         elif kind == "Int":
             result = value.int_val
         elif kind == "Double":
@@ -282,6 +304,12 @@ class GoldenExecutor:
             return value
         dtype = VK_DTYPES.get(spec.datatype.name)
         return value.to(dtype) if dtype is not None and value.dtype != dtype else value
+
+
+def is_dynamic(spec) -> bool:
+    """Whether a program tensor's sizes are upper bounds (``DYNAMIC_BOUND``) rather than exact."""
+    dynamism = getattr(spec, "shape_dynamism", None)
+    return dynamism is not None and getattr(dynamism, "name", str(dynamism)) != "STATIC"
 
 
 class _Unset:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .pte import FUSED_OP_ARGS, INLINE_CONSTANT, NOT_FUSED_ET_VK, VULKAN_BACKEND, Delegate, Pte, read_pte, size_breakdown
+from .pte import (FUSED_OP_ARGS, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
+                  short_op_name, size_breakdown)
 
 # --- expectations ------------------------------------------------------------
 
@@ -207,6 +208,10 @@ def schema_arg_names(qualified: str) -> tuple[str, ...] | None:
 
         if namespace == "et_vk":
             import executorch.backends.vulkan.custom_ops_lib  # noqa: F401  registers torch.ops.et_vk
+        elif namespace == "llama":
+            from .llm.kv_cache import load_llm_custom_ops
+
+            load_llm_custom_ops()
         packet = getattr(getattr(torch.ops, namespace), base)
         return tuple(a.name for a in getattr(packet, overload or "default")._schema.arguments)
     except Exception:  # an op this torch does not know: show positions instead of names
@@ -309,14 +314,6 @@ def short_value(d: dict[str, Any]) -> str:
     return str(d.get("value", kind))
 
 
-def _op_short_name(name: str) -> str:
-    namespace, _, rest = name.partition(".")
-    base, _, overload = rest.partition(".")
-    if namespace == "et_vk":
-        return base
-    return base if overload in ("", "default") else f"{base}.{overload}"
-
-
 def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
     g = _Graph(delegate, fp16=delegate.compile_specs.get("force_fp16") in ("1", "true", "True"))
     graph = g.graph
@@ -326,19 +323,20 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
     histogram: Counter = Counter()
     for call in graph.chain:
         args = list(call.args)
-        short = _op_short_name(call.name)
+        qualified = qualified_op_name(call.name)
+        short = short_op_name(qualified)
         histogram[short] += 1
-        names = schema_arg_names(call.name)
+        names = schema_arg_names(qualified)
         inputs, outputs = args[:-1], args[-1:]
         if names and len(names) == len(args) - 1:
             labels = list(names)
         else:  # unknown schema, or an op returning several values
             labels = [f"arg{i}" for i in range(len(inputs))]
         described = [{"name": n, **g.describe(v)} for n, v in zip(labels, inputs)]
-        is_fused = call.name.startswith("et_vk.") and short not in NOT_FUSED_ET_VK
+        is_fused = is_fused_op(qualified)
         ops.append({
             "node_id": call.node_id,
-            "op": call.name,
+            "op": qualified,
             "short_name": short,
             "fused": is_fused,
             "args": described,

@@ -28,6 +28,7 @@ from .errors import ModelLoadError, QlowerError, first_line
 MODEL_NAMES = ("model", "make_model")
 INPUT_NAMES = ("example_inputs", "make_example_inputs")
 CALIBRATION_NAMES = ("calibration_inputs", "make_calibration_inputs")
+METADATA_NAMES = ("metadata",)  # runner metadata for --kv-cache (a dict of method name → value)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LoadedModel:
     calibration_inputs: list[tuple] | None
     source: Path
     entry: str
+    metadata: dict | None = None
 
 
 def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Path | None = None) -> LoadedModel:
@@ -63,7 +65,10 @@ def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Pat
                 f"the model rejects its example inputs: {type(exc).__name__}: {first_line(exc)}",
                 f"make `example_inputs` in {path.name} match the model's forward() signature",
             ) from exc
-    return LoadedModel(module, inputs, calibration, path, name)
+    metadata = _lookup(namespace, METADATA_NAMES, path)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ModelLoadError(f"`metadata` in {path} must be a dict, got {type(metadata).__name__}", 'e.g. metadata = {"get_bos_id": 1, "get_eos_ids": [2]}')
+    return LoadedModel(module, inputs, calibration, path, name, metadata)
 
 
 def _run_model_file(path: Path) -> dict[str, Any]:

@@ -129,7 +129,8 @@ def vulkan_patterns_once(ep: ExportedProgram) -> Iterator[None]:
             fusable_patterns[name].get_graphs_fn = fn
 
 
-def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity: bool = False):
+def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity: bool = False,
+                            constant_methods: dict | None = None):
     """``EdgeProgramManager`` for ``ep`` as ``to_edge_transform_and_lower`` makes it.
 
     ExecuTorch's path (``_gen_edge_manager_for_partitioners``) decomposes the
@@ -149,9 +150,9 @@ def to_edge_for_partitioner(ep: ExportedProgram, partitioner, check_ir_validity:
     with edge_passes_merged():
         if any(n.op == "call_function" and n.target in keep for n in ep.graph.nodes):
             return _gen_edge_manager_for_partitioners(
-                {"forward": [partitioner]}, {"forward": ep}, config, {}, False
+                {"forward": [partitioner]}, {"forward": ep}, config, constant_methods or {}, False
             )
-        return to_edge(ep, compile_config=config)
+        return to_edge(ep, constant_methods=constant_methods or None, compile_config=config)
 
 
 # ExecuTorch passes that are pure ``call_operator`` rewrites on ExportPass: each

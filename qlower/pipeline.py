@@ -43,6 +43,12 @@ class ExportJob:
     dump_after: str | None = None
     # filled by the stages
     loaded: LoadedModel | None = None
+    hf_folder: Any = None  # llm.hf_folder.HfFolder when the model is a Hugging Face folder
+    kv_cache: bool = False  # export the KV-cache decode method (llm/)
+    decoder: Any = None  # llm.kv_cache.KVCacheLM around the quantized model
+    export_inputs: tuple | None = None  # what torch.export traces with (the decoder's, else the example inputs)
+    dynamic_shapes: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # constant methods for ExecuTorch's LLM runner
     plans: list[LayerPlan] = field(default_factory=list)
     quantized: torch.nn.Module | None = None
     exported: Any = None  # torch.export.ExportedProgram
@@ -64,30 +70,49 @@ def release_memory() -> None:
 
 
 def stage_load(job: ExportJob) -> None:
+    from .llm.load import load_any
+
     torch.manual_seed(job.options.seed)
-    job.loaded = load_model(job.model_path, entry=job.entry, checkpoint=job.checkpoint)
+    job.loaded, job.hf_folder, job.kv_cache = load_any(job.model_path, job.options, entry=job.entry, checkpoint=job.checkpoint)
 
 
 def stage_quantize(job: ExportJob) -> None:
+    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn)
+
+
+def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None]) -> tuple[torch.nn.Module, list[LayerPlan]]:
+    """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
+
+    verify and generate build their quantized reference with this very function.
+    """
     from .hf import conv1d_to_linear
 
-    options, loaded = job.options, job.loaded
     if options.scheme not in FLOAT_SCHEMES:
         conv1d_to_linear(loaded.module)  # GPT-2-style projections become linears the quantizer takes
-    job.plans = plan_layers(loaded.module, options)
-    check_strict(job.plans, options)
+    plans = plan_layers(loaded.module, options)
+    check_strict(plans, options)
     if options.scheme == "q8ta_q8csw":
-        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, job.warn)
-        job.quantized = quantize_static(loaded.module, loaded.example_inputs, job.plans, batches)
-    else:
-        if options.scheme not in FLOAT_SCHEMES:
-            quantize_eager(loaded.module, job.plans)
-        job.quantized = loaded.module
+        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
+        return quantize_static(loaded.module, loaded.example_inputs, plans, batches), plans
+    if options.scheme not in FLOAT_SCHEMES:
+        quantize_eager(loaded.module, plans)
+    return loaded.module, plans
+
+
+def stage_kv_cache(job: ExportJob) -> None:
+    """--kv-cache: the quantized model behind a static KV cache, with the runner's metadata."""
+    from .llm.load import decoder_for
+
+    job.decoder, job.metadata = decoder_for(job.quantized, job.loaded, job.hf_folder, job.options, job.warn)
+    job.export_inputs = job.decoder.example_inputs()
+    job.dynamic_shapes = job.decoder.dynamic_shapes()
 
 
 def stage_export(job: ExportJob) -> None:
+    module = job.decoder if job.kv_cache else job.quantized
+    inputs = job.export_inputs if job.kv_cache else job.loaded.example_inputs
     try:
-        job.exported = torch.export.export(job.quantized, job.loaded.example_inputs, strict=False)
+        job.exported = torch.export.export(module, inputs, dynamic_shapes=job.dynamic_shapes, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}",
                           "the model must be traceable by torch.export; QLOWER_DEBUG=1 shows the traceback") from exc
@@ -95,10 +120,10 @@ def stage_export(job: ExportJob) -> None:
 
     # Edge dialect with the partitioner's ops kept whole (as to_edge_transform_and_lower
     # does), decomposed once when nothing needs keeping.
-    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options))
+    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options), constant_methods=job.metadata)
     if not job.verify_samples:
         # The edge program holds what lowering needs; let the eager weights go.
-        job.exported = job.quantized = None
+        job.exported = job.quantized = job.decoder = None
         job.loaded.module = None
         release_memory()
 
@@ -157,6 +182,7 @@ def stage_serialize(job: ExportJob) -> None:
 STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
     ("load", stage_load),
     ("quantize", stage_quantize),
+    ("kv_cache", stage_kv_cache),  # only with --kv-cache
     ("export", stage_export),
     ("fuse", stage_fuse),
     ("lower", stage_lower),
@@ -175,7 +201,7 @@ def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = l
     if job.output is not None:
         check_writable(job.output)
     for name, stage in STAGES:
-        if name == "verify" and not job.verify_samples:
+        if (name == "verify" and not job.verify_samples) or (name == "kv_cache" and not job.kv_cache):
             continue
         on_stage(name, None)
         start = time.perf_counter()

@@ -43,13 +43,44 @@ class VkOp:
     args: list[int]
 
     @property
+    def qualified_name(self) -> str:
+        return qualified_op_name(self.name)
+
+    @property
     def short_name(self) -> str:
-        """"et_vk.linear_q4gsw.default" → "linear_q4gsw"; "aten.add.Tensor" → "add.Tensor"."""
-        namespace, _, rest = self.name.partition(".")
-        base, _, overload = rest.partition(".")
-        if namespace == "et_vk":
-            return base
-        return base if overload in ("", "default") else f"{base}.{overload}"
+        return short_op_name(self.name)
+
+
+# The Vulkan serializer names an operator by its OpOverload's __name__, which
+# leaves out the namespace for some (``sdpa_with_kv_cache.default``,
+# ``sym_size.int``); these are the namespaces such names come from.
+BARE_NAME_NAMESPACES = {"sdpa_with_kv_cache": "llama", "update_cache": "llama", "custom_sdpa": "llama",
+                        "sym_size": "aten", "sym_numel": "aten", "sym_stride": "aten"}
+# Fused ops outside et_vk (ET-VK's fusion of update_cache + custom_sdpa).
+FUSED_OTHER_OPS = {"llama.sdpa_with_kv_cache.default"}
+
+
+def qualified_op_name(name: str) -> str:
+    """``sdpa_with_kv_cache.default`` → ``llama.sdpa_with_kv_cache.default``; qualified names unchanged."""
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] in BARE_NAME_NAMESPACES:
+        return f"{BARE_NAME_NAMESPACES[parts[0]]}.{name}"
+    return name
+
+
+def short_op_name(name: str) -> str:
+    """"et_vk.linear_q4gsw.default" → "linear_q4gsw"; "aten.add.Tensor" → "add.Tensor";
+    "sym_size.int" → "sym_size.int"; "llama.sdpa_with_kv_cache.default" → "sdpa_with_kv_cache"."""
+    namespace, _, rest = qualified_op_name(name).partition(".")
+    base, _, overload = rest.partition(".")
+    if namespace == "et_vk":
+        return base
+    return base if overload in ("", "default") else f"{base}.{overload}"
+
+
+def is_fused_op(name: str) -> bool:
+    qualified = qualified_op_name(name)
+    return (qualified.startswith("et_vk.") and short_op_name(qualified) not in NOT_FUSED_ET_VK) or qualified in FUSED_OTHER_OPS
 
 
 @dataclass
@@ -505,12 +536,12 @@ FLOAT_DTYPES = {"FLOAT16", "FLOAT32", "FLOAT64"}
 
 
 # et_vk ops that move data rather than compute a fused layer.
-NOT_FUSED_ET_VK = {"prepack"}
+NOT_FUSED_ET_VK = {"prepack", "select_as_symint"}
 
 
 def fused_op_histogram(pte: Pte) -> Counter:
     return Counter(op.short_name for d in pte.vulkan_delegates for op in d.ops
-                   if op.name.startswith("et_vk.") and op.short_name not in NOT_FUSED_ET_VK)
+                   if is_fused_op(op.name))
 
 
 def cpu_operators(pte: Pte) -> Counter:

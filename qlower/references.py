@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 
 from .pack import unpack_group_scales, unpack_int4, unpad
@@ -228,8 +230,45 @@ def conv_with_clamp(x, weight, bias, stride, padding, dilation, transposed, outp
     return y if lo is None and hi is None else torch.clamp(y, lo, hi)
 
 
+def sdpa_with_kv_cache(q, k, v, k_cache, v_cache, start_pos, seq_len=None, attn_mask=None, dropout_p=0.0,
+                       is_causal=True, scale=None):
+    """ET-VK's fused KV-cache attention; writes ``k``/``v`` into the caches in place.
+
+    ``q [1, T, Hq, D]``, ``k, v [1, T, Hkv, D]``, caches ``[1, S, Hkv, D]``.
+    As the Vulkan op: rows ``start_pos .. start_pos+T`` of each cache are
+    overwritten, then query ``i`` attends causally to cache positions
+    ``0 .. start_pos+i`` with scale ``1/sqrt(D)`` (the op ignores ``seq_len``
+    and takes no mask, no dropout and no other scale). Query heads are grouped
+    over the key/value heads (``Hq / Hkv`` queries share one).
+    """
+    if attn_mask is not None or (dropout_p or 0.0) != 0.0 or scale is not None or is_causal is False:
+        raise ValueError("ET-VK's sdpa_with_kv_cache takes no mask, dropout, custom scale or non-causal attention")
+    start = int(start_pos)
+    t, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv = k.shape[2]
+    if start < 0 or start + t > k_cache.shape[1]:
+        raise ValueError(f"positions {start}..{start + t - 1} are outside the cache of {k_cache.shape[1]}")
+    k_cache[:, start:start + t] = k.to(k_cache.dtype)
+    v_cache[:, start:start + t] = v.to(v_cache.dtype)
+    context = start + t
+    keys = k_cache[0, :context].float().repeat_interleave(hq // hkv, dim=1)  # [S', Hq, D]
+    values = v_cache[0, :context].float().repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("thd,shd->hts", q[0].float(), keys) / math.sqrt(d)
+    allowed = torch.arange(context).unsqueeze(0) <= (start + torch.arange(t)).unsqueeze(1)  # [T, S']
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), values)
+    return out.unsqueeze(0).to(q.dtype)
+
+
+def select_as_symint(x, dim, index):
+    """A tensor element read as an integer (ET-VK's ``select_copy`` + ``item`` fusion)."""
+    return int(x.select(dim, index).item())
+
+
 # Quantized et_vk ops → qlower's references (operands as serialized).
 OPS: dict[str, Callable] = {
+    "llama.sdpa_with_kv_cache.default": sdpa_with_kv_cache,
+    "et_vk.select_as_symint.default": select_as_symint,
     "et_vk.linear_dq8ca_q4gsw.default": linear_dq8ca_q4gsw,
     "et_vk.linear_q4gsw.default": linear_q4gsw,
     "et_vk.linear_q8ta_q8csw.default": linear_q8ta_q8csw,

@@ -540,7 +540,7 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
     fused.meta[FUSED_TAG] = m.op
     # The replaced node may be a 2-D mm inside view_copys; record the shape the op
     # really returns (a following view_copy then becomes a no-op).
-    fused.meta["val"] = _fake_run(target, args)
+    fused.meta["val"] = _linear_out_val(m.x, m.output)
     _rename_output(ep, m.output, fused)
     m.output.replace_all_uses_with(fused)
     # The view_copy that restored the 3-D shape after a 2-D mm is now a no-op
@@ -564,6 +564,13 @@ def _fake_run(target, args) -> torch.Tensor:
     mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
     with mode:
         return target._op(*vals)
+
+
+def _linear_out_val(x: torch.fx.Node, replaced: torch.fx.Node) -> torch.Tensor:
+    """A fused linear returns ``x.shape[:-1] + [N]`` in the replaced node's dtype (symbolic sizes kept)."""
+    x_val, out_val = x.meta["val"], replaced.meta["val"]
+    with x_val.fake_mode:
+        return x_val.new_empty((*x_val.shape[:-1], out_val.shape[-1]), dtype=out_val.dtype)
 
 
 # -- delegation fix-up -----------------------------------------------------------

@@ -1,0 +1,282 @@
+"""A static KV cache around any causal decoder: ``forward(tokens[1, T], input_pos[1]) → logits[1, vocab]``.
+
+The contract is ExecuTorch's LLM runner's (``extension/llm/runner``): ``tokens``
+int64 ``[1, T]`` with T in 1..max_seq_len (a whole prompt in one call, then one
+token per call), ``input_pos`` int64 ``[1]`` the position of ``tokens[:, 0]``,
+and the logits of the last position only.
+
+Attention is routed into one place, :class:`CacheAttention`, whichever way the
+model computes it:
+
+* Hugging Face ``transformers`` models: a registered attention function
+  (``AttentionInterface``), which receives ``q, k, v`` after RoPE and before
+  grouped-query heads are repeated, with ``module.layer_idx``;
+* model files: every ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``
+  call, counted in call order (layer 0 first).
+
+Each layer's keys and values are written into a ``[1, max_seq_len, kv_heads,
+head_dim]`` buffer with ``llama::update_cache`` and attended with
+``llama::custom_sdpa`` — the pair ET-VK's ``causal_sdpa`` pattern fuses into
+``sdpa_with_kv_cache``, whose cache then lives inside the Vulkan delegate
+between calls. ET-VK's SDPA always scales by ``1/sqrt(head_dim)``, so a model
+with another scale (Gemma's ``query_pre_attn_scalar``) has its queries
+pre-multiplied by the ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelLoadError
+
+ATTN_IMPLEMENTATION = "qlower_kv_cache"
+_ACTIVE: list["CacheAttention"] = []  # the cache attention of the forward being run
+
+
+def load_llm_custom_ops() -> None:
+    """Register ``llama::update_cache`` / ``custom_sdpa`` / ``sdpa_with_kv_cache`` (CPU kernels included)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+@dataclass(frozen=True)
+class LayerCacheShape:
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+class CacheAttention(nn.Module):
+    """Per-layer K/V caches and the attention that reads them."""
+
+    def __init__(self, shapes: list[LayerCacheShape], max_seq_len: int):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.shapes = shapes
+        for i, s in enumerate(shapes):
+            size = (1, max_seq_len, s.kv_heads, s.head_dim)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(size, dtype=s.dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(size, dtype=s.dtype), persistent=False)
+        self.start_pos: Any = 0
+        self._calls = 0
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.shapes)
+
+    def cache_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def reset(self) -> None:
+        for b in self.buffers():
+            b.zero_()
+
+    def attend(self, layer: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """``q [1, Hq, T, D]``, ``k, v [1, Hkv, T, D]`` → ``[1, T, Hq, D]`` over the cache."""
+        if layer is None:
+            layer = self._calls
+        self._calls += 1
+        if layer >= self.n_layers:
+            raise ModelLoadError(f"attention layer {layer} has no KV cache (the model has {self.n_layers} attention calls)",
+                                 "the decoder must run each attention layer once per forward")
+        k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+        head_dim = q.shape[-1]
+        if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-6):
+            q = q * (scale * math.sqrt(head_dim))
+        q, k, v = (t.transpose(1, 2).to(k_cache.dtype) for t in (q, k, v))
+        torch.ops.llama.update_cache(k, k_cache, self.start_pos)
+        torch.ops.llama.update_cache(v, v_cache, self.start_pos)
+        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, self.start_pos, None, 0, True)
+
+    @contextlib.contextmanager
+    def active(self, start_pos) -> Iterator["CacheAttention"]:
+        self.start_pos, self._calls = start_pos, 0
+        _ACTIVE.append(self)
+        try:
+            with _sdpa_routed():
+                yield self
+        finally:
+            _ACTIVE.pop()
+            self.start_pos = 0
+
+
+# --- how attention reaches CacheAttention ----------------------------------------------
+
+
+_original_sdpa = F.scaled_dot_product_attention
+
+
+def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` while a cache is active: causal self-attention goes to the cache."""
+    if not _ACTIVE:
+        return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None or not is_causal:
+        raise ModelLoadError("the model calls scaled_dot_product_attention without is_causal=True (or with a mask); "
+                             "a KV cache needs plain causal self-attention",
+                             "call F.scaled_dot_product_attention(q, k, v, is_causal=True), or export without --kv-cache")
+    out = _ACTIVE[-1].attend(None, query, key, value, scale)
+    return out.transpose(1, 2)  # back to SDPA's [B, H, T, D]
+
+
+@contextlib.contextmanager
+def _sdpa_routed() -> Iterator[None]:
+    saved = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _routed_sdpa
+    torch.nn.functional.scaled_dot_product_attention = _routed_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = saved
+
+
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function (``AttentionInterface``) that attends over the KV cache."""
+    if not _ACTIVE:  # the wrapped model called on its own: plain SDPA, no cache
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ModelLoadError("attention logit soft-capping has no ET-VK kernel", "this family cannot be exported with --kv-cache")
+    out = _ACTIVE[-1].attend(getattr(module, "layer_idx", None), query, key, value, scaling)
+    return out, None
+
+
+def _mask(*args, **kwargs):
+    """Inside a cached forward the cache is causal by position: no mask; outside, SDPA's own."""
+    if _ACTIVE:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_hf_attention() -> None:
+    """Make ``attn_implementation="qlower_kv_cache"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+    except ImportError:  # older transformers build their masks inside the attention
+        pass
+
+
+# --- the wrapper --------------------------------------------------------------------------
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "_attn_implementation") and hasattr(model, "generation_config")
+
+
+class KVCacheLM(nn.Module):
+    """``forward(tokens[1, T], input_pos[1]) → logits[1, vocab]`` with a static KV cache.
+
+    ``model`` is a ``*ForCausalLM`` (transformers) or a module whose
+    ``forward(tokens)`` (optionally ``forward(tokens, input_pos)``) returns
+    logits ``[1, T, vocab]`` and calls causal SDPA once per layer.
+    """
+
+    def __init__(self, model: nn.Module, max_seq_len: int, shapes: list[LayerCacheShape] | None = None):
+        super().__init__()
+        load_llm_custom_ops()
+        self.model = model
+        self.hf = is_hf_model(model)
+        if self.hf:
+            register_hf_attention()
+            model.config._attn_implementation = ATTN_IMPLEMENTATION
+            for sub in model.modules():  # sub-configs (text_config) too
+                cfg = getattr(sub, "config", None)
+                if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                    cfg._attn_implementation = ATTN_IMPLEMENTATION
+        self.takes_input_pos = not self.hf and "input_pos" in inspect.signature(model.forward).parameters
+        self.attention = CacheAttention(shapes if shapes is not None else probe_cache_shapes(self), max_seq_len)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.attention.max_seq_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0].item()
+        seq_len = tokens.shape[1]
+        torch._check_is_size(start)
+        torch._check(start + seq_len <= self.max_seq_len)
+        with self.attention.active(start):
+            return self._logits(tokens, input_pos, start, seq_len)
+
+    def _logits(self, tokens, input_pos, start, seq_len) -> torch.Tensor:
+        if self.hf:
+            positions = (torch.arange(seq_len, dtype=torch.long) + input_pos[0]).unsqueeze(0)
+            out = self.model(input_ids=tokens, position_ids=positions, use_cache=False, logits_to_keep=1, return_dict=True)
+            logits = out.logits
+        elif self.takes_input_pos:
+            logits = self.model(tokens, input_pos)
+        else:
+            logits = self.model(tokens)
+        return logits[:, -1, :]
+
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The wrapped model on the whole sequence, no cache: ``[1, T, vocab]``."""
+        if self.hf:
+            return self.model(input_ids=tokens, use_cache=False, return_dict=True).logits
+        if self.takes_input_pos:
+            return self.model(tokens, torch.zeros(1, dtype=torch.long))
+        return self.model(tokens)
+
+    def example_inputs(self, seq_len: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+    def dynamic_shapes(self):
+        seq = torch.export.Dim("seq_len", min=1, max=self.max_seq_len)
+        return ({1: seq}, None)
+
+
+class _Probe:
+    """Records each attention call's key shape (stands in for CacheAttention in one eager run)."""
+
+    def __init__(self):
+        self.shapes: dict[int, LayerCacheShape] = {}
+        self.calls = 0
+        self.start_pos = 0
+
+    def attend(self, layer, q, k, v, scale):
+        layer = self.calls if layer is None else layer
+        self.calls += 1
+        self.shapes[layer] = LayerCacheShape(k.shape[1], k.shape[3], q.dtype if q.is_floating_point() else torch.float32)
+        # Plain causal attention (prompt from position 0) keeps the probe's run valid.
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return _original_sdpa(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+
+    @contextlib.contextmanager
+    def active(self, start_pos):
+        _ACTIVE.append(self)
+        try:
+            with _sdpa_routed():
+                yield self
+        finally:
+            _ACTIVE.pop()
+
+
+def probe_cache_shapes(lm: KVCacheLM) -> list[LayerCacheShape]:
+    """Run the model once on two tokens and read each attention layer's K/V shape."""
+    probe = _Probe()
+    tokens, input_pos = lm.example_inputs(2)
+    with torch.no_grad(), probe.active(0):
+        lm._logits(tokens, input_pos, 0, 2)
+    if not probe.shapes:
+        raise ModelLoadError("the model has no causal attention that a KV cache can hold",
+                             "its attention must be F.scaled_dot_product_attention(..., is_causal=True), or a transformers model")
+    if sorted(probe.shapes) != list(range(len(probe.shapes))):
+        raise ModelLoadError(f"attention layers {sorted(probe.shapes)} are not numbered 0..n-1", "every layer needs its own KV cache")
+    return [probe.shapes[i] for i in range(len(probe.shapes))]

@@ -1,0 +1,66 @@
+"""Load a model file or a Hugging Face folder; wrap a causal LM for KV-cache decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..config import ExportOptions
+from ..errors import ModelLoadError
+from ..loader import LoadedModel, load_model
+from .hf_folder import HfFolder, example_tokens, is_hf_folder, load_hf_model, read_hf_folder
+
+# A model file may define these for KV-cache export (see README "LLM decode").
+METADATA_NAME = "metadata"
+
+
+def load_any(path: str | Path, options: ExportOptions, entry: str | None = None,
+             checkpoint: str | Path | None = None) -> tuple[LoadedModel, HfFolder | None, bool]:
+    """(the loaded model, the HF folder if it is one, whether to export with a KV cache)."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_hf_folder(path):
+            raise ModelLoadError(f"{path} is a folder without config.json",
+                                 "pass a model file, or a folder written by transformers' save_pretrained")
+        if entry is not None or checkpoint is not None:
+            raise ModelLoadError("--entry and --checkpoint apply to model files, not to a Hugging Face folder",
+                                 "drop them: the folder's config.json and safetensors say everything")
+        folder = read_hf_folder(path)
+        kv_cache = options.kv_cache if options.kv_cache is not None else True
+        model = load_hf_model(folder)
+        if not kv_cache:
+            from ..hf import CausalLMLogits
+
+            model = CausalLMLogits(model)
+        loaded = LoadedModel(model, (example_tokens(folder.config),), None, path, folder.architecture)
+        _check_kv_scheme(kv_cache, options)
+        return loaded, folder, kv_cache
+    loaded = load_model(path, entry=entry, checkpoint=checkpoint)
+    kv_cache = bool(options.kv_cache)
+    _check_kv_scheme(kv_cache, options)
+    return loaded, None, kv_cache
+
+
+def _check_kv_scheme(kv_cache: bool, options: ExportOptions) -> None:
+    if kv_cache and options.scheme == "q8ta_q8csw":
+        raise ModelLoadError("--kv-cache decode takes dynamic or weight-only schemes, not static q8ta_q8csw "
+                             "(its calibrated scales would be fixed for one sequence length)",
+                             "use --scheme qta8a_qga4w (or qga4w, fp16, fp32), or --no-kv-cache")
+
+
+def decoder_for(quantized: nn.Module, loaded: LoadedModel, folder: HfFolder | None, options: ExportOptions,
+                warn: Callable[[str], None]):
+    """(KVCacheLM around ``quantized``, runner metadata)."""
+    from .decoder import make_decoder, runner_metadata
+
+    if folder is not None:
+        lm = make_decoder(quantized, options, folder.max_positions, folder.config)
+        return lm, runner_metadata(lm, options, folder.token_ids(), None, warn)
+    namespace_meta = getattr(loaded, "metadata", None)
+    if len(loaded.example_inputs) != 1:
+        raise ModelLoadError(f"--kv-cache needs a decoder whose forward takes the tokens; {loaded.source} takes "
+                             f"{len(loaded.example_inputs)} inputs", "export it without --kv-cache")
+    lm = make_decoder(quantized, options, None, None)
+    return lm, runner_metadata(lm, options, None, namespace_meta, warn)
