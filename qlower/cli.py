@@ -129,11 +129,12 @@ class StageProgress:
         "Examples:\n\n"
         "  qlower export examples/mlp.py -o mlp.pte\n\n"
         "  qlower export examples/llama.py --scheme qga4w --group-size 64 -o llama.pte --json\n\n"
-        "  qlower export examples/llama.py --config configs/llm.toml -o llama.pte"
+        "  qlower export examples/llama.py --config configs/llm.toml -o llama.pte\n\n"
+        "  qlower export ./my-hf-model --max-seq-len 1024 -o model.pte"
     )
 )
 def export(
-    model: Path = typer.Argument(..., help="Python file that defines the model and its example inputs."),
+    model: Path = typer.Argument(..., help="Python file that defines the model and its example inputs, or a Hugging Face model folder (save_pretrained)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the .pte (default: <model>.pte in the current directory)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help=f"Quantization scheme: {', '.join(SCHEMES)} [default: qta8a_qga4w]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Weight group size for int4 schemes [default: 128]."),
@@ -145,6 +146,9 @@ def export(
     quantize_embeddings: Optional[bool] = typer.Option(None, "--quantize-embeddings/--no-quantize-embeddings", help="Quantize nn.Embedding to int4 groups (et_vk.embedding_q4gsw)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail when a layer cannot take the scheme instead of leaving it float."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the model's initialization and random calibration."),
+    kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache", help="Export the LLM decode method forward(tokens[1, T], input_pos[1]) -> logits[1, vocab] with a static KV cache [default: on for a Hugging Face folder]."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=2, help="--kv-cache: context length, prompt + generated [default: min(the model's max positions, 2048)]."),
+    metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; fail below the SQNR thresholds."),
     as_json: bool = JSON_OPTION,
@@ -173,6 +177,9 @@ def export(
             quantize_embeddings=quantize_embeddings,
             strict=strict,
             seed=seed,
+            kv_cache=kv_cache,
+            max_seq_len=max_seq_len,
+            metadata=metadata,
         )
     finally:
         progress.close()
@@ -278,6 +285,10 @@ def verify(
         plot_layers(report, plot)
     if as_json:
         print_json(report, ok=report["passed"])
+    elif report.get("kind") == "decode":
+        from .render import render_generate
+
+        render_generate(report)
     else:
         render_report(report, show_layers=layers)
         if device is not None:
@@ -287,6 +298,61 @@ def verify(
     if not report["passed"]:
         raise VerifyError(f"verification failed: {report['failures'][0]}",
                           "the .pte does not compute what the model does; re-export it, or see --layers for where it diverges")
+
+
+def _parse_ids(value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        ids = [int(v) for v in value.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of token ids, e.g. 1,2,3") from None
+    if not ids or any(i < 0 for i in ids):
+        raise typer.BadParameter("give at least one non-negative token id, e.g. 1,2,3")
+    return ids
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  qlower generate ./my-hf-model model.pte --prompt-ids 1,2,3\n\n"
+        "  qlower generate ./my-hf-model model.pte --prompt 'Once upon a time' --max-new-tokens 16\n\n"
+        "  qlower generate examples/llama.py llama.pte --prompt-ids 5,6,7 --json"
+    )
+)
+def generate(
+    model: Path = typer.Argument(..., help="The model file or Hugging Face folder the .pte was exported from."),
+    pte: Path = typer.Argument(..., metavar="FILE.pte", help="A .pte exported with --kv-cache."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", callback=_parse_ids, help="Prompt token ids, comma-separated."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (needs a tokenizer in the Hugging Face folder)."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (fewer if an end-of-sequence id comes first)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Minimum SQNR (dB) of each step's logits vs the float model [default: per scheme]."),
+    min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each step's logits vs the quantized eager model [default: per scheme]."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Greedy decoding with the .pte (golden executor, KV cache kept across calls) beside the quantized eager and float models; exit 1 below the thresholds."""
+    if (prompt_ids is None) == (prompt is None):
+        raise typer.BadParameter("give exactly one of --prompt-ids and --prompt")
+    console.import_heavy_libraries()
+    from .errors import VerifyError
+    from .llm.generate import generate as run_generate
+
+    report = run_generate(model, pte, prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens, config=config, entry=entry,
+                          checkpoint=checkpoint, seed=seed, min_sqnr_float=min_sqnr_float,
+                          min_sqnr_quantized=min_sqnr_quantized, warn=console.warn)
+    if as_json:
+        print_json(report, ok=report["ok"])
+    else:
+        from .render import render_generate
+
+        render_generate(report)
+    if not report["ok"]:
+        raise VerifyError(f"generation check failed: {report['failures'][0]}",
+                          "the .pte does not decode as the model does; `qlower verify` shows where it diverges")
 
 
 def _vk_device(choice: str | None):

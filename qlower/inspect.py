@@ -175,8 +175,33 @@ def build_report(pte: Pte, name: str | None = None) -> dict[str, Any]:
             "gpu_memory_bytes": sum(v["memory"]["total_bytes"] for v in vulkan),
         },
         "vulkan": vulkan,
+        "decode": decode_section(methods, vulkan),
         **_runtime_section(pte),
     }
+
+
+def decode_section(methods: list[dict[str, Any]], vulkan: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """An LLM file's runner metadata (its constant methods) and the KV caches inside the Vulkan graphs."""
+    names = {m["name"] for m in methods}
+    if "use_kv_cache" not in names:
+        return None
+    metadata = {}
+    for m in methods:
+        if not m["inputs"] and m["name"] != "forward":
+            values = [o.get("value") for o in m["outputs"]]
+            metadata[m["name"]] = values if m["name"].endswith("_ids") or len(values) != 1 else values[0]
+    caches = []
+    for v in vulkan:
+        for op in v["ops"]:
+            if op["short_name"] != "sdpa_with_kv_cache":
+                continue
+            for arg in op["args"]:
+                if arg["name"] in ("key_cache", "value_cache") and arg.get("kind") == "tensor":
+                    n = math.prod(arg["shape"]) * DTYPE_BYTES.get(arg["dtype"], 4)
+                    caches.append({"layer": len(caches) // 2, "kind": "K" if arg["name"] == "key_cache" else "V",
+                                   "shape": arg["shape"], "dtype": arg["dtype"], "bytes": n, "node_id": op["node_id"]})
+    return {"metadata": metadata, "kv_cache": caches, "kv_cache_bytes": sum(c["bytes"] for c in caches),
+            "kv_cache_layers": len(caches) // 2}
 
 
 # --- the Vulkan graph --------------------------------------------------------

@@ -49,6 +49,8 @@ class ExportJob:
     export_inputs: tuple | None = None  # what torch.export traces with (the decoder's, else the example inputs)
     dynamic_shapes: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)  # constant methods for ExecuTorch's LLM runner
+    decode_info: dict[str, Any] | None = None  # KV cache shape and bytes, for the summary
+    written: list[Path] = field(default_factory=list)  # files written beside the .pte (tokenizer)
     plans: list[LayerPlan] = field(default_factory=list)
     quantized: torch.nn.Module | None = None
     exported: Any = None  # torch.export.ExportedProgram
@@ -104,6 +106,7 @@ def stage_kv_cache(job: ExportJob) -> None:
     from .llm.load import decoder_for
 
     job.decoder, job.metadata = decoder_for(job.quantized, job.loaded, job.hf_folder, job.options, job.warn)
+    job.decode_info = job.decoder.describe()
     job.export_inputs = job.decoder.example_inputs()
     job.dynamic_shapes = job.decoder.dynamic_shapes()
 
@@ -175,8 +178,15 @@ def stage_verify(job: ExportJob) -> None:
 
 
 def stage_serialize(job: ExportJob) -> None:
-    if job.output is not None:
-        write_atomic(job.output, job.pte_bytes)
+    if job.output is None:
+        return
+    write_atomic(job.output, job.pte_bytes)
+    if job.kv_cache and job.hf_folder is not None:
+        # The runner's --tokenizer_path: written next to the .pte under the .pte's stem.
+        for source in job.hf_folder.tokenizer_files:
+            target = job.output.with_name(f"{job.output.stem}.{source.name}")
+            write_atomic(target, source.read_bytes())
+            job.written.append(target)
 
 
 STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [

@@ -280,7 +280,18 @@ def _evalue(plan, index: int) -> dict[str, Any]:
     kind = type(val).__name__
     if kind == "Tensor":
         dtype = getattr(val.scalar_type, "name", str(val.scalar_type))
-        return {"kind": "tensor", "dtype": SCALAR_TYPE_NAMES.get(dtype, dtype.lower()), "shape": list(val.sizes)}
+        out = {"kind": "tensor", "dtype": SCALAR_TYPE_NAMES.get(dtype, dtype.lower()), "shape": list(val.sizes)}
+        dynamism = getattr(getattr(val, "shape_dynamism", None), "name", "STATIC")
+        if dynamism != "STATIC":
+            out["dynamic"] = True  # sizes are upper bounds
+        return out
+    # Constant values (the metadata methods of an LLM file return them).
+    if kind == "Int":
+        return {"kind": "int", "value": int(val.int_val)}
+    if kind == "Bool":
+        return {"kind": "bool", "value": bool(val.bool_val)}
+    if kind == "Double":
+        return {"kind": "double", "value": float(val.double_val)}
     return {"kind": kind.lower()}
 
 

@@ -39,6 +39,13 @@ def render_export(summary: dict[str, Any]) -> None:
         v = summary["verification"]
         worst = min((o["vs_float"]["sqnr_db"] for o in v["outputs"]), default=None) if v.get("outputs") else None
         out.print("verify: [green]passed[/]" + (f" (worst output SQNR vs float {worst:.1f} dB)" if worst is not None else ""))
+    decode = summary.get("decode")
+    if decode:
+        out.print(f"decode: forward(tokens[1, 1..{decode['max_seq_len']}], input_pos[1]) → logits; KV cache {decode['layers']} layers × K/V, "
+                  f"{human_bytes(decode['kv_cache_bytes'])} of GPU memory at max_seq_len {decode['max_seq_len']}")
+        out.print("runner metadata: " + ", ".join(f"{k}={v}" for k, v in decode["metadata"].items()))
+    for path in summary.get("written", []):
+        out.print(f"wrote {path}")
     size = summary["size"]
     out.print(
         f".pte size: {human_bytes(size['total'])} (packed weights {human_bytes(size['packed_weights'])}, "
@@ -75,7 +82,14 @@ def _counts(histogram: dict[str, int]) -> str:
 
 
 def _io(values: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{v['dtype']}[{', '.join(map(str, v['shape']))}]" if v["kind"] == "tensor" else v["kind"] for v in values)
+    return ", ".join(_io_one(v) for v in values)
+
+
+def _io_one(v: dict[str, Any]) -> str:
+    if v["kind"] == "tensor":
+        dims = [f"1..{d}" if v.get("dynamic") and d > 1 else str(d) for d in v["shape"]]
+        return f"{v['dtype']}[{', '.join(dims)}]"
+    return repr(v["value"]) if "value" in v else v["kind"]
 
 
 def _plan_line(plan: list[dict[str, Any]], limit: int = 12) -> str:
@@ -91,7 +105,8 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
     out.print(f"[bold]{report['file'] or '.pte'}[/]  {human_bytes(report['size'])}, program v{program['version']}, {len(report['methods'])} method(s)")
     for m in report["methods"]:
         out.print(f"{m['name']}({_io(m['inputs'])}) → {_io(m['outputs'])}")
-        out.print(f"  plan: {_plan_line(m['plan'])}")
+        if m["plan"] or m["inputs"]:  # a constant method (LLM metadata) has no plan to show
+            out.print(f"  plan: {_plan_line(m['plan'])}")
     others = ", ".join(f"{d['backend']}#{d['index']} ({human_bytes(d['blob_bytes'])})" for d in report["delegates"] if d["backend"] != "VulkanBackend")
     out.print(f"Vulkan partitions: {s['vulkan_partitions']}   other delegates: {others or 'none'}")
     out.print(f"CPU operators: {escape(_counts(s['cpu_ops']))}")
@@ -106,6 +121,15 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
         f"segments {human_bytes(program['segment_bytes'])}, named data {human_bytes(program['named_data']['bytes'])} in {program['named_data']['count']}; "
         f"packed weights {human_bytes(size['packed_weights'])}, scales {human_bytes(size['scales'])}, float weights {human_bytes(size['float_weights'])})"
     )
+    decode = report.get("decode")
+    if decode:
+        caches = decode["kv_cache"]
+        if caches:
+            c = caches[0]
+            out.print(f"KV cache: {decode['kv_cache_layers']} layers × K/V × {c['dtype']}[{', '.join(map(str, c['shape']))}] = "
+                      f"{human_bytes(decode['kv_cache_bytes'])} (inside the GPU-memory estimate)")
+        else:
+            out.print("[yellow]KV cache: none fused into sdpa_with_kv_cache[/]")
     if report["vulkan"]:
         consts = sum(v["memory"]["constants_bytes"] for v in report["vulkan"])
         shared = sum(v["memory"]["shared_bytes"] for v in report["vulkan"])
@@ -214,3 +238,24 @@ def render_bench(report: dict[str, Any]) -> None:
         table.add_row(l["name"], l["op"], str(l["n"]), str(l["k"]), l["variant"], f"{l['time_us']:.1f}", f"{l['stream_us']:.1f}",
                       f"{l['gbps']:.1f}", f"{l['gops']:.1f}", f"{l['fraction']:.0%}")
     out.print(table)
+
+
+def render_generate(report: dict[str, Any]) -> None:
+    out.print(f"[bold]{report['pte']}[/] vs {report['model']}  scheme {report['scheme']}, prompt {len(report['prompt_ids'])} tokens")
+    for label, key in (("golden (.pte)", "tokens"), ("quantized eager", "eager_tokens"), ("float", "float_tokens")):
+        text = report.get(key.replace("tokens", "text"))
+        out.print(f"{label:>16}: {report[key]}" + (f"  {escape(repr(text))}" if text is not None else ""))
+    n = len(report["tokens"])
+    out.print(f"agree with quantized eager: {report['agree']}/{n} leading tokens; with float: {report['agree_float']}/{n}")
+    table = Table("step", "pos", "SQNR vs quantized", "SQNR vs float")
+    th = report["thresholds"]
+    for i, step in enumerate(report["steps"]):
+        table.add_row(str(i), str(step["pos"]), _db_cell(step["sqnr_vs_quantized"], th["vs_quantized"]),
+                      _db_cell(step["sqnr_vs_float"], th["vs_float"]))
+    out.print(table)
+    out.print("generate: [green]passed[/]" if report["ok"] else f"generate: [red]failed[/] ({escape(report['failures'][0])})")
+
+
+def _db_cell(value: float, threshold: float) -> str:
+    text = "inf" if value == float("inf") else f"{value:.1f} dB"
+    return text if value >= threshold else f"[red]{text}[/]"

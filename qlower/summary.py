@@ -41,6 +41,8 @@ def export_summary(job) -> dict[str, Any]:
         "runtime_problems": [{"node_id": p.node_id, "op": p.op, "message": p.message}
                              for d in pte.vulkan_delegates for p in load_problems(d.graph)],
         **counts,
+        "decode": dict(job.decode_info, metadata=job.metadata) if job.kv_cache and job.decode_info else None,
+        "written": [str(p) for p in job.written],
         "verification": job.verification,
         "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
     }

@@ -310,10 +310,10 @@ def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, 
                 config: str | Path | None = None, entry: str | None = None, checkpoint: str | Path | None = None,
                 calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
                 warn: Callable[[str], None] = lambda message: None) -> Models:
-    """(a) and (b): the float model, and a copy quantized as ``qlower export`` would."""
-    from .config import FLOAT_SCHEMES, make_options
-    from .loader import load_model
-    from .quantize import calibration_batches, plan_layers, quantize_eager, quantize_static
+    """(a) and (b): the float model, and a copy quantized by export's own quantize stage."""
+    from .config import GROUPED_SCHEMES, make_options
+    from .llm.load import load_any
+    from .pipeline import quantize_model
 
     inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
     options = make_options(
@@ -323,20 +323,14 @@ def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, 
         quantize_embeddings=quantize_embeddings if quantize_embeddings is not None else (inferred_embeddings or None),
         calibration=calibration,
         seed=seed,
+        kv_cache=False,
     )
     torch.manual_seed(options.seed)  # as export's load stage, for models that do not seed themselves
-    loaded = load_model(model_path, entry=entry, checkpoint=checkpoint)
+    loaded, _, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
     float_model = copy.deepcopy(loaded.module)
-    plans = plan_layers(loaded.module, options)
-    if options.scheme == "q8ta_q8csw":
-        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
-        quantized = quantize_static(loaded.module, loaded.example_inputs, plans, batches)
-    else:
-        if options.scheme not in FLOAT_SCHEMES:
-            quantize_eager(loaded.module, plans)
-        quantized = loaded.module
+    quantized, _ = quantize_model(loaded, options, warn)
     return Models(float_model, quantized, loaded.example_inputs, options.scheme,
-                  options.group_size if options.scheme in ("qta8a_qga4w", "qga4w") else None)
+                  options.group_size if options.scheme in GROUPED_SCHEMES else None)
 
 
 def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str | None = None,
@@ -351,12 +345,37 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
     threshold; ``report["failures"]`` says which, first failure first.
     """
     pte = read_pte(pte_path)
+    if is_decode_file(pte):
+        return verify_decode(model_path, pte, str(pte_path) if not isinstance(pte_path, (bytes, bytearray)) else "<bytes>",
+                             config=config, entry=entry, checkpoint=checkpoint, seed=seed, steps=max(samples, DECODE_STEPS),
+                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=warn)
     models = load_models(model_path, pte, scheme=scheme, group_size=group_size, config=config, entry=entry,
                          checkpoint=checkpoint, calibration=calibration, seed=seed, warn=warn)
     batches = make_samples(models.example_inputs, samples, seed, inputs)
     report = compare_models(pte, models, batches, thresholds_for(models.scheme, min_sqnr_float, min_sqnr_quantized, min_sqnr_layer))
     report["model"] = str(model_path)
     report["pte"] = str(pte_path) if not isinstance(pte_path, (bytes, bytearray)) else "<bytes>"
+    return report
+
+
+DECODE_PROMPT = 8  # prompt tokens of verify's decode check
+DECODE_STEPS = 4  # decode steps at least
+
+
+def is_decode_file(pte: Pte) -> bool:
+    return any(m.name == "use_kv_cache" for m in pte.methods)
+
+
+def verify_decode(model_path, pte: Pte, pte_name: str, *, seed: int = 0, steps: int = DECODE_STEPS,
+                  warn: Callable[[str], None] = lambda message: None, **options) -> dict[str, Any]:
+    """A KV-cache file: a prefill of random tokens and ``steps`` greedy decode steps, logits compared per step."""
+    from .llm.generate import generate, read_decode_file
+
+    vocab = int(read_decode_file(pte).metadata.get("get_vocab_size", 2))
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (DECODE_PROMPT,), generator=gen).tolist()
+    report = generate(model_path, pte, prompt, max_new_tokens=steps, seed=seed, warn=warn, **options)
+    report.update(kind="decode", passed=report["ok"], pte=pte_name)
     return report
 
 
@@ -369,14 +388,18 @@ def verify_after_export(job, *, samples: int = 1, seed: int | None = None, input
     module in place).
     """
     from .config import GROUPED_SCHEMES
-    from .loader import load_model
+    from .llm.load import load_any
 
     if job.pte_bytes is None or job.quantized is None:
         raise VerifyError("the export did not finish, there is nothing to verify", "run the export first")
     options = job.options
-    torch.manual_seed(options.seed)
-    loaded = load_model(job.model_path, entry=job.entry, checkpoint=job.checkpoint)
     pte = read_pte(job.pte_bytes)
+    if job.kv_cache:
+        return verify_decode(job.model_path, pte, str(job.output) if job.output is not None else "<bytes>",
+                             options=job.options, entry=job.entry, checkpoint=job.checkpoint, seed=options.seed, steps=max(samples, DECODE_STEPS),
+                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=job.warn)
+    torch.manual_seed(options.seed)
+    loaded, _, _ = load_any(job.model_path, options, entry=job.entry, checkpoint=job.checkpoint)
     models = Models(loaded.module, job.quantized, loaded.example_inputs, options.scheme,
                     options.group_size if options.scheme in GROUPED_SCHEMES else None)
     batches = make_samples(models.example_inputs, samples, options.seed if seed is None else seed, inputs)

@@ -19,13 +19,14 @@ models), so a step's SQNR measures the file, not a divergence earlier on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..config import make_options
+from ..config import ExportOptions, make_options
 from ..errors import VerifyError
 from ..golden import GoldenExecutor
 from ..pte import Pte, read_pte
@@ -111,16 +112,23 @@ def teacher_forced(step: Callable[[torch.Tensor, int], torch.Tensor], prompt: li
 def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = None, *, prompt: str | None = None,
              max_new_tokens: int = 8, config: str | Path | None = None, entry: str | None = None,
              checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_float: float | None = None,
-             min_sqnr_quantized: float | None = None, warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+             min_sqnr_quantized: float | None = None, options: ExportOptions | None = None,
+             warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Greedy decoding of the file beside the eager models; ``report["ok"]`` is False below the scheme's bars.
+
+    The eager models are quantized with ``options`` (an export's own), else as
+    read from the file (scheme, group size, embeddings) and ``config``.
+    """
     from ..pipeline import quantize_model
     from ..verify import infer_scheme, thresholds_for
     from .load import decoder_for, load_any
 
     decode = read_decode_file(pte_path)
-    scheme, group_size, embeddings = infer_scheme(decode.pte)
-    options = make_options(config, scheme=None if config else scheme, group_size=None if config else group_size,
-                           quantize_embeddings=None if config else (embeddings or None), seed=seed,
-                           kv_cache=True, max_seq_len=decode.max_seq_len or None)
+    if options is None:
+        scheme, group_size, embeddings = infer_scheme(decode.pte)
+        options = make_options(config, scheme=None if config else scheme, group_size=None if config else group_size,
+                               quantize_embeddings=None if config else (embeddings or None), seed=seed)
+    options = dataclasses.replace(options, kv_cache=True, max_seq_len=decode.max_seq_len or options.max_seq_len)
     torch.manual_seed(options.seed)
     loaded, folder, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
     tokenizer = _tokenizer(folder) if prompt is not None else None
@@ -174,7 +182,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     report = {
         "ok": not failures,
         "model": str(model_path),
-        "pte": str(pte_path),
+        "pte": str(pte_path) if isinstance(pte_path, (str, Path)) else "<bytes>",
         "scheme": options.scheme,
         "prompt_ids": list(prompt_ids),
         "tokens": tokens,

@@ -224,6 +224,17 @@ class KVCacheLM(nn.Module):
             logits = self.model(tokens)
         return logits[:, -1, :]
 
+    def describe(self) -> dict[str, Any]:
+        """The cache as the summary and inspect show it."""
+        shapes = self.attention.shapes
+        return {
+            "max_seq_len": self.max_seq_len,
+            "layers": len(shapes),
+            "kv_cache": [{"layer": i, "shape": [1, self.max_seq_len, s.kv_heads, s.head_dim],
+                          "dtype": str(s.dtype).removeprefix("torch.")} for i, s in enumerate(shapes)],
+            "kv_cache_bytes": self.attention.cache_bytes(),
+        }
+
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The wrapped model on the whole sequence, no cache: ``[1, T, vocab]``."""
         if self.hf:
