@@ -38,7 +38,7 @@ def test_missing_model_file(tmp_path):
 
 
 def test_model_file_is_a_directory(tmp_path):
-    assert_one_error(run(["export", str(tmp_path)], 1), "not a file")
+    assert_one_error(run(["export", str(tmp_path)], 1), "folder without config.json")
 
 
 def test_exception_inside_model_file_names_file_and_line(tmp_path):

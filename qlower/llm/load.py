@@ -35,19 +35,28 @@ def load_any(path: str | Path, options: ExportOptions, entry: str | None = None,
 
             model = CausalLMLogits(model)
         loaded = LoadedModel(model, (example_tokens(folder.config),), None, path, folder.architecture)
-        _check_kv_scheme(kv_cache, options)
+        _check_decodable(loaded, kv_cache, options)
         return loaded, folder, kv_cache
     loaded = load_model(path, entry=entry, checkpoint=checkpoint)
     kv_cache = bool(options.kv_cache)
-    _check_kv_scheme(kv_cache, options)
+    _check_decodable(loaded, kv_cache, options)
     return loaded, None, kv_cache
 
 
-def _check_kv_scheme(kv_cache: bool, options: ExportOptions) -> None:
-    if kv_cache and options.scheme == "q8ta_q8csw":
+def _check_decodable(loaded: LoadedModel, kv_cache: bool, options: ExportOptions) -> None:
+    """--kv-cache: a scheme that can decode, a forward that takes tokens, and a cache that reproduces the model."""
+    from .decoder import check_cache_matches
+
+    if not kv_cache:
+        return
+    if len(loaded.example_inputs) != 1:
+        raise ModelLoadError(f"--kv-cache needs a decoder whose forward takes the tokens; {loaded.source} takes "
+                             f"{len(loaded.example_inputs)} inputs", "export it without --kv-cache")
+    if options.scheme == "q8ta_q8csw":
         raise ModelLoadError("--kv-cache decode takes dynamic or weight-only schemes, not static q8ta_q8csw "
                              "(its calibrated scales would be fixed for one sequence length)",
                              "use --scheme qta8a_qga4w (or qga4w, fp16, fp32), or --no-kv-cache")
+    check_cache_matches(loaded.module)
 
 
 def decoder_for(quantized: nn.Module, loaded: LoadedModel, folder: HfFolder | None, options: ExportOptions,
@@ -58,9 +67,5 @@ def decoder_for(quantized: nn.Module, loaded: LoadedModel, folder: HfFolder | No
     if folder is not None:
         lm = make_decoder(quantized, options, folder.max_positions, folder.config)
         return lm, runner_metadata(lm, options, folder.token_ids(), None, warn)
-    namespace_meta = getattr(loaded, "metadata", None)
-    if len(loaded.example_inputs) != 1:
-        raise ModelLoadError(f"--kv-cache needs a decoder whose forward takes the tokens; {loaded.source} takes "
-                             f"{len(loaded.example_inputs)} inputs", "export it without --kv-cache")
     lm = make_decoder(quantized, options, None, None)
-    return lm, runner_metadata(lm, options, None, namespace_meta, warn)
+    return lm, runner_metadata(lm, options, None, loaded.metadata, warn)
