@@ -123,11 +123,11 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool) -> tuple[Path, P
     return folder, params, ckpt
 
 
-def timed(cmd: list[str], log: Path) -> dict:
+def timed(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
     """Run ``cmd``; wall seconds and peak RSS (GNU time), output to ``log``."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "QLOWER_MAXRSS_KB %M", *cmd], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(["/usr/bin/time", "-f", "QLOWER_MAXRSS_KB %M", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
     seconds = time.perf_counter() - start
     text = log.read_text()
     rss = [int(line.split()[1]) for line in text.splitlines() if line.startswith("QLOWER_MAXRSS_KB")]
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--vulkan", "-kv", "--use_sdpa_with_kv_cache", "-qmode", "8da4w", "-G", str(args.group_size), "-E", "4,32",
                 "--max_seq_length", str(args.max_seq_len), "--max_context_length", str(args.max_seq_len), "-d", "fp32",
                 "--metadata", '{"get_bos_id": 128000, "get_eos_ids": [128001, 128009]}',
-                "--output_dir", str(directory), "--output_name", s_pte.name], directory / "export_llama.log")
+                "--output_name", s_pte.name], directory / "export_llama.log", cwd=directory)
             results["export_llama"].update(pte_facts(s_pte))
             q, s = results["qlower"], results["export_llama"]
             results["ratios"] = {

@@ -24,7 +24,10 @@ it, and the rewrite that fixes it:
   float, exact for integers below 2**24;
 - ``_assert_*`` nodes: ``remove_asserts``;
 - ``_adaptive_avg_pool2d`` (a CPU kernel) whose output divides its input:
-  ``adaptive_pool_to_avg_pool`` makes it the equal plain ``avg_pool2d``.
+  ``adaptive_pool_to_avg_pool`` makes it the equal plain ``avg_pool2d``;
+- ``permute_copy`` pairs that undo each other (a dispatch and a copy each):
+  ``fold_inverse_permutes``; the same copy of one tensor taken again and again
+  (each a dispatch): ``dedupe_copies``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ __all__ = [
     "PASSES",
     "cpu_notes",
     "fold_constant_subgraphs",
+    "fold_inverse_permutes",
+    "dedupe_copies",
     "int_compare_to_float",
     "remove_asserts",
     "rewrite_softmax_guard",
@@ -421,8 +426,85 @@ def remove_asserts(ep: ExportedProgram) -> bool:
     return changed
 
 
+def fold_inverse_permutes(ep: ExportedProgram) -> bool:
+    """``permute_copy(permute_copy(x, p), q)`` whose composition is the identity → ``x``.
+
+    Each permute is a dispatch and a copy on the device. Such pairs come from
+    layout changes that undo each other across module boundaries (a
+    ``transpose(1, 2)`` into attention and back out of it, per layer).
+    """
+    changed = False
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or node.target != aten.permute_copy.default:
+            continue
+        inner = node.args[0]
+        if not isinstance(inner, torch.fx.Node) or inner.target != aten.permute_copy.default:
+            continue
+        p, q = list(inner.args[1]), list(node.args[1])
+        rank = len(p)
+        if len(q) != rank:
+            continue
+        p = [d % rank for d in p]
+        q = [d % rank for d in q]
+        if [p[i] for i in q] != list(range(rank)):
+            continue
+        node.replace_all_uses_with(inner.args[0])
+        _rename_outputs(ep, node, inner.args[0])
+        ep.graph.erase_node(node)
+        changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
+# Pure copies and views: two nodes with one target and equal arguments compute the same tensor.
+_CSE_TARGETS = frozenset({
+    aten.select_copy.int, aten.slice_copy.Tensor, aten.view_copy.default, aten.unsqueeze_copy.default,
+    aten.squeeze_copy.dims, aten.permute_copy.default, aten.expand_copy.default, aten._to_copy.default,
+})
+
+
+def dedupe_copies(ep: ExportedProgram) -> bool:
+    """Merge repeated pure copies of one tensor (``cos[0]`` taken again by every layer's RoPE, say)."""
+    seen: dict[tuple, torch.fx.Node] = {}
+    changed = False
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or node.target not in _CSE_TARGETS:
+            continue
+        try:
+            key = (node.target, _hashable_args(node.args), _hashable_args(tuple(sorted(node.kwargs.items()))))
+        except TypeError:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            _rename_outputs(ep, node, first)
+            ep.graph.erase_node(node)
+            changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
+def _hashable_args(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable_args(v) for v in value)
+    if isinstance(value, (torch.fx.Node, int, float, bool, str, type(None), torch.dtype, torch.memory_format,
+                          torch.layout, torch.device)):
+        return value
+    raise TypeError(f"unhashable argument {type(value).__name__}")
+
+
+def _rename_outputs(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    for spec in ep.graph_signature.output_specs:
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
+            spec.arg = TensorArgument(name=new.name)
+
+
 PASSES: list[Callable[[ExportedProgram], bool]] = [
     remove_asserts,
+    fold_inverse_permutes,
+    dedupe_copies,
     fold_constant_subgraphs,
     rewrite_softmax_guard,
     scalar_ops_to_tensor,

@@ -149,6 +149,83 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     return out, None
 
 
+# --- RoPE as one ET-VK op -------------------------------------------------------------
+#
+# transformers' decoders rotate q and k with a module-level
+# ``apply_rotary_pos_emb(q, k, cos, sin, ...)`` of their modeling file: a dozen
+# elementwise ops per layer on the device. ET-VK has the same computation as
+# one shader (``et_vk.apply_rotary_emb_hf``). A modeling file whose function is
+# numerically the rotate-half RoPE (checked on random inputs, full and partial
+# rotary dims) gets it swapped for the op while a cached forward runs.
+
+
+def _rope_reference(q, k, cos, sin):
+    """Rotate-half RoPE over the first ``cos.shape[-1]`` dims of q, k ``[B, H, T, D]``; cos, sin ``[B, T, R]``."""
+    def rotate(x):
+        r = cos.shape[-1]
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return torch.cat((x_rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1), x_pass), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def _rope_op(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """``apply_rotary_pos_emb`` through ``et_vk.apply_rotary_emb_hf`` (which takes ``[B, T, H, D]``)."""
+    import executorch.backends.vulkan.custom_ops_lib  # noqa: F401  registers torch.ops.et_vk
+
+    if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[0] != 1:
+        return _rope_reference(q, k, cos, sin)
+    oq, ok = torch.ops.et_vk.apply_rotary_emb_hf(q.transpose(1, 2), k.transpose(1, 2), cos[0], sin[0], 0)
+    return oq.transpose(1, 2), ok.transpose(1, 2)
+
+
+def rope_modules(model: nn.Module) -> list[Any]:
+    """The modeling files of ``model`` whose ``apply_rotary_pos_emb`` is rotate-half RoPE."""
+    import sys
+
+    found = []
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is not None and module not in found and _is_rotate_half(fn):
+            found.append(module)
+    return found
+
+
+def _is_rotate_half(fn) -> bool:
+    """Full rotary dims must match the reference; partial ones must match or be refused by ``fn``
+    (a function that cannot take them is never called with them)."""
+    gen = torch.Generator().manual_seed(0)
+    for rotary in (16, 8):
+        q, k = torch.randn(1, 4, 3, 16, generator=gen), torch.randn(1, 2, 3, 16, generator=gen)
+        cos, sin = torch.randn(1, 3, rotary, generator=gen), torch.randn(1, 3, rotary, generator=gen)
+        try:
+            got = fn(q, k, cos, sin)
+        except Exception:  # another signature or convention
+            if rotary == 16:
+                return False
+            continue
+        want = _rope_reference(q, k, cos, sin)
+        if not all(isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, atol=1e-6)
+                   for g, w in zip(got, want)):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _rope_swapped(modules: list[Any]) -> Iterator[None]:
+    saved = [(m, m.apply_rotary_pos_emb) for m in modules]
+    for m, _ in saved:
+        m.apply_rotary_pos_emb = _rope_op
+    try:
+        yield
+    finally:
+        for m, fn in saved:
+            m.apply_rotary_pos_emb = fn
+
+
 def _mask(*args, **kwargs):
     """Inside a cached forward the cache is causal by position: no mask; outside, SDPA's own."""
     if _ACTIVE:
@@ -189,6 +266,10 @@ class KVCacheLM(nn.Module):
     def __init__(self, model: nn.Module, max_seq_len: int, shapes: list[LayerCacheShape] | None = None):
         super().__init__()
         load_llm_custom_ops()
+        from ..hf import CausalLMLogits
+
+        if isinstance(model, CausalLMLogits):  # a recipe's input_ids → logits wrapper: decode the LM inside
+            model = model.lm
         self.model = model
         self.hf = is_hf_model(model)
         if self.hf:
@@ -199,6 +280,7 @@ class KVCacheLM(nn.Module):
                 if cfg is not None and hasattr(cfg, "_attn_implementation"):
                     cfg._attn_implementation = ATTN_IMPLEMENTATION
         self.takes_input_pos = not self.hf and "input_pos" in inspect.signature(model.forward).parameters
+        self._rope_modules = rope_modules(model) if self.hf else []
         self.attention = CacheAttention(shapes if shapes is not None else probe_cache_shapes(self), max_seq_len)
 
     @property
@@ -210,7 +292,7 @@ class KVCacheLM(nn.Module):
         seq_len = tokens.shape[1]
         torch._check_is_size(start)
         torch._check(start + seq_len <= self.max_seq_len)
-        with self.attention.active(start):
+        with self.attention.active(start), _rope_swapped(self._rope_modules):
             return self._logits(tokens, input_pos, start, seq_len)
 
     def _logits(self, tokens, input_pos, start, seq_len) -> torch.Tensor:
