@@ -299,8 +299,19 @@ def test_pte_no_larger_than_the_stock_flow(vision_exports):
     pte, _ = vision_exports["mobilenet_v2"]
     stock = stock_pte(EXAMPLES / "mobilenet_v2.py")
     assert pte.stat().st_size <= len(stock)
-    # The stock file runs the global average pool on the CPU between two partitions.
+    # The stock file runs the global average pool on the CPU between two partitions
+    # (a CPU mean.out kernel, which the golden executor runs as mean.dim).
     assert summarize_pte(stock).partitions == 2
+    from qlower.golden import GoldenExecutor
+    from qlower.loader import load_model
+
+    loaded = load_model(EXAMPLES / "mobilenet_v2.py")
+    inputs = tuple(loaded.example_inputs)
+    with torch.no_grad():
+        want = loaded.module(*inputs)
+    ours = GoldenExecutor(read_pte(pte.read_bytes())).run(inputs)[0]
+    theirs = GoldenExecutor(read_pte(bytes(stock))).run(inputs)[0]
+    assert sqnr_db(want, ours) >= sqnr_db(want, theirs) - 1.0
 
 
 def test_strict_and_layer_overrides_apply_to_convs(tmp_path):
