@@ -149,7 +149,7 @@ def export(
     kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache", help="Export the LLM decode method forward(tokens[1, T], input_pos[1]) -> logits[1, vocab] with a static KV cache [default: on for a Hugging Face folder]."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=2, help="--kv-cache: context length, prompt + generated [default: min(the model's max positions, 2048)]."),
     metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
-    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, drop_unused_constants."),
+    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; fail below the SQNR thresholds."),
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -27,7 +27,11 @@ it, and the rewrite that fixes it:
   ``adaptive_pool_to_avg_pool`` makes it the equal plain ``avg_pool2d``;
 - ``permute_copy`` pairs that undo each other (a dispatch and a copy each):
   ``fold_inverse_permutes``; the same copy of one tensor taken again and again
-  (each a dispatch): ``dedupe_copies``.
+  (each a dispatch): ``dedupe_copies``;
+- ``mean``/``sum`` over two dims without ``keepdim`` (global average pooling
+  written ``x.mean((2, 3))``; the partitioner's 2-D reduction needs keepdim,
+  so it is a CPU kernel between two partitions): ``reduce_keepdim`` reduces
+  with ``keepdim`` and drops the kept dims with a ``view_copy``.
 """
 
 from __future__ import annotations
@@ -357,6 +361,43 @@ def adaptive_pool_to_avg_pool(ep: ExportedProgram) -> bool:
     return changed
 
 
+_KEEPDIM_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}
+
+
+def reduce_keepdim(ep: ExportedProgram) -> bool:
+    """``mean(x, dims)`` the partitioner refuses → ``view_copy(mean(x, dims, keepdim=True))``.
+
+    Only where ExecuTorch's own support check refuses the node and accepts it
+    with ``keepdim``; the values are the same, the kept dims of size 1 are
+    dropped by the view.
+    """
+    from executorch.backends.vulkan.op_registry import is_reduce_node_supported
+
+    changed = False
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if node.target not in _KEEPDIM_REDUCTIONS or node.kwargs.get("dtype") is not None:
+            continue
+        x, dims = node.args[0], node.args[1]
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if keepdim or not isinstance(_val(x), torch.Tensor) or dims is None or is_reduce_node_supported(node):
+            continue
+        kept_shape = [1 if i in {d % _val(x).dim() for d in dims} else s for i, s in enumerate(_val(x).shape)]
+        with graph.inserting_before(node):
+            kept_val = _val(node).reshape(kept_shape)
+            reduced = _call(graph, node.target, (x, list(dims), True), kept_val, node)
+            if not is_reduce_node_supported(reduced):
+                graph.erase_node(reduced)
+                continue
+            view = _call(graph, aten.view_copy.default, (reduced, list(_val(node).shape)), _val(node), node)
+        node.replace_all_uses_with(view)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed
+
+
 _INT_COMPARE = {aten.eq.Tensor, aten.ne.Tensor, aten.eq.Scalar, aten.ne.Scalar}
 _EXACT_INT_IN_FLOAT = 1 << 24
 
@@ -510,6 +551,7 @@ PASSES: list[Callable[[ExportedProgram], bool]] = [
     scalar_ops_to_tensor,
     int_compare_to_float,
     adaptive_pool_to_avg_pool,
+    reduce_keepdim,
 ]
 
 

@@ -25,6 +25,12 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     one-node ``qlower.quantized_linear``, → ``et_vk`` fused linears
     (:mod:`qlower.patterns.linear` lists the routes and guards). Those one-node
     linears get one ``choose_qparams_affine`` per distinct input here.
+``fuse_q8ta_conv``
+    Static int8 ``q → dq → convolution [→ relu | ReLU6] → q`` → ``et_vk.q8ta_conv2d``,
+    ``_dw`` or ``_pw`` (:mod:`qlower.patterns.conv`), int8 in and int8 out; every
+    convolution gets a report entry (C_out, C_in, kernel, stride, groups).
+``fuse_q8ta_add``
+    ``dq + dq [→ relu] → q`` → ``et_vk.q8ta_add``, so residual connections stay int8.
 ``drop_unused_constants``
     Dead dequantize nodes go, and so do the constants only they read
     (weight zero points), so they do not end up in the ``.pte``.
@@ -49,6 +55,7 @@ from executorch.exir import ExportedProgram
 # Importing registers the et_vk ops (and their CPU reference kernels) with torch.
 import executorch.backends.vulkan.custom_ops_lib  # noqa: F401
 
+from qlower.patterns import conv as conv_family
 from qlower.patterns import linear as linear_family
 from qlower.patterns.linear import LinearInfo, is_choose_qparams
 
@@ -88,13 +95,14 @@ class FusionReport:
         }
 
     def table(self) -> str:
-        """Plain-text table, one row per linear."""
-        rows = [("module", "N", "K", "group", "scheme", "result")]
+        """Plain-text table, one row per linear or convolution."""
+        rows = [("module", "N", "K", "group", "conv", "scheme", "result")]
         for l in self.layers:
             result = l.fused_op or f"unfused: {l.reason}"
             if l.note:
                 result += f" ({l.note})"
-            rows.append((l.module, _s(l.n), _s(l.k), _s(l.group_size), l.scheme, result))
+            conv = conv_family.shape_text(l) if isinstance(l, conv_family.ConvInfo) else "-"
+            rows.append((l.module, _s(l.n), _s(l.k), _s(l.group_size), conv, l.scheme, result))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         return "\n".join(
             "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows
@@ -164,6 +172,42 @@ def fuse_quantized_linear(ep: ExportedProgram, ctx: FusionContext) -> int:
     return fused
 
 
+def fuse_q8ta_conv(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Replace every static int8 conv chain by its q8ta op; report every convolution."""
+    fused = 0
+    for node in list(ep.graph_module.graph.nodes):
+        if node.graph is None:
+            continue
+        match, info = conv_family.detect_conv(ep, node)
+        if info is None:
+            continue
+        ctx.report.layers.append(info)
+        if match is None:
+            continue
+        conv_family.replace_conv(ep, match, ctx.packer)
+        ctx.orphans.extend(match.orphans)
+        fused += 1
+    if fused:
+        ep.graph_module.graph.eliminate_dead_code()
+    return fused
+
+
+def fuse_q8ta_add(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Replace every int8 add (dq + dq [→ relu] → q) by et_vk.q8ta_add."""
+    fused = 0
+    for node in list(ep.graph_module.graph.nodes):
+        if node.graph is None:
+            continue
+        match, _reason = conv_family.detect_add(node)
+        if match is None:
+            continue
+        conv_family.replace_add(ep, match)
+        fused += 1
+    if fused:
+        ep.graph_module.graph.eliminate_dead_code()
+    return fused
+
+
 def drop_unused_constants(ep: ExportedProgram, ctx: FusionContext) -> int:
     """Delete constant placeholders that fusion left without users."""
     graph = ep.graph_module.graph
@@ -183,6 +227,8 @@ def drop_unused_constants(ep: ExportedProgram, ctx: FusionContext) -> int:
 FUSION_PASSES: list[tuple[str, Callable[[ExportedProgram, FusionContext], int]]] = [
     ("share_act_qparams", share_act_qparams),
     ("fuse_quantized_linear", fuse_quantized_linear),
+    ("fuse_q8ta_conv", fuse_q8ta_conv),
+    ("fuse_q8ta_add", fuse_q8ta_add),
     ("drop_unused_constants", drop_unused_constants),
 ]
 PASS_NAMES = [name for name, _ in FUSION_PASSES]

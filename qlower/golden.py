@@ -364,16 +364,25 @@ def _resolve(qualified: str, what: str):
 
 
 def _functional(overload):
-    """The functional overload of an out-variant kernel (``mul.Scalar_out`` → ``mul.Scalar``)."""
+    """The functional overload of an out-variant kernel (``mul.Scalar_out`` → ``mul.Scalar``).
+
+    The one with the out variant's other arguments: ``mean.out`` takes
+    ``dim`` and ``keepdim``, so it is ``mean.dim``, not ``mean.default``.
+    """
     name = overload._overloadname
     if name == "out":
-        base = "default"
+        preferred = "default"
     elif name.endswith("_out"):
-        base = name[: -len("_out")]
+        preferred = name[: -len("_out")]
     else:
         return None
     packet = overload._overloadpacket
-    return getattr(packet, base, None)
+    wanted = [a.name for a in overload._schema.arguments if not a.is_out]
+    for base in [preferred, *sorted(set(packet.overloads()) - {preferred})]:
+        candidate = getattr(packet, base, None)
+        if candidate is not None and [a.name for a in candidate._schema.arguments] == wanted:
+            return candidate
+    return getattr(packet, preferred, None)
 
 
 def _filter_kwargs(overload, kwargs: dict) -> dict:

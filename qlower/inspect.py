@@ -428,6 +428,9 @@ def _fused_params(g: _Graph, short: str, node_id: int, args: dict[str, int], out
     if "weight" in args and weights is not None and len(weights.dims) == 2:  # embedding: [vocab, dim/2]
         params["n"] = weights.dims[0]
         params["k"] = out.dims[-1] if out is not None and out.dims else weights.dims[1] * 2
+    elif short.startswith("q8ta_conv2d"):  # NCHW: N = C_out, K = C_in
+        params["n"] = out.dims[-3] if out is not None and len(out.dims) >= 3 else None
+        params["k"] = x.dims[-3] if x is not None and len(x.dims) >= 3 else None
     else:
         params["n"] = out.dims[-1] if out is not None and out.dims else (weights.dims[0] if weights is not None and weights.dims else None)
         params["k"] = x.dims[-1] if x is not None and x.dims else None

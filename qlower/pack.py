@@ -15,7 +15,11 @@ constant                     layout                      padded dim → mult.
 int4 weight (q4gsw, dq8ca)   uint8 [N, ceil8(K)/2]       K → 8 (zeros)
 int4 group scales            [num_groups, ceil4(N)]      N → 4 (zeros)
 int4 group sums (dq8ca)      int32 [num_groups, ceil8(N)] N → 8 (zeros)
-int8 weight (q8ta family)    int8 [N, K]                 none
+int8 weight (q8ta linears)   int8 [N, K]                 none
+int8 conv weight (q8ta_conv  int8 [OC, ceil4(KH·KW·ICg)] K → 4 (zeros)
+  2d, _pw)                     K ordered (kh, kw, ic)
+int8 depthwise weight        int8 [KH, KW, ceil4(OC)]    OC → 4 (zeros)
+  (q8ta_conv2d_dw)
 int8 channel scales          [ceil4(N)]                  N → 4 (zeros)
 int8 channel sums            int32 [ceil4(N)]            N → 4 (zeros)
 bias (every quantized op)    [ceil4(N)]                  N → 4 (zeros)
@@ -170,3 +174,47 @@ def pad_bias(bias: torch.Tensor) -> torch.Tensor:
 def unpad(t: torch.Tensor, n: int) -> torch.Tensor:
     """Drop the padding from the last dimension: inverse of the ``pad_*`` helpers."""
     return t[..., :n].contiguous()
+
+
+# --- q8ta convolutions ------------------------------------------------------------
+
+CONV_K_ALIGN = 4  # conv weight matrix: KH*KW*ICg padded to this
+DW_C_ALIGN = 4  # depthwise weight: channels padded to this
+
+
+def pack_conv_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8 [OC, ICg, KH, KW] → int8 [OC, ceil4(KH*KW*ICg)] (q8ta_conv2d, q8ta_conv2d_pw).
+
+    Row ``oc`` holds the kernel in (kh, kw, ic) order — the im2col order of the
+    shaders — then zeros up to a multiple of 4.
+    """
+    if w.dim() != 4:
+        raise ValueError(f"expected a 4-D [OC, ICg, KH, KW] weight, got shape {tuple(w.shape)}")
+    oc = w.shape[0]
+    return pad_to(w.permute(0, 2, 3, 1).contiguous().reshape(oc, -1), 1, CONV_K_ALIGN).contiguous()
+
+
+def unpack_conv_weight(packed: torch.Tensor, ic_per_group: int, kernel: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pack_conv_weight`: back to [OC, ICg, KH, KW]."""
+    kh, kw = kernel
+    oc = packed.shape[0]
+    return packed[:, : kh * kw * ic_per_group].reshape(oc, kh, kw, ic_per_group).permute(0, 3, 1, 2).contiguous()
+
+
+def pack_dw_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8 [C, 1, KH, KW] → int8 [KH, KW, ceil4(C)] (q8ta_conv2d_dw), channels last, zero padded."""
+    if w.dim() != 4 or w.shape[1] != 1:
+        raise ValueError(f"expected a depthwise [C, 1, KH, KW] weight, got shape {tuple(w.shape)}")
+    c, _, kh, kw = w.shape
+    return pad_to(w.permute(2, 3, 1, 0).contiguous().reshape(kh, kw, c), 2, DW_C_ALIGN).contiguous()
+
+
+def unpack_dw_weight(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`pack_dw_weight`: back to [C, 1, KH, KW]."""
+    kh, kw, _ = packed.shape
+    return packed[:, :, :channels].permute(2, 0, 1).reshape(channels, 1, kh, kw).contiguous()
+
+
+def conv_channel_sums(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel sums of an int8 conv weight [OC, ICg, KH, KW] → int32 [ceil4(OC)]."""
+    return pad_to(w.reshape(w.shape[0], -1).sum(dim=1).to(torch.int32).contiguous(), 0, CHANNEL_N_ALIGN)

@@ -204,7 +204,9 @@ STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
 def make_partitioner(options: ExportOptions):
     from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
 
-    return VulkanPartitioner({"force_fp16": options.scheme == "fp16"})
+    # Only fp16 needs a compile spec; an explicit "force_fp16": false is stored in the
+    # .pte (40 bytes of program, a 128-byte aligned step) and means the default.
+    return VulkanPartitioner({"force_fp16": True} if options.scheme == "fp16" else {})
 
 
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:

@@ -4,7 +4,9 @@ Dynamic and weight-only schemes quantize the eager module in place with torchao;
 the static scheme runs PT2E (prepare → calibrate → convert) and yields a graph
 module. Every linear and embedding layer gets a ``LayerPlan`` saying what it
 will become, or why it stays float: a shape the scheme cannot take is reported,
-never a crash (``--strict`` makes it an error).
+never a crash (``--strict`` makes it an error). Under the static scheme every
+convolution gets one too: ``q8ta_q8csw`` quantizes Conv2d layers (BatchNorm
+folded by PT2E) for the ET-VK q8ta convolutions; other schemes leave convs float.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchao.quantization.pt2e.quantizer import Quantizer
 
 from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
+from .patterns.conv import conv_shape_problem
 from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason
 from .quantized_linear import QuantizedLinear
 
@@ -26,18 +30,26 @@ from .quantized_linear import QuantizedLinear
 EMBEDDING_DIM_MULTIPLE = 32
 
 
+# The one scheme that quantizes convolutions (and the adds between them).
+STATIC_SCHEME = "q8ta_q8csw"
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 @dataclass
 class LayerPlan:
-    """What quantization decided for one linear or embedding module."""
+    """What quantization decided for one linear, embedding or convolution module."""
 
     name: str
-    kind: str  # "linear" | "embedding"
-    n: int  # output features (embedding: dim)
-    k: int  # input features (embedding: vocab size)
+    kind: str  # "linear" | "embedding" | "conv"
+    n: int  # output features (embedding: dim; conv: C_out)
+    k: int  # input features (embedding: vocab size; conv: C_in)
     scheme: str  # the scheme asked for this layer ("skip" when overridden)
     group_size: int | None
     quantized: bool
     reason: str | None = None  # why it stays float
+    kernel: list[int] | None = None  # convs only
+    stride: list[int] | None = None
+    groups: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +63,27 @@ def plan_layers(module: nn.Module, options: ExportOptions) -> list[LayerPlan]:
             plans.append(_plan_linear(name, child, scheme, group_size))
         elif isinstance(child, nn.Embedding):
             plans.append(_plan_embedding(name, child, options))
+        elif isinstance(child, _CONV_TYPES):
+            plans.append(_plan_conv(name, child, options))
     return plans
+
+
+def _plan_conv(name: str, layer: nn.Module, options: ExportOptions) -> LayerPlan:
+    scheme, _ = options.layer_choice(name)
+    transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    plan = LayerPlan(name, "conv", layer.out_channels, layer.in_channels, scheme, None, quantized=False,
+                     kernel=list(layer.kernel_size), stride=list(layer.stride), groups=layer.groups)
+    if scheme == SKIP:
+        plan.reason = "skipped by a per-layer override"
+    elif options.scheme != STATIC_SCHEME or scheme != STATIC_SCHEME:
+        plan.reason = f"scheme {scheme} keeps convolutions float (only {STATIC_SCHEME} quantizes them)"
+    elif layer.padding_mode != "zeros":
+        plan.reason = f"padding mode {layer.padding_mode!r} (the q8ta convolutions pad with zeros)"
+    else:
+        plan.reason = conv_shape_problem(layer.out_channels, layer.in_channels, layer.groups,
+                                         dims=len(layer.kernel_size), transposed=transposed)
+        plan.quantized = plan.reason is None
+    return plan
 
 
 def _plan_linear(name: str, layer: nn.Linear, scheme: str, group_size: int) -> LayerPlan:
@@ -94,6 +126,8 @@ def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
     if not options.strict or options.scheme in FLOAT_SCHEMES:
         return
     for plan in plans:
+        if plan.kind == "conv" and options.scheme != STATIC_SCHEME:
+            continue  # convolutions are not asked to be quantized by the other schemes
         if not plan.quantized and plan.scheme not in (SKIP, *FLOAT_SCHEMES) and "is off" not in (plan.reason or ""):
             raise StrictError(
                 f"layer {plan.name!r} cannot take scheme {plan.scheme}: {plan.reason}",
@@ -173,25 +207,19 @@ class Int4Embedding(nn.Module):
 
 
 def quantize_static(module: nn.Module, example_inputs: tuple, plans: list[LayerPlan], calibration: list[tuple]) -> nn.Module:
-    """PT2E static int8: per-tensor activations, per-channel symmetric weights, linears only."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    """PT2E static int8: per-tensor activations, per-channel symmetric weights.
+
+    The planned linears and convolutions are annotated (a conv's relu or
+    ReLU6 inside its output quantization; BatchNorm is folded into the conv by
+    ``prepare_pt2e``), and so is every add whose inputs are both int8 (residual
+    connections), so that activations stay int8 from op to op.
+    """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    class LinearQuantizer(XNNPACKQuantizer):
-        # XNNPACK's transform turns every add/mul scalar into a float tensor so that
-        # those ops could be quantized; only linears are, and on integer tensors
-        # (position ids: arange + 0) the float constant makes index tensors float.
-        def transform_for_annotation(self, model):
-            return model
-
-    quantizer = LinearQuantizer()
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    for plan in plans:
-        if plan.kind == "linear" and plan.quantized:
-            quantizer.set_module_name(plan.name, config)
+    quantizer = StaticInt8Quantizer(
+        linears={p.name for p in plans if p.kind == "linear" and p.quantized},
+        convs={p.name for p in plans if p.kind == "conv" and p.quantized},
+    )
     try:
         graph = torch.export.export(module, example_inputs, strict=False).module()
         prepared = prepare_pt2e(graph, quantizer)
@@ -202,6 +230,120 @@ def quantize_static(module: nn.Module, example_inputs: tuple, plans: list[LayerP
     except Exception as exc:
         raise ExportError(f"static quantization failed: {type(exc).__name__}: {first_line(exc)}",
                           "QLOWER_DEBUG=1 shows the traceback; try --scheme qta8a_qga4w") from exc
+
+
+class StaticInt8Quantizer(Quantizer):
+    """The planned layers with XNNPACK's static int8 config and annotators.
+
+    XNNPACK's own ``annotate`` would take every op it knows (and turn add/mul
+    scalars into float tensors, which made integer position ids float); this
+    one annotates only: the planned linears (``linear_relu``, ``linear``), the
+    planned convs followed by a clamp (relu: XNNPACK's ``conv_relu``;
+    hardtanh/ReLU6: here) or not (``conv``), and adds whose two inputs are
+    int8 (``add_relu``, ``add``). Ops that only move or pool values (view,
+    flatten, max pool, mean) then share their input's quantization
+    (XNNPACK's ``propagate_annotation``).
+    """
+
+    def __init__(self, linears: set[str], convs: set[str]):
+        super().__init__()
+        self.linears, self.convs = linears, convs
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR, propagate_annotation
+
+        config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+        linear_filter = _module_filter(self.linears, {torch.ops.aten.linear.default})
+        conv_filter = _module_filter(self.convs, _CONV_OPS)
+        OP_TO_ANNOTATOR["linear_relu"](model, config, linear_filter)
+        OP_TO_ANNOTATOR["linear"](model, config, linear_filter)
+        OP_TO_ANNOTATOR["conv_relu"](model, config, conv_filter)
+        _annotate_conv_hardtanh(model, config, conv_filter)
+        OP_TO_ANNOTATOR["conv"](model, config, conv_filter)
+        OP_TO_ANNOTATOR["add_relu"](model, config, _int8_inputs)
+        OP_TO_ANNOTATOR["add"](model, config, _int8_inputs)
+        propagate_annotation(model)
+        return model
+
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        pass
+
+
+_CONV_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
+_HARDTANH_OPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+
+
+def _innermost_module(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path[len("L['self']."):] if path.startswith("L['self'].") else path
+
+
+def _module_filter(names: set[str], anchors: set) -> Callable[[torch.fx.Node], bool]:
+    """Anchor nodes pass when traced from one of ``names``; any other node of a pattern passes."""
+    return lambda n: n.target not in anchors or _innermost_module(n) in names
+
+
+def _int8_inputs(node: torch.fx.Node) -> bool:
+    """An add's inputs are both outputs of quantized ops (or of ops that share their quantization)."""
+    if node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+        return True
+    return len(node.args) >= 2 and all(_quantized_output(a) for a in node.args[:2])
+
+
+def _quantized_output(node) -> bool:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import _is_share_obs_or_fq_op
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    for _ in range(16):  # through a few shape ops
+        if not isinstance(node, torch.fx.Node):
+            return False
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is not None and annotation.output_qspec is not None:
+            return True
+        if node.op != "call_function" or not _is_share_obs_or_fq_op(node.target) or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _annotate_conv_hardtanh(model: torch.fx.GraphModule, config, filter_fn) -> None:
+    """conv → hardtanh (ReLU6): quantize after the clamp, as XNNPACK's conv_relu does after relu.
+
+    Whether the clamp then folds into the fused conv is the fuse stage's
+    call (``patterns.conv.clamp_problem``); it is reported if not.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
+        _is_annotated,
+        _mark_nodes_as_annotated,
+        get_bias_qspec,
+        get_input_act_qspec,
+        get_output_act_qspec,
+        get_weight_qspec,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    for clamp in model.graph.nodes:
+        if clamp.op != "call_function" or clamp.target not in _HARDTANH_OPS:
+            continue
+        conv = clamp.args[0]
+        if not isinstance(conv, torch.fx.Node) or conv.target not in _CONV_OPS or len(conv.users) != 1:
+            continue
+        x, weight = conv.args[0], conv.args[1]
+        bias = conv.args[2] if len(conv.args) > 2 and isinstance(conv.args[2], torch.fx.Node) else None
+        partition = [clamp, conv, weight] + ([bias] if bias is not None else [])
+        if _is_annotated(partition) or not all(filter_fn(n) for n in partition):
+            continue
+        qspecs = {x: get_input_act_qspec(config), weight: get_weight_qspec(config)}
+        if bias is not None:
+            qspecs[bias] = get_bias_qspec(config)
+        conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
+        clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
+        _mark_nodes_as_annotated(partition)
 
 
 def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None]) -> list[tuple]:

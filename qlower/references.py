@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .pack import unpack_group_scales, unpack_int4, unpad
+from .pack import unpack_conv_weight, unpack_dw_weight, unpack_group_scales, unpack_int4, unpad
 
 INT8_MIN = -128
 INT8_MAX = 127
@@ -127,6 +127,41 @@ def linear_q8ta_q8csw_int(
     return y
 
 
+def conv2d_q8ta_q8csw_int(
+    xq: torch.Tensor,
+    x_scale: float,
+    x_zp: int,
+    w: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> torch.Tensor:
+    """Per-tensor int8 NCHW activations ⊛ per-channel int8 weights [OC, ICg, KH, KW] → float32 NCHW.
+
+        acc[n, oc, y, x] = Σ xq[n, ic, y·s + kh·d − p, x·s + kw·d − p] · w[oc, ic, kh, kw]
+                           − x_zp · w_sums[oc]                                   (integer)
+        out              = acc · (x_scale · w_scales[oc]) + bias[oc]
+
+    Positions in the padding read ``x_zp`` (the int8 code of 0.0), as the
+    shaders do, so the zero-point correction through ``w_sums`` is exact
+    there too. The products are summed in float64 on integer values, which
+    is exact (|acc| < 2**53 for any kernel that fits a GPU).
+    """
+    ph, pw = (int(p) for p in padding)
+    xp = torch.nn.functional.pad(xq.to(torch.float64), (pw, pw, ph, ph), value=float(int(x_zp)))
+    acc = torch.nn.functional.conv2d(xp, w.to(torch.float64), None, list(stride), 0, list(dilation), int(groups))
+    acc = acc.round().to(torch.int64) - int(x_zp) * w_sums.to(torch.int64).reshape(1, -1, 1, 1)
+    scale = torch.tensor(float(x_scale), dtype=torch.float32) * w_scales.to(torch.float32)
+    y = acc.to(torch.float32) * scale.reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
+    return y
+
+
 def requantize(y: torch.Tensor, output_scale: float, output_zp: int, activation: str = "none") -> torch.Tensor:
     """Float accumulator → int8 output of the q8ta family, with the fused activation."""
     if activation == "relu":
@@ -179,6 +214,31 @@ def q8ta_linear(x, input_scale, input_zero_point, weights, weight_sums, weight_s
     y = linear_q8ta_q8csw_int(x.reshape(-1, k), input_scale, input_zero_point, weights, unpad(weight_sums, n),
                               unpad(weight_scales, n), unpad(bias, n) if bias is not None else None)
     return requantize(y, output_scale, output_zero_point, activation).reshape(*lead, n)
+
+
+def q8ta_conv2d(x, input_scale, input_zero_point, weights, weight_sums, weight_scales, output_scale, output_zero_point,
+                bias, kernel_size, stride, padding, dilation, groups, activation):
+    """q8ta_conv2d and q8ta_conv2d_pw: weights as the [OC, ceil4(KH·KW·ICg)] matrix."""
+    oc = weights.shape[0]
+    w = unpack_conv_weight(weights, x.shape[1] // int(groups), tuple(kernel_size))
+    return _q8ta_conv(x, input_scale, input_zero_point, w, weight_sums, weight_scales, output_scale, output_zero_point,
+                      bias, stride, padding, dilation, groups, activation, oc)
+
+
+def q8ta_conv2d_dw(x, input_scale, input_zero_point, weights, weight_sums, weight_scales, output_scale,
+                   output_zero_point, bias, kernel_size, stride, padding, dilation, groups, activation):
+    """q8ta_conv2d_dw: weights as [KH, KW, ceil4(C)]."""
+    c = x.shape[1]
+    w = unpack_dw_weight(weights, c)
+    return _q8ta_conv(x, input_scale, input_zero_point, w, weight_sums, weight_scales, output_scale, output_zero_point,
+                      bias, stride, padding, dilation, groups, activation, c)
+
+
+def _q8ta_conv(x, input_scale, input_zero_point, w, weight_sums, weight_scales, output_scale, output_zero_point,
+               bias, stride, padding, dilation, groups, activation, oc):
+    y = conv2d_q8ta_q8csw_int(x, input_scale, input_zero_point, w, unpad(weight_sums, oc), unpad(weight_scales, oc),
+                              unpad(bias, oc) if bias is not None else None, stride, padding, dilation, groups)
+    return requantize(y, output_scale, output_zero_point, activation or "none")
 
 
 def q8ta_relu(x, input_scale, input_zero_point, output_scale, output_zero_point):
@@ -274,6 +334,9 @@ OPS: dict[str, Callable] = {
     "et_vk.linear_q8ta_q8csw.default": linear_q8ta_q8csw,
     "et_vk.q8ta_linear.default": q8ta_linear,
     "et_vk.q8ta_linear_gemv.default": q8ta_linear,
+    "et_vk.q8ta_conv2d.default": q8ta_conv2d,
+    "et_vk.q8ta_conv2d_pw.default": q8ta_conv2d,
+    "et_vk.q8ta_conv2d_dw.default": q8ta_conv2d_dw,
     "et_vk.q8ta_relu.default": q8ta_relu,
     "et_vk.q8ta_add.default": q8ta_add,
     "et_vk.embedding_q4gsw.default": embedding_q4gsw,
@@ -300,3 +363,13 @@ LINEAR_OPS = frozenset({
     "et_vk.q8ta_linear_gemv.default",
     "aten.linear.default",
 })
+
+# Ops whose output is one convolution layer's output (int8, requantized).
+CONV_OPS = frozenset({
+    "et_vk.q8ta_conv2d.default",
+    "et_vk.q8ta_conv2d_pw.default",
+    "et_vk.q8ta_conv2d_dw.default",
+})
+
+# Every op verify compares layer by layer.
+LAYER_OPS = LINEAR_OPS | CONV_OPS

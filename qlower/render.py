@@ -27,6 +27,7 @@ def render_export(summary: dict[str, Any]) -> None:
         f"{layers['fused']} fused, {layers['unfused']} left unfused"
         + (f"; embeddings: {layers['embeddings_quantized']}/{layers['embeddings']} quantized" if layers["embeddings"] else "")
         + (f"; other matmuls: {layers['other_matmuls']} ({layers['other_matmuls_fused']} fused)" if layers["other_matmuls"] else "")
+        + (f"; convolutions: {layers['conv']} found, {layers['conv_quantized']} quantized, {layers['conv_fused']} fused" if layers.get("conv") else "")
     )
     render_layer_table(summary["layer_report"])
     out.print(f"fused ops: {_counts(summary['fused_ops'])}")
@@ -57,8 +58,10 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("layer", "kind", "N", "K", "group", "result"):
-        table.add_column(col, justify="right" if col in ("N", "K", "group") else "left", no_wrap=col != "result")
+    convs = any(row["kind"] == "conv" for row in rows)  # convs: N = C_out, K = C_in
+    columns = ("layer", "kind", "N", "K", "group") + (("kernel", "stride", "groups") if convs else ()) + ("result",)
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("N", "K", "group", "groups") else "left", no_wrap=col != "result")
     for row in rows:
         if row["fused_op"]:
             result = f"[green]{row['fused_op']}[/]"
@@ -66,12 +69,19 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
             result = f"[yellow]quantized, unfused[/]: {row['reason']}"
         else:
             result = f"[yellow]float[/]: {row['reason']}"
-        table.add_row(row["name"], row["kind"], _cell(row["n"]), _cell(row["k"]), _cell(row["group_size"]), result)
+        if row.get("note"):
+            result += f" ({row['note']})"
+        conv = (_dims(row.get("kernel")), _dims(row.get("stride")), _cell(row.get("groups"))) if convs else ()
+        table.add_row(row["name"], row["kind"], _cell(row["n"]), _cell(row["k"]), _cell(row["group_size"]), *conv, result)
     out.print(table)
 
 
 def _cell(value) -> str:
     return "-" if value is None else str(value)
+
+
+def _dims(value) -> str:
+    return "-" if not value else "x".join(map(str, value))
 
 
 # --- inspect -----------------------------------------------------------------

@@ -17,7 +17,8 @@ def export_summary(job) -> dict[str, Any]:
     rows = layer_rows(job.plans, job.fusion.layers if job.fusion else [], counts["fused_ops"])
     linears = [r for r in rows if r["kind"] == "linear"]
     embeddings = [r for r in rows if r["kind"] == "embedding"]
-    matmuls = [r for r in rows if r["kind"] not in ("linear", "embedding")]
+    convs = [r for r in rows if r["kind"] == "conv"]
+    matmuls = [r for r in rows if r["kind"] not in ("linear", "embedding", "conv")]
     return {
         "model": str(job.model_path),
         "entry": job.loaded.entry,
@@ -31,6 +32,9 @@ def export_summary(job) -> dict[str, Any]:
             "unfused": sum(not r["fused_op"] for r in linears),
             "embeddings": len(embeddings),
             "embeddings_quantized": sum(r["quantized"] for r in embeddings),
+            "conv": len(convs),
+            "conv_quantized": sum(r["quantized"] for r in convs),
+            "conv_fused": sum(bool(r["fused_op"]) for r in convs),
             "other_matmuls": len(matmuls),
             "other_matmuls_fused": sum(bool(r["fused_op"]) for r in matmuls),
         },
@@ -51,9 +55,10 @@ def export_summary(job) -> dict[str, Any]:
 def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, int]) -> list[dict[str, Any]]:
     """One row per layer: the quantization plan joined with the fusion outcome.
 
-    Linear modules are matched to fusion entries by module name; linear-like
-    nodes that belong to no nn.Linear (functional matmuls, attention products)
-    get rows of their own, so every matmul in the graph is accounted for.
+    Linear and conv modules are matched to fusion entries by module name;
+    linear-like nodes that belong to no nn.Linear (functional matmuls, attention
+    products) and functional convolutions get rows of their own, so every matmul
+    and conv in the graph is accounted for. Conv rows add kernel, stride, groups.
     """
     by_module: dict[str, list] = {}
     for info in fused_layers:
@@ -62,22 +67,29 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
     for plan in plans:
         row = {"name": plan.name, "kind": plan.kind, "n": plan.n, "k": plan.k, "group_size": plan.group_size,
                "scheme": plan.scheme, "quantized": plan.quantized, "fused_op": None, "reason": plan.reason}
+        if plan.kind == "conv":
+            row.update(kernel=plan.kernel, stride=plan.stride, groups=plan.groups)
         if plan.kind == "embedding":
             if plan.quantized and fused_ops.get(EMBEDDING_FUSED_OP):
                 row["fused_op"] = EMBEDDING_FUSED_OP
         else:
-            infos = by_module.pop(plan.name, []) if plan.kind == "linear" else []
+            infos = by_module.pop(plan.name, [])
             fused = next((i for i in infos if i.fused_op), None)
             if fused is not None:
                 row["fused_op"] = short_op(fused.fused_op)
+                if fused.note:
+                    row["note"] = fused.note
             elif plan.quantized:
-                row["reason"] = infos[0].reason if infos else "no linear node found for this module in the exported graph"
+                row["reason"] = infos[0].reason if infos else f"no {plan.kind} node found for this module in the exported graph"
         rows.append(row)
     for module, infos in by_module.items():
         for info in infos:
-            rows.append({"name": f"{module or '<top>'} ({info.anchor} {info.node})", "kind": info.anchor, "n": info.n, "k": info.k,
-                         "group_size": info.group_size, "scheme": info.scheme, "quantized": info.fused_op is not None,
-                         "fused_op": short_op(info.fused_op), "reason": info.reason})
+            row = {"name": f"{module or '<top>'} ({info.anchor} {info.node})", "kind": info.anchor, "n": info.n, "k": info.k,
+                   "group_size": info.group_size, "scheme": info.scheme, "quantized": info.fused_op is not None,
+                   "fused_op": short_op(info.fused_op), "reason": info.reason}
+            if info.anchor == "conv":
+                row.update(kernel=info.kernel, stride=info.stride, groups=info.groups)
+            rows.append(row)
     return rows
 
 

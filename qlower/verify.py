@@ -181,6 +181,9 @@ class LayerOutput:
     op: str = ""
     delegate: int | None = None
     op_index: int | None = None
+    # PT2E graphs: (target, args, kwargs) of the layer's node as it ran, so the
+    # layer can be run again on another input (see isolated_eager_layer).
+    call: tuple | None = None
 
 
 def _leaves(value) -> list[torch.Tensor]:
@@ -190,7 +193,7 @@ def _leaves(value) -> list[torch.Tensor]:
 
 
 def run_eager_with_layers(module: nn.Module, inputs: tuple) -> tuple[list[torch.Tensor], list[LayerOutput]]:
-    """Outputs and each linear layer's output, in call order."""
+    """Outputs and each linear layer's output (PT2E graphs: and each quantized conv's), in call order."""
     captured: list[LayerOutput] = []
     with torch.no_grad():
         if isinstance(module, torch.fx.GraphModule):
@@ -208,8 +211,14 @@ def run_eager_with_layers(module: nn.Module, inputs: tuple) -> tuple[list[torch.
     return _leaves(outputs), captured
 
 
+_PT2E_LINEARS = (torch.ops.aten.linear.default, torch.nn.functional.linear)
+_PT2E_CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+
+
 class _LinearRecorder(torch.fx.Interpreter):
-    """Records the output of every aten.linear node of a (PT2E) graph module."""
+    """Records every aten.linear node of a (PT2E) graph module, and every conv
+    whose weight is dequantized (the quantized ones, which become q8ta ops),
+    with the arguments it ran with."""
 
     def __init__(self, module, captured: list[LayerOutput]):
         super().__init__(module)
@@ -217,17 +226,26 @@ class _LinearRecorder(torch.fx.Interpreter):
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n.op == "call_function" and n.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
+        if n.op == "call_function" and (n.target in _PT2E_LINEARS or (n.target in _PT2E_CONVS and _dequantized(n.args[1]))):
             stack = n.meta.get("nn_module_stack") or {}
             name = list(stack.values())[-1][0] if stack else n.name
-            self.captured.append(LayerOutput(str(name), result.detach().clone()))
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.captured.append(LayerOutput(str(name), result.detach().clone(), call=(n.target, args, kwargs)))
         return result
 
 
+def _dequantized(node) -> bool:
+    return isinstance(node, torch.fx.Node) and "dequantize" in str(node.target)
+
+
+# q8ta ops with int8 input and output; args 1-2 the input's, 6-7 the output's qparams.
+INT8_LAYER_OPS = frozenset({"et_vk.q8ta_linear.default", "et_vk.q8ta_linear_gemv.default"}) | references.CONV_OPS
+
+
 def golden_layer(record: OpRecord) -> LayerOutput:
-    """A golden linear op's output as float (int8 q8ta outputs dequantized)."""
+    """A golden layer op's output as float (int8 q8ta outputs dequantized)."""
     out = record.output
-    if record.name in ("et_vk.q8ta_linear.default", "et_vk.q8ta_linear_gemv.default"):
+    if record.name in INT8_LAYER_OPS:
         out = references.dequantize_per_tensor(out, record.args[6], record.args[7])
     return LayerOutput("", out.detach().float(), record.name, record.delegate, record.index)
 
@@ -236,7 +254,7 @@ def golden_layer(record: OpRecord) -> LayerOutput:
 FLOAT_INPUT_LINEAR_OPS = frozenset({"et_vk.linear_dq8ca_q4gsw.default", "et_vk.linear_q4gsw.default"})
 
 
-def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord) -> torch.Tensor | None:
+def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord, call: tuple | None = None) -> torch.Tensor | None:
     """The eager quantized layer run on the golden run's own input to that layer.
 
     Comparing layers in isolation keeps upstream differences out: a per-token
@@ -245,11 +263,19 @@ def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord) -> torc
     133 dB at the first layer, 42 dB five layers later in a 2-block decoder),
     which would hide, or mimic, a damaged weight. In isolation both sides
     quantize the same input, so only a difference in the layer itself shows.
-    None where the input cannot be fed to the eager module (PT2E graphs, int8
-    inputs, an ``aten.linear`` whose input the graph quantized before it).
+    A PT2E graph's layer is run again from its recorded ``call`` (its
+    dequantized weights and bias as the graph computed them) on the golden
+    op's int8 input dequantized, as the graph's own dequantize node would.
+    None where the input cannot be fed to the eager module (an ``aten.linear``
+    whose input the graph quantized before it, a float input to a PT2E layer).
     """
     if isinstance(module, torch.fx.GraphModule):
-        return None
+        if call is None or record.name not in INT8_LAYER_OPS:
+            return None
+        target, args, kwargs = call
+        x = references.dequantize_per_tensor(record.args[0], record.args[1], record.args[2])
+        with torch.no_grad():
+            return target(x, *args[1:], **kwargs).detach()
     try:
         layer = module.get_submodule(name)
     except AttributeError:
@@ -266,8 +292,9 @@ def isolated_eager_layer(module: nn.Module, name: str, record: OpRecord) -> torc
 def eager_counterpart(record: OpRecord, eager: torch.Tensor) -> torch.Tensor:
     """The eager layer output as the fused op produces it (fused relu, int8 requantization)."""
     eager = eager.float()
-    if record.name in ("et_vk.q8ta_linear.default", "et_vk.q8ta_linear_gemv.default"):
-        activation = record.args[9] if len(record.args) > 9 else "none"
+    if record.name in INT8_LAYER_OPS:
+        position = 14 if record.name in references.CONV_OPS else 9
+        activation = record.args[position] if len(record.args) > position else "none"
         q = references.requantize(eager, record.args[6], record.args[7], activation or "none")
         eager = references.dequantize_per_tensor(q, record.args[6], record.args[7])
     return eager
@@ -425,7 +452,7 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
     layer_info: list[dict[str, Any]] = []
     for batch in batches:
         records: list[OpRecord] = []
-        executor = GoldenExecutor(pte, on_op=lambda r: records.append(r) if r.name in references.LINEAR_OPS else None)
+        executor = GoldenExecutor(pte, on_op=lambda r: records.append(r) if r.name in references.LAYER_OPS else None)
         with torch.no_grad():
             golden = executor.run(batch)
             fl = _leaves(models.float_model(*batch))
@@ -453,7 +480,7 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
         for (i, k), g, record in zip(pairs, golden_layers, records):
             if i < len(layer_golden) and k is not None:
                 layer_golden[i].append(g.output)
-                eager = isolated_eager_layer(models.quantized_model, eager_layers[k].name, record)
+                eager = isolated_eager_layer(models.quantized_model, eager_layers[k].name, record, eager_layers[k].call)
                 layer_eager[i].append(eager_counterpart(record, eager if eager is not None else eager_layers[k].output))
 
     outputs = []

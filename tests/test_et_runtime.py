@@ -85,3 +85,37 @@ def test_stock_file_aborts_at_load_as_inspect_predicts(tmp_path):
     proc, _ = run_on_runtime(pte, tuple(loaded.example_inputs), tmp_path)
     assert proc.returncode != 0
     assert any(message in proc.stdout + proc.stderr for message in predicted), proc.stderr[-2000:]
+
+
+VISION = ["resnet", "mobilenet_v2"]
+# The bar: qlower's static int8 file is, vs the float model, at least
+# as close as the stock flow's file on the same runtime, within this margin.
+VS_STOCK_MARGIN_DB = 1.0
+
+
+def _runtime_outputs(pte: Path, inputs: tuple, workdir: Path, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    workdir.mkdir(exist_ok=True)
+    proc, outputs = run_on_runtime(pte, inputs, workdir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(outputs) == len(like)
+    return [torch.from_numpy(np.fromfile(f, dtype=np.float32)).reshape(w.shape) for w, f in zip(like, outputs)]
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_static_int8_vision_file_runs_and_matches_golden_and_stock(name, tmp_path):
+    from .test_conv import stock_pte
+
+    path = EXAMPLES / f"{name}.py"
+    pte = tmp_path / f"{name}.pte"
+    qlower.export(path, pte, config=str(EXAMPLES.parent / "configs" / "vision.toml"))
+    loaded = load_model(path)
+    inputs = tuple(loaded.example_inputs)
+    with torch.no_grad():
+        want_float = loaded.module(*inputs)
+    golden = GoldenExecutor(read_pte(pte)).run(inputs)
+    got = _runtime_outputs(pte, inputs, tmp_path / "qlower", golden)
+    assert sqnr_db(golden[0].float(), got[0]) >= THRESHOLDS["q8ta_q8csw"].vs_quantized
+    stock = tmp_path / "stock.pte"
+    stock.write_bytes(stock_pte(path))
+    got_stock = _runtime_outputs(stock, inputs, tmp_path / "stock", golden)
+    assert sqnr_db(want_float, got[0]) >= sqnr_db(want_float, got_stock[0]) - VS_STOCK_MARGIN_DB
