@@ -51,8 +51,10 @@ from executorch.exir.passes.constant_prop_pass import (
 from torch._export.utils import (
     get_buffer,
     get_lifted_tensor_constant,
+    get_param,
     is_buffer,
     is_lifted_tensor_constant,
+    is_param,
 )
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
@@ -78,6 +80,13 @@ aten = exir_ops.edge.aten
 # A folded constant larger than this stays computed on the device: folding
 # an ``expand`` of a small table must not write a huge tensor into the .pte.
 MAX_FOLDED_NUMEL = 1 << 22
+# 1-D parameters up to this size seed constant folding (norm weights, biases); matrices stay as
+# they are, for the linear patterns that match their transposes.
+MAX_SEED_PARAM_NUMEL = 1 << 16
+
+
+def _is_vector_param(t: torch.Tensor) -> bool:
+    return t.dim() <= 1 and t.numel() <= MAX_SEED_PARAM_NUMEL
 
 
 # --------------------------------------------------------------------------
@@ -163,11 +172,14 @@ def _cleanup(ep: ExportedProgram) -> None:
 
 
 def fold_constant_subgraphs(ep: ExportedProgram) -> bool:
-    """Evaluate subgraphs that depend on no user input and no parameter.
+    """Evaluate subgraphs that depend on no user input.
 
-    Seeds are constant buffers and lifted tensor constants, never parameters,
-    so quantized weights keep their dequantize nodes for the fusion patterns.
-    Quantization primitives and impure ops are never folded.
+    Seeds are constant buffers, lifted tensor constants and 1-D parameters
+    (norm weights: Gemma's ``1 + weight`` must be a constant for ET-VK's fused
+    ``rms_norm``, which prepacks its weight), never weight matrices, so
+    quantized weights keep their dequantize nodes and float ones their
+    transposes for the fusion patterns, nor buffers a program mutates (KV caches). Quantization primitives and impure ops are
+    never folded.
     """
     sig = ep.graph_signature
     const: "OrderedDict[torch.fx.Node, torch.Tensor]" = OrderedDict()
@@ -176,6 +188,8 @@ def fold_constant_subgraphs(ep: ExportedProgram) -> bool:
             const[node] = get_lifted_tensor_constant(ep, node)
         elif is_buffer(ep, node) and node.name not in sig.buffers_to_mutate:
             const[node] = get_buffer(ep, node)
+        elif is_param(ep, node) and _is_vector_param(get_param(ep, node)):
+            const[node] = get_param(ep, node).detach()
     seeds = set(const)
     skip = set(_QUANT_PRIMITIVES_EDGE)
     outputs = set(ep.graph.find_nodes(op="output")[0].all_input_nodes)

@@ -169,6 +169,44 @@ def test_fold_keeps_parameters_and_folds_mask():
     torch.testing.assert_close(ep.module()(x), model(x))
 
 
+def test_fold_computed_norm_weight_into_a_constant():
+    """Gemma's RMSNorm scales by ``1 + weight``: folded, so ET-VK's rms_norm gets the constant it prepacks."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8))
+            self.proj = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return (x * (1.0 + self.weight)) @ self.proj.t()
+
+    x = torch.randn(2, 8)
+    model = M()
+    ep = edge_program(model, (x,)).exported_program()
+    assert delegation.fold_constant_subgraphs(ep)
+    muls = [n for n in ep.graph.nodes if n.op == "call_function" and "mul" in str(n.target)]
+    assert muls and all(a.op == "placeholder" for a in muls[0].all_input_nodes)  # 1 + w is a constant now
+    assert "aten.permute_copy.default" in targets(ep)  # the matrix is not folded
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_fold_inverse_permutes_and_dedupe_copies():
+    class M(nn.Module):
+        def forward(self, x, c):
+            y = x.transpose(1, 2).transpose(1, 2) + 1
+            return y * c[0] + c[0]
+
+    x, c = torch.randn(1, 3, 4, 5), torch.randn(2, 5)
+    model = M()
+    ep = edge_program(model, (x, c)).exported_program()
+    assert delegation.fold_inverse_permutes(ep)
+    delegation.dedupe_copies(ep)  # (the exporter may have merged the two selects already)
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not any("permute" in o for o in ops)
+    assert sum("select" in o for o in ops) == 1
+    torch.testing.assert_close(ep.module()(x, c), model(x, c))
+
+
 def test_softmax_guard_with_dynamic_mask_uses_amax():
     class M(nn.Module):
         def forward(self, q, k, v, mask):
