@@ -50,6 +50,7 @@ class ExportJob:
     dynamic_shapes: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)  # constant methods for ExecuTorch's LLM runner
     decode_info: dict[str, Any] | None = None  # KV cache shape and bytes, for the summary
+    decode_source_name: Callable[[str], str] = lambda name: name  # decoder module name → loaded model's
     written: list[Path] = field(default_factory=list)  # files written beside the .pte (tokenizer)
     plans: list[LayerPlan] = field(default_factory=list)
     quantized: torch.nn.Module | None = None
@@ -107,6 +108,7 @@ def stage_kv_cache(job: ExportJob) -> None:
 
     job.decoder, job.metadata = decoder_for(job.quantized, job.loaded, job.hf_folder, job.options, job.warn)
     job.decode_info = job.decoder.describe()
+    job.decode_source_name = job.decoder.source_name
     job.export_inputs = job.decoder.example_inputs()
     job.dynamic_shapes = job.decoder.dynamic_shapes()
 
@@ -139,6 +141,9 @@ def stage_fuse(job: ExportJob) -> None:
 
     ep = job.edge.exported_program()
     job.fusion = run_fusion(ep, dump_after=job.dump_after, log=job.log)
+    if job.kv_cache:  # the decoder wraps the loaded model: report layers by their loaded names
+        for info in job.fusion.layers:
+            info.module = job.decode_source_name(info.module)
     # Delegation fix-ups: one partition, nothing the runtime lacks (see delegation.py).
     job.delegation_passes = run_delegation_passes(ep)
     job.cpu_notes = cpu_notes(ep)

@@ -90,6 +90,9 @@ def test_hf_folder_exports_one_partition_with_kv_cache_and_metadata(hf_folder, d
     assert summary["runtime_problems"] == []
     assert summary["fused_ops"]["sdpa_with_kv_cache"] == 2
     assert summary["fused_ops"]["linear_dq8ca_q4gsw"] == 15
+    # The per-layer report names layers as the folder's model does, each one fused.
+    assert summary["layers"]["linear"] == summary["layers"]["fused"] == 15 and summary["layers"]["unfused"] == 0
+    assert any(r["name"] == "model.layers.0.self_attn.q_proj" and r["fused_op"] for r in summary["layer_report"])
     decode = summary["decode"]
     assert decode["max_seq_len"] == MAX_SEQ_LEN and decode["layers"] == 2
     assert decode["kv_cache_bytes"] == 2 * 2 * MAX_SEQ_LEN * 2 * 16 * 4  # layers × K/V × S × kv heads × head dim × fp32

@@ -268,8 +268,9 @@ class KVCacheLM(nn.Module):
         load_llm_custom_ops()
         from ..hf import CausalLMLogits
 
+        self.source_prefix = ""  # where ``model`` sits in the module that was loaded and quantized
         if isinstance(model, CausalLMLogits):  # a recipe's input_ids → logits wrapper: decode the LM inside
-            model = model.lm
+            model, self.source_prefix = model.lm, "lm."
         self.model = model
         self.hf = is_hf_model(model)
         if self.hf:
@@ -305,6 +306,10 @@ class KVCacheLM(nn.Module):
         else:
             logits = self.model(tokens)
         return logits[:, -1, :]
+
+    def source_name(self, fqn: str) -> str:
+        """A module name in this wrapper's graph → its name in the loaded model (per-layer report, overrides)."""
+        return self.source_prefix + fqn.removeprefix("model.") if fqn.startswith("model.") else fqn
 
     def describe(self) -> dict[str, Any]:
         """The cache as the summary and inspect show it."""
