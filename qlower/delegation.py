@@ -27,7 +27,9 @@ it, and the rewrite that fixes it:
   ``adaptive_pool_to_avg_pool`` makes it the equal plain ``avg_pool2d``;
 - ``permute_copy`` pairs that undo each other (a dispatch and a copy each):
   ``fold_inverse_permutes``; the same copy of one tensor taken again and again
-  (each a dispatch): ``dedupe_copies``;
+  (each a dispatch): ``dedupe_copies``; ``split_with_sizes_copy``, whose ET-VK
+  outputs keep their upper-bound shape under a dynamic sequence length:
+  ``split_to_slices``;
 - ``mean``/``sum`` over two dims without ``keepdim`` (global average pooling
   written ``x.mean((2, 3))``; the partitioner's 2-D reduction needs keepdim,
   so it is a CPU kernel between two partitions): ``reduce_keepdim`` reduces
@@ -68,6 +70,7 @@ __all__ = [
     "fold_constant_subgraphs",
     "fold_inverse_permutes",
     "dedupe_copies",
+    "split_to_slices",
     "int_compare_to_float",
     "remove_asserts",
     "rewrite_softmax_guard",
@@ -541,6 +544,37 @@ def dedupe_copies(ep: ExportedProgram) -> bool:
     return changed
 
 
+def split_to_slices(ep: ExportedProgram) -> bool:
+    """``split_with_sizes_copy`` → one ``slice_copy`` per piece.
+
+    ET-VK's split copies fixed texture ranges and never resizes its outputs, so
+    with a dynamic sequence length (a KV-cache prefill of T tokens) the pieces
+    keep their upper-bound shape; a slice is resized with its input.
+    """
+    changed = False
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or node.target != aten.split_with_sizes_copy.default:
+            continue
+        src, sizes = node.args[0], list(node.args[1])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not all(u.target is operator.getitem for u in node.users):
+            continue
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for user in list(node.users):
+            i = user.args[1]
+            with ep.graph.inserting_before(user):
+                piece = ep.graph.call_function(aten.slice_copy.Tensor, (src, dim, starts[i], starts[i] + sizes[i], 1))
+            piece.meta = dict(user.meta)
+            user.replace_all_uses_with(piece)
+            _rename_outputs(ep, user, piece)
+            ep.graph.erase_node(user)
+        ep.graph.erase_node(node)
+        changed = True
+    if changed:
+        _cleanup(ep)
+    return changed
+
+
 def _hashable_args(value):
     if isinstance(value, (list, tuple)):
         return tuple(_hashable_args(v) for v in value)
@@ -560,6 +594,7 @@ PASSES: list[Callable[[ExportedProgram], bool]] = [
     remove_asserts,
     fold_inverse_permutes,
     dedupe_copies,
+    split_to_slices,
     fold_constant_subgraphs,
     rewrite_softmax_guard,
     scalar_ops_to_tensor,

@@ -207,6 +207,21 @@ def test_fold_inverse_permutes_and_dedupe_copies():
     torch.testing.assert_close(ep.module()(x, c), model(x, c))
 
 
+def test_split_becomes_slices():
+    class M(nn.Module):
+        def forward(self, x):
+            a, b, c = x.split([3, 5, 4], dim=-1)
+            return a.sum(-1) + b.sum(-1) + c[..., :2].sum(-1)
+
+    x = torch.randn(2, 6, 12)
+    model = M()
+    ep = edge_program(model, (x,)).exported_program()
+    assert "aten.split_with_sizes_copy.default" in targets(ep)
+    assert delegation.split_to_slices(ep)
+    assert "aten.split_with_sizes_copy.default" not in targets(ep)
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
 def test_softmax_guard_with_dynamic_mask_uses_amax():
     class M(nn.Module):
         def forward(self, q, k, v, mask):

@@ -85,22 +85,14 @@ def check_decoder(model: Path, tmp_path: Path, scheme: str = "qta8a_qga4w") -> N
     assert tokens[0] == int(golden[0].argmax())
 
 
-# Seen on the ET-VK runtime (lavapipe), not in qlower's golden executor or eager: with a fused
-# QKV projection whose output is split (GPT-2's c_attn; Phi-3's qkv_proj under qta8a_qga4w at
-# width 128), a prefill of two or more tokens throws "tensor sizes requires a larger texture
-# than the current one" (one-token calls run); Phi-3 at width 64 runs but 15-17 dB from the
-# golden executor (fp32 files of both families match it at 128 dB). Strict: a fix shows up.
-RUNTIME_ISSUE = pytest.mark.xfail(strict=True, reason="ET-VK runtime: fused-QKV split under multi-token prefill")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=RUNTIME_ISSUE) if n == "hf_gpt2" else n for n in sorted(DECODERS)])
+@pytest.mark.parametrize("name", sorted(DECODERS))
 def test_bundled_decoder_steps_on_runtime(name, tmp_path):
     if name.startswith("hf_"):
         pytest.importorskip("transformers")
     check_decoder(DECODERS[name], tmp_path)
 
 
-@pytest.mark.parametrize("family", ["qwen3", pytest.param("phi3", marks=RUNTIME_ISSUE), "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3"])
 def test_hf_family_steps_on_runtime(family, tmp_path):
     pytest.importorskip("transformers")
     check_decoder(hf_family_folder(family, tmp_path), tmp_path)
