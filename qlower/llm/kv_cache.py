@@ -98,12 +98,10 @@ class CacheAttention(nn.Module):
     @contextlib.contextmanager
     def active(self, start_pos) -> Iterator["CacheAttention"]:
         self.start_pos, self._calls = start_pos, 0
-        _ACTIVE.append(self)
         try:
-            with _sdpa_routed():
+            with attention_to(self):
                 yield self
         finally:
-            _ACTIVE.pop()
             self.start_pos = 0
 
 
@@ -124,6 +122,17 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                              "call F.scaled_dot_product_attention(q, k, v, is_causal=True), or export without --kv-cache")
     out = _ACTIVE[-1].attend(None, query, key, value, scale)
     return out.transpose(1, 2)  # back to SDPA's [B, H, T, D]
+
+
+@contextlib.contextmanager
+def attention_to(target) -> Iterator[Any]:
+    """Within the block, a transformers model's attention and every causal SDPA call go to ``target.attend``."""
+    _ACTIVE.append(target)
+    try:
+        with _sdpa_routed():
+            yield target
+    finally:
+        _ACTIVE.pop()
 
 
 @contextlib.contextmanager
@@ -356,14 +365,8 @@ class _Probe:
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         return _original_sdpa(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
 
-    @contextlib.contextmanager
     def active(self, start_pos):
-        _ACTIVE.append(self)
-        try:
-            with _sdpa_routed():
-                yield self
-        finally:
-            _ACTIVE.pop()
+        return attention_to(self)
 
 
 def probe_cache_shapes(lm: KVCacheLM) -> list[LayerCacheShape]:
