@@ -63,6 +63,8 @@ from torch.export import ExportedProgram
 from torch.export.exported_program import InputKind, InputSpec, TensorArgument
 from torch.utils import _pytree as pytree
 
+from .patterns.linear import _rename_output
+
 __all__ = [
     "CpuNote",
     "PASSES",
@@ -507,7 +509,7 @@ def fold_inverse_permutes(ep: ExportedProgram) -> bool:
         if [p[i] for i in q] != list(range(rank)):
             continue
         node.replace_all_uses_with(inner.args[0])
-        _rename_outputs(ep, node, inner.args[0])
+        _rename_output(ep, node, inner.args[0])
         ep.graph.erase_node(node)
         changed = True
     if changed:
@@ -536,7 +538,7 @@ def dedupe_copies(ep: ExportedProgram) -> bool:
         first = seen.setdefault(key, node)
         if first is not node:
             node.replace_all_uses_with(first)
-            _rename_outputs(ep, node, first)
+            _rename_output(ep, node, first)
             ep.graph.erase_node(node)
             changed = True
     if changed:
@@ -566,7 +568,7 @@ def split_to_slices(ep: ExportedProgram) -> bool:
                 piece = ep.graph.call_function(aten.slice_copy.Tensor, (src, dim, starts[i], starts[i] + sizes[i], 1))
             piece.meta = dict(user.meta)
             user.replace_all_uses_with(piece)
-            _rename_outputs(ep, user, piece)
+            _rename_output(ep, user, piece)
             ep.graph.erase_node(user)
         ep.graph.erase_node(node)
         changed = True
@@ -582,12 +584,6 @@ def _hashable_args(value):
                           torch.layout, torch.device)):
         return value
     raise TypeError(f"unhashable argument {type(value).__name__}")
-
-
-def _rename_outputs(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
-    for spec in ep.graph_signature.output_specs:
-        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
-            spec.arg = TensorArgument(name=new.name)
 
 
 PASSES: list[Callable[[ExportedProgram], bool]] = [
