@@ -15,8 +15,9 @@ stock:  XNNPACKQuantizer (per-channel symmetric, static) -> prepare_pt2e ->
         (VulkanPartitioner) -> to_executorch
 qlower: qlower.export(model, scheme="q8ta_q8csw") (configs/vision.toml), load
         stage included, as a user runs it.
-GPU latency on ExecuTorch's runtime is not measured here (needs an
-``executor_runner`` built with Vulkan and a GPU).
+GPU latency on ExecuTorch's runtime: ``--keep DIR`` writes the files, then
+``benchmarks/runtime_latency.py`` times them with an ``executor_runner`` built
+with Vulkan, where the GPU is.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def qlower_flow(path: str) -> tuple[bytes, float]:
             return f.read(), seconds
 
 
-def child(flow: str, path: str) -> None:
+def child(flow: str, path: str, keep: str | None = None) -> None:
     sys.path.insert(0, ROOT)
     from qlower.console import import_heavy_libraries
 
@@ -82,6 +83,10 @@ def child(flow: str, path: str) -> None:
     from qlower.verify import sqnr_db
 
     data, seconds = (stock_flow if flow == "stock" else qlower_flow)(path)
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        with open(os.path.join(keep, f"{os.path.splitext(os.path.basename(path))[0]}_{flow}.pte"), "wb") as f:
+            f.write(data)
     summary = summarize_pte(data)
     loaded = load_model(path)
     with torch.no_grad():
@@ -98,8 +103,9 @@ def child(flow: str, path: str) -> None:
     }))
 
 
-def run(flow: str, path: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", flow, "--model", path], capture_output=True, text=True, cwd=ROOT)
+def run(flow: str, path: str, keep: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", flow, "--model", path] + (["--keep", keep] if keep else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{flow} flow failed on {path}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -110,16 +116,17 @@ def main() -> int:
     ap.add_argument("--model", action="append", help="a model file with calibration_inputs (default: both bundled vision models)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per flow; the median time is reported")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", help="write each flow's .pte here as <model>_<flow>.pte (for benchmarks/runtime_latency.py)")
     ap.add_argument("--child", choices=["stock", "qlower"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.model[0])
+        child(args.child, args.model[0], args.keep)
         return 0
     results = {}
     for path in args.model or MODELS:
         row = {}
         for flow in ("stock", "qlower"):
-            runs = [run(flow, path) for _ in range(args.repeat)]
+            runs = [run(flow, path, args.keep) for _ in range(args.repeat)]
             row[flow] = dict(runs[-1], seconds=round(statistics.median(r["seconds"] for r in runs), 2))
         row["ratios"] = {
             "size": round(row["stock"]["size"] / row["qlower"]["size"], 3),
