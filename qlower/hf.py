@@ -37,11 +37,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
     """
     from .quantize import replace_module
 
-    swaps = []
-    for name, module in model.named_modules():
-        # Matched by class name so this works without importing transformers.
-        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-            swaps.append((name, module))
+    swaps = [(name, model.get_submodule(name)) for name in conv1d_layers(model)]
     for name, conv in swaps:
         weight = conv.weight.detach()
         linear = nn.Linear(
@@ -54,3 +50,8 @@ def conv1d_to_linear(model: nn.Module) -> int:
                 linear.bias.copy_(conv.bias.detach())
         replace_module(model, name, linear)
     return len(swaps)
+
+
+def conv1d_layers(model: nn.Module) -> list[str]:
+    """Names of the HF ``Conv1D`` modules (matched by class name: no transformers import)."""
+    return [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D" and hasattr(module, "nf")]

@@ -18,7 +18,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,14 +39,32 @@ class LoadedModel:
     source: Path
     entry: str
     metadata: dict | None = None
+    # Streaming (export): the module is a skeleton with meta parameters and this is its checkpoint
+    # (stream.SafetensorsWeights), read layer by layer by the quantize stage.
+    weights: Any = None
+    unexpected_weights: Callable[[list[str]], None] | None = None  # checkpoint names to ignore (None: an error)
 
 
-def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Path | None = None) -> LoadedModel:
+def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Path | None = None,
+               stream: bool = False) -> LoadedModel:
+    """``stream``: with a ``.safetensors`` checkpoint, build the model without weights (meta parameters)
+    and leave the checkpoint to the quantize stage, which reads it layer by layer (qlower.stream)."""
     path = Path(path)
-    namespace = _run_model_file(path)
-    name, module = _find_model(namespace, path, entry)
-    if checkpoint is not None:
-        load_checkpoint(module, checkpoint)
+    streaming = stream and checkpoint is not None and Path(checkpoint).suffix == ".safetensors"
+    if streaming:
+        from .stream import SafetensorsWeights, empty_weights
+
+        if not Path(checkpoint).is_file():
+            raise ModelLoadError(f"checkpoint not found: {checkpoint}", "pass a .safetensors or .pt state dict")
+        weights = SafetensorsWeights.open(checkpoint)
+        with empty_weights():
+            namespace = _run_model_file(path)
+            name, module = _find_model(namespace, path, entry)
+    else:
+        namespace = _run_model_file(path)
+        name, module = _find_model(namespace, path, entry)
+        if checkpoint is not None:
+            load_checkpoint(module, checkpoint)
     module.eval()
     inputs = _as_input_tuple(_lookup(namespace, INPUT_NAMES, path), "example inputs", path)
     if inputs is None:
@@ -57,6 +75,16 @@ def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Pat
     calibration = _lookup(namespace, CALIBRATION_NAMES, path)
     if calibration is not None:
         calibration = [_as_input_tuple(batch, "calibration inputs", path) for batch in calibration]
+    if streaming:  # a skeleton cannot run; the weights' fit is checked before any is read
+        from .stream import check_fits
+
+        problem = check_fits(module, weights)
+        if problem:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit the model: {problem}",
+                                 "check that the checkpoint belongs to this model")
+        metadata = _lookup(namespace, METADATA_NAMES, path)
+        _check_metadata(metadata, path)
+        return LoadedModel(module, inputs, calibration, path, name, metadata, weights=weights)
     with torch.no_grad():
         try:
             module(*inputs)
@@ -66,9 +94,13 @@ def load_model(path: str | Path, entry: str | None = None, checkpoint: str | Pat
                 f"make `example_inputs` in {path.name} match the model's forward() signature",
             ) from exc
     metadata = _lookup(namespace, METADATA_NAMES, path)
+    _check_metadata(metadata, path)
+    return LoadedModel(module, inputs, calibration, path, name, metadata)
+
+
+def _check_metadata(metadata: Any, path: Path) -> None:
     if metadata is not None and not isinstance(metadata, dict):
         raise ModelLoadError(f"`metadata` in {path} must be a dict, got {type(metadata).__name__}", 'e.g. metadata = {"get_bos_id": 1, "get_eos_ids": [2]}')
-    return LoadedModel(module, inputs, calibration, path, name, metadata)
 
 
 def _run_model_file(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .quantize import (
     check_strict,
     plan_layers,
     quantize_eager,
+    quantize_layer,
     quantize_static,
 )
 
@@ -62,6 +63,8 @@ class ExportJob:
     pte_bytes: bytes | None = None
     verify_samples: int = 0  # > 0: run the verify stage on that many input batches
     verification: dict | None = None
+    streamed: bool = False  # the weights were read layer by layer by the quantize stage
+    on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,36 +79,58 @@ def stage_load(job: ExportJob) -> None:
     from .llm.load import load_any
 
     torch.manual_seed(job.options.seed)
-    job.loaded, job.hf_folder, job.kv_cache = load_any(job.model_path, job.options, entry=job.entry, checkpoint=job.checkpoint)
+    job.loaded, job.hf_folder, job.kv_cache = load_any(job.model_path, job.options, entry=job.entry, checkpoint=job.checkpoint,
+                                                       stream=True, warn=job.warn)
+    job.streamed = job.loaded.weights is not None
 
 
 def stage_quantize(job: ExportJob) -> None:
-    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn)
+    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer)
 
 
-def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None]) -> tuple[torch.nn.Module, list[LayerPlan]]:
+def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None],
+                   on_layer: Callable | None = None) -> tuple[torch.nn.Module, list[LayerPlan]]:
     """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
 
     verify and generate build their quantized reference with this very function.
+    A model loaded as a skeleton (``loaded.weights``: its checkpoint, still on
+    disk) is filled here tensor by tensor, each layer quantized as it arrives
+    (``stream.fill_weights``); ``on_layer`` then hears of each layer done.
     """
-    from .hf import conv1d_to_linear
+    from .hf import conv1d_layers, conv1d_to_linear
 
+    transposed = set()
     if options.scheme not in FLOAT_SCHEMES:
+        transposed = set(conv1d_layers(loaded.module))
         conv1d_to_linear(loaded.module)  # GPT-2-style projections become linears the quantizer takes
     plans = plan_layers(loaded.module, options)
     check_strict(plans, options)
+    eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
+    if loaded.weights is not None:
+        from .stream import fill_weights
+
+        layers = {p.name: (lambda layer, plan=p: quantize_layer(layer, plan)) for p in plans if p.quantized and eager}
+        weights, loaded.weights = loaded.weights, None
+        fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
+        release_memory()
+        if eager:
+            return loaded.module, plans
     if options.scheme == "q8ta_q8csw":
         batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
         return quantize_static(loaded.module, loaded.example_inputs, plans, batches), plans
-    if options.scheme not in FLOAT_SCHEMES:
+    if eager:
         quantize_eager(loaded.module, plans)
     return loaded.module, plans
 
 
 def stage_kv_cache(job: ExportJob) -> None:
     """--kv-cache: the quantized model behind a static KV cache, with the runner's metadata."""
+    from .llm.decoder import SELF_CHECK_QUANTIZED_MIN_SQNR_DB, check_cache_matches
     from .llm.load import decoder_for
 
+    if job.streamed and job.hf_folder is None:
+        # A model file streamed from its checkpoint was never whole in float: its cache check runs here.
+        check_cache_matches(job.quantized, min_sqnr=SELF_CHECK_QUANTIZED_MIN_SQNR_DB)
     job.decoder, job.metadata = decoder_for(job.quantized, job.loaded, job.hf_folder, job.options, job.warn)
     job.decode_info = job.decoder.describe()
     job.decode_source_name = job.decoder.source_name

@@ -139,30 +139,59 @@ def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
 
 
 def quantize_eager(module: nn.Module, plans: list[LayerPlan]) -> None:
-    """Quantize the planned linears (torchao) and embeddings (packed int4) in place."""
+    """Quantize the planned linears (torchao) and embeddings (packed int4) in place, one layer at a time."""
+    for plan in plans:
+        if plan.quantized:
+            replace_module(module, plan.name, quantize_layer(module.get_submodule(plan.name), plan))
+
+
+# Float rows converted and quantized at once: bounds the temporaries of a large layer
+# (a 128256 x 4096 LM head is 2 GB in float32). Rows are independent (groups run
+# along a row), so quantizing in chunks gives the same bits as all at once.
+CHUNK_BYTES = 64 << 20
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(1, cols * 4))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def quantize_layer(layer: nn.Module, plan: LayerPlan) -> nn.Module:
+    """The quantized replacement of one planned linear or embedding (eager schemes).
+
+    Export's quantize stage calls this for every layer, whether the model was
+    loaded whole or streamed from safetensors (:mod:`qlower.stream`); the
+    layer's weight may be in any float dtype (bf16 straight from a checkpoint),
+    it is converted to float32 a chunk of rows at a time.
+    """
+    if plan.kind == "embedding":
+        return Int4Embedding.from_float(layer, plan.group_size)
+    return quantize_linear(layer, plan.scheme, plan.group_size)
+
+
+def quantize_linear(layer: nn.Linear, scheme: str, group_size: int) -> QuantizedLinear:
+    """torchao's int4 group quantization of ``layer`` as a :class:`QuantizedLinear`."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    def make_config(scheme: str, group_size: int):
-        if scheme == "qta8a_qga4w":
-            return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
-
-    groups: dict[tuple[str, int], set[str]] = {}
-    for plan in plans:
-        if plan.quantized and plan.kind == "linear":
-            groups.setdefault((plan.scheme, plan.group_size), set()).add(plan.name)
-    for (scheme, group_size), names in sorted(groups.items()):
-        quantize_(module, make_config(scheme, group_size), filter_fn=_by_name(names))
-        for name in sorted(names):
-            replace_module(module, name, QuantizedLinear.from_torchao(module.get_submodule(name), q4_fusable))
-    for plan in plans:
-        if plan.quantized and plan.kind == "embedding":
-            replace_module(module, plan.name, Int4Embedding.from_float(module.get_submodule(plan.name), plan.group_size))
-
-
-def _by_name(names: set[str]) -> Callable[[nn.Module, str], bool]:
-    return lambda _module, fqn: fqn in names
+    if scheme == "qta8a_qga4w":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    else:
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    weight = layer.weight.detach()
+    n, k = weight.shape
+    parts = []
+    for start, end in _row_chunks(n, k):
+        chunk = nn.Linear(k, end - start, bias=False, device="meta")
+        chunk.weight = nn.Parameter(weight[start:end].to(torch.float32).contiguous(), requires_grad=False)
+        quantize_(chunk, config)
+        parts.append(chunk.weight)
+    first = parts[0]
+    bias = layer.bias
+    if bias is not None and bias.dtype != torch.float32:
+        bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+    cat = (lambda name: getattr(first, name)) if len(parts) == 1 else (lambda name: torch.cat([getattr(p, name) for p in parts]))
+    return QuantizedLinear.from_parts(first, cat("qdata"), cat("scale"), cat("zero_point"), bias, q4_fusable)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -188,14 +217,22 @@ class Int4Embedding(nn.Module):
 
     @classmethod
     def from_float(cls, layer: nn.Embedding, group_size: int) -> "Int4Embedding":
-        w = layer.weight.detach().float()
-        vocab, dim = w.shape
-        groups = w.reshape(vocab, dim // group_size, group_size)
+        weight = layer.weight.detach()
+        vocab, dim = weight.shape
+        packed = torch.empty(vocab, dim // 2, dtype=torch.uint8)
+        scales = torch.empty(vocab, dim // group_size, dtype=torch.float32)
+        for start, end in _row_chunks(vocab, dim):  # rows are independent: chunks bound the float temporaries
+            packed[start:end], scales[start:end] = cls.quantize_rows(weight[start:end].to(torch.float32).contiguous(), group_size)
+        return cls(packed, scales, group_size)
+
+    @staticmethod
+    def quantize_rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, dim = w.shape
+        groups = w.reshape(rows, dim // group_size, group_size)
         scales = groups.abs().amax(dim=-1).clamp(min=1e-9) / 7.5
-        q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -8, 7).to(torch.int8).reshape(vocab, dim)
+        q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -8, 7).to(torch.int8).reshape(rows, dim)
         u = (q + 8).to(torch.uint8)
-        packed = (u[:, ::2] << 4) | u[:, 1::2]
-        return cls(packed, scales.to(torch.float32), group_size)
+        return (u[:, ::2] << 4) | u[:, 1::2], scales.to(torch.float32)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized_decomposed.embedding_4bit.dtype(

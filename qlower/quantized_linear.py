@@ -104,10 +104,16 @@ class QuantizedLinear(nn.Module):
         if not isinstance(w, IntxUnpackedToInt8Tensor):
             raise ExportError(f"torchao quantized a layer to {type(w).__name__}, expected IntxUnpackedToInt8Tensor",
                               "install the pinned torchao version (pip install -e .)")
+        return cls.from_parts(w, w.qdata, w.scale, w.zero_point, layer.bias, fusable)
+
+    @classmethod
+    def from_parts(cls, w, qdata, scale, zero_point, bias, fusable) -> "QuantizedLinear":
+        """``w`` a torchao weight giving the quantization's attributes; its data as plain tensors
+        (several row chunks of a large layer concatenated, see ``quantize.quantize_linear``)."""
         bits = int(str(w.target_dtype).removeprefix("torch.int"))
-        return cls(w.qdata, w.scale, w.zero_point, w.block_size, bits, w.dtype, layer.bias,
+        return cls(qdata, scale, zero_point, w.block_size, bits, w.dtype, bias,
                    dynamic_activations=w.activation_quantization is not None,
-                   opaque=fusable(w.qdata, w.block_size))
+                   opaque=fusable(qdata, w.block_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.weight, self.weight_scale, self.weight_zero_point, self.block_size, self.weight_bits,

@@ -18,6 +18,10 @@ METADATA_KEYS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "ge
 # closely: float32 summation-order noise is ~140 dB, a position or mask the cache
 # cannot hold is below 20 dB.
 SELF_CHECK_MIN_SQNR_DB = 80.0
+# The same check on a quantized model (a model file streamed from its checkpoint is never whole in
+# float): per-token int8 rounding ties may land differently in a chunked prefill and move the logits
+# (~24 dB at 16 layers, see DESIGN.md section 8); positions taken from the chunk are below 20 dB.
+SELF_CHECK_QUANTIZED_MIN_SQNR_DB = 20.0
 
 
 def max_seq_len_for(options: ExportOptions, max_positions: int | None) -> int:
@@ -51,7 +55,7 @@ def make_decoder(model: nn.Module, options: ExportOptions, max_positions: int | 
     return KVCacheLM(model, max_seq_len)
 
 
-def check_cache_matches(model: nn.Module, prompt: int = 3, steps: int = 2) -> None:
+def check_cache_matches(model: nn.Module, prompt: int = 3, steps: int = 2, min_sqnr: float = SELF_CHECK_MIN_SQNR_DB) -> None:
     """The float ``model`` behind a small KV cache, prefill + decode, must give its own uncached logits.
 
     Catches what a family does that a position-indexed causal cache cannot
@@ -74,7 +78,7 @@ def check_cache_matches(model: nn.Module, prompt: int = 3, steps: int = 2) -> No
     want = full[0, prompt - 1:]
     got = torch.cat(cached)
     agreement = sqnr_db(want, got)
-    if agreement < SELF_CHECK_MIN_SQNR_DB:
+    if agreement < min_sqnr:
         raise ModelLoadError(f"with a KV cache the model's logits differ from its own forward ({agreement:.1f} dB SQNR)",
                              "its attention or positions depend on the whole sequence being present; export without --kv-cache")
 

@@ -85,8 +85,7 @@ def read_hf_folder(path: str | Path) -> HfFolder:
     return HfFolder(path, config, causal[0], generation, tokenizers)
 
 
-def load_hf_model(folder: HfFolder) -> torch.nn.Module:
-    """The folder's ``*ForCausalLM`` in float32, weights from its safetensors files."""
+def _model_class(folder: HfFolder):
     import transformers
 
     if not list(folder.path.glob("*.safetensors")):
@@ -96,6 +95,58 @@ def load_hf_model(folder: HfFolder) -> torch.nn.Module:
     if cls is None:
         raise ModelLoadError(f"transformers {transformers.__version__} has no architecture {folder.architecture}",
                              "upgrade transformers, or export a model file that builds the model")
+    return cls
+
+
+def hf_skeleton(folder: HfFolder):
+    """(the folder's ``*ForCausalLM`` without weights, its checkpoint), or None when the checkpoint's
+    names or shapes are not the model's own (a family whose loading renames or converts tensors):
+    then only ``from_pretrained`` can load it.
+
+    The parameters are on the meta device and the buffers real (RoPE's ``inv_freq`` computed as
+    ``from_pretrained`` computes it); the quantize stage fills the weights (qlower.stream).
+    """
+    from ..stream import SafetensorsWeights, check_fits, empty_weights
+
+    cls = _model_class(folder)
+    weights = SafetensorsWeights.open(folder.path)
+    try:
+        with empty_weights():
+            model = cls(folder.config)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build {folder.architecture} from {folder.path / 'config.json'}: {type(exc).__name__}: {first_line(exc)}",
+                             "QLOWER_DEBUG=1 shows the traceback") from exc
+    model.eval()
+    if check_fits(model, weights) is not None:
+        return None
+    return model, weights
+
+
+def family_check_model(folder: HfFolder) -> torch.nn.Module:
+    """A small float model of the folder's family (its config with two layers and a small vocabulary,
+    random weights): what the KV-cache self-check runs when the real model is never whole in float."""
+    import copy
+
+    cls = _model_class(folder)
+    config = copy.deepcopy(folder.config)
+    text = getattr(config, "get_text_config", lambda: config)()
+    layers = min(int(text.num_hidden_layers), 2)
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:layers]
+    text.vocab_size = min(int(text.vocab_size), 512)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value >= text.vocab_size:
+            setattr(text, key, None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return cls(config).eval()
+
+
+def load_hf_model(folder: HfFolder) -> torch.nn.Module:
+    """The folder's ``*ForCausalLM`` in float32, weights from its safetensors files."""
+    cls = _model_class(folder)
     try:
         model = cls.from_pretrained(str(folder.path), local_files_only=True, dtype=torch.float32)
     except Exception as exc:

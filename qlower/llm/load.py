@@ -10,15 +10,20 @@ from torch import nn
 from ..config import ExportOptions
 from ..errors import ModelLoadError
 from ..loader import LoadedModel, load_model
-from .hf_folder import HfFolder, example_tokens, is_hf_folder, load_hf_model, read_hf_folder
+from .hf_folder import HfFolder, example_tokens, family_check_model, hf_skeleton, is_hf_folder, load_hf_model, read_hf_folder
 
 # A model file may define these for KV-cache export (see README "LLM decode").
 METADATA_NAME = "metadata"
 
 
 def load_any(path: str | Path, options: ExportOptions, entry: str | None = None,
-             checkpoint: str | Path | None = None) -> tuple[LoadedModel, HfFolder | None, bool]:
-    """(the loaded model, the HF folder if it is one, whether to export with a KV cache)."""
+             checkpoint: str | Path | None = None, stream: bool = False,
+             warn: Callable[[str], None] = lambda message: None) -> tuple[LoadedModel, HfFolder | None, bool]:
+    """(the loaded model, the HF folder if it is one, whether to export with a KV cache).
+
+    ``stream``: a folder, or a model file with a ``.safetensors`` checkpoint, loads as a skeleton
+    whose weights the quantize stage reads layer by layer (``LoadedModel.weights``).
+    """
     path = Path(path)
     if path.is_dir():
         if not is_hf_folder(path):
@@ -29,21 +34,28 @@ def load_any(path: str | Path, options: ExportOptions, entry: str | None = None,
                                  "drop them: the folder's config.json and safetensors say everything")
         folder = read_hf_folder(path)
         kv_cache = options.kv_cache if options.kv_cache is not None else True
-        model = load_hf_model(folder)
+        skeleton = hf_skeleton(folder) if stream else None
+        if stream and skeleton is None:
+            warn(f"{folder.architecture}: the checkpoint's tensors are not the model's own (renamed or converted on load); "
+                 "loading the whole float model")
+        model, weights = skeleton if skeleton is not None else (load_hf_model(folder), None)
         if not kv_cache:
             from ..hf import CausalLMLogits
 
             model = CausalLMLogits(model)
-        loaded = LoadedModel(model, (example_tokens(folder.config),), None, path, folder.architecture)
-        _check_decodable(loaded, kv_cache, options)
+            weights = weights.under("lm.") if weights is not None else None
+        loaded = LoadedModel(model, (example_tokens(folder.config),), None, path, folder.architecture, weights=weights,
+                             unexpected_weights=lambda names: None)
+        # The family check runs on float weights: a small model of the family when streaming.
+        _check_decodable(loaded, kv_cache, options, family_check_model(folder) if weights is not None else None)
         return loaded, folder, kv_cache
-    loaded = load_model(path, entry=entry, checkpoint=checkpoint)
+    loaded = load_model(path, entry=entry, checkpoint=checkpoint, stream=stream)
     kv_cache = bool(options.kv_cache)
     _check_decodable(loaded, kv_cache, options)
     return loaded, None, kv_cache
 
 
-def _check_decodable(loaded: LoadedModel, kv_cache: bool, options: ExportOptions) -> None:
+def _check_decodable(loaded: LoadedModel, kv_cache: bool, options: ExportOptions, float_model: nn.Module | None = None) -> None:
     """--kv-cache: a scheme that can decode, a forward that takes tokens, and a cache that reproduces the model."""
     from .decoder import check_cache_matches
 
@@ -56,7 +68,11 @@ def _check_decodable(loaded: LoadedModel, kv_cache: bool, options: ExportOptions
         raise ModelLoadError("--kv-cache decode takes dynamic or weight-only schemes, not static q8ta_q8csw "
                              "(its calibrated scales would be fixed for one sequence length)",
                              "use --scheme qta8a_qga4w (or qga4w, fp16, fp32), or --no-kv-cache")
-    check_cache_matches(loaded.module)
+    if loaded.weights is None:
+        check_cache_matches(loaded.module)
+    elif float_model is not None:
+        check_cache_matches(float_model)
+    # else a model file streamed from its checkpoint: checked on the quantized model (pipeline.stage_kv_cache)
 
 
 def decoder_for(quantized: nn.Module, loaded: LoadedModel, folder: HfFolder | None, options: ExportOptions,
