@@ -16,7 +16,8 @@ Vulkan partitions and CPU kernel calls (read with qlower inspect), as ratios.
     python benchmarks/llm_bench.py --zero-weights       # all-zero weights: files that compress for carrying
 
 ``--keep DIR`` keeps the checkpoints and both .pte files (for the runtime
-decode benchmark, benchmarks/llm_decode_bench.py).
+decode benchmark, benchmarks/llm_decode_bench.py), and reuses checkpoints
+already there.
 """
 
 from __future__ import annotations
@@ -123,18 +124,34 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool) -> tuple[Path, P
     return folder, params, ckpt
 
 
-def timed(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak RSS (GNU time), output to ``log``."""
+def timed(cmd: list[str], log: Path, cwd: Path | None = None, check: bool = True) -> dict:
+    """Run ``cmd``; wall seconds and peak RSS (GNU time), stderr to ``log``, stdout to ``log``.out.
+
+    qlower's own summary (``--json``) reports its peak RSS per stage; it resets the kernel's
+    high-water mark between stages, which also resets what GNU time sees, so for qlower the
+    summary's ``peak_rss_mb`` (the maximum over all stages) is the number to read.
+    """
     start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "QLOWER_MAXRSS_KB %M", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+    stdout = log.with_suffix(".out")
+    with open(log, "w") as f, open(stdout, "w") as out:
+        proc = subprocess.run(["/usr/bin/time", "-f", "QLOWER_MAXRSS_KB %M", *cmd], stdout=out, stderr=f, cwd=cwd)
     seconds = time.perf_counter() - start
     text = log.read_text()
     rss = [int(line.split()[1]) for line in text.splitlines() if line.startswith("QLOWER_MAXRSS_KB")]
-    if proc.returncode != 0:
+    result = {"seconds": seconds, "peak_rss_mb": rss[-1] / 1024 if rss else None, "exit": proc.returncode}
+    try:
+        summary = json.loads(stdout.read_text())
+    except ValueError:
+        summary = None
+    if isinstance(summary, dict) and "peak_rss_mb" in summary:
+        result.update(peak_rss_mb=summary["peak_rss_mb"], stage_peak_rss_mb=summary["stage_peak_rss_mb"],
+                      stage_seconds=summary.get("timings_s"))
+    if proc.returncode != 0 and check:
         tail = "\n".join(text.splitlines()[-15:])
         raise SystemExit(f"{cmd[0]} … failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return {"seconds": seconds, "peak_rss_mb": rss[-1] / 1024 if rss else None}
+    if proc.returncode != 0:
+        result["log_tail"] = text.splitlines()[-3:]
+    return result
 
 
 def pte_facts(path: Path) -> dict:
@@ -162,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        folder, params, ckpt = write_checkpoints(shape, directory, args.zero_weights)
-        print(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {folder}, {ckpt}", file=sys.stderr)
+        folder, params, ckpt = directory / "hf", directory / "params.json", directory / "consolidated.pth"
+        if not (args.keep and (folder / "config.json").is_file() and ckpt.is_file()):
+            folder, params, ckpt = write_checkpoints(shape, directory, args.zero_weights)
+            print(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {folder}, {ckpt}", file=sys.stderr)
         results = {"shape": args.shape, **shape, "max_seq_len": args.max_seq_len, "group_size": args.group_size}
         q_pte = directory / "qlower.pte"
         results["qlower"] = timed([sys.executable, "-m", "qlower.cli", "export", str(folder), "-o", str(q_pte),

@@ -22,6 +22,7 @@ def export(
     log: Callable[[str], None] | None = None,
     dump_after: str | None = None,
     verify: int = 0,
+    on_layer: Callable[[Any], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Quantize and lower ``model`` (a Python file) to a Vulkan .pte; return the summary.
@@ -31,7 +32,10 @@ def export(
     ``verify=N`` runs the golden executor on N input batches before writing,
     and fails (nothing written) below the scheme's SQNR thresholds.
     ``dump_after`` names a fusion pass after which the graph goes to ``log``.
-    With ``output=None`` nothing is written.
+    With ``output=None`` nothing is written. ``on_layer`` hears of each layer the
+    streaming load finished (``stream.Progress``: layer name, bytes read, ETA).
+    The summary's ``peak_rss_mb`` is the process's peak resident memory, and
+    ``stage_peak_rss_mb`` each stage's.
     """
     job = ExportJob(
         model_path=Path(model),
@@ -43,6 +47,12 @@ def export(
         log=log,
         dump_after=dump_after,
         verify_samples=verify,
+        on_layer=on_layer,
     )
     run_stages(job, on_stage or (lambda name, seconds: None))
-    return export_summary(job)
+    job.memory.start()
+    summary = export_summary(job)
+    job.memory.stop("summary")
+    summary["peak_rss_mb"] = round(job.memory.peak_mb(), 1)
+    summary["stage_peak_rss_mb"] = {k: round(v, 1) for k, v in job.memory.peaks.items()}
+    return summary

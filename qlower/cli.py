@@ -105,6 +105,7 @@ class StageProgress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.status = None
+        self.last_block = None
 
     def __call__(self, name: str, seconds: float | None) -> None:
         if not self.enabled:
@@ -119,9 +120,37 @@ class StageProgress:
             self.status = None
         console.err.print(f"[green]✓[/] {name:<9} {seconds:6.2f} s")
 
+    def layer(self, progress) -> None:
+        """Streaming load + quantize: one line per decoder block (a status line on a terminal), with an ETA."""
+        if not self.enabled:
+            return
+        block = _block(progress.layer)
+        eta = progress.eta_s
+        text = (f"  {block:<24} {progress.fraction:4.0%} of {progress.total_bytes / 2**30:.2f} GiB read"
+                + (f", ETA {_duration(eta)}" if eta is not None and progress.fraction < 1 else ""))
+        if self.status is not None:
+            self.status.update(f"quantize… {text.strip()}")
+        elif block != self.last_block:
+            console.err.print(text, markup=False)
+        self.last_block = block
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
+
+
+def _block(layer: str) -> str:
+    """'model.layers.3.mlp.up_proj' → 'model.layers.3': progress per decoder block."""
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return layer
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 @app.command(
@@ -166,6 +195,7 @@ def export(
             entry=entry,
             checkpoint=checkpoint,
             on_stage=progress,
+            on_layer=progress.layer,
             warn=console.warn,
             log=lambda text: console.err.print(text, markup=False, highlight=False),
             dump_after=dump_after,

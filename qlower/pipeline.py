@@ -66,6 +66,7 @@ class ExportJob:
     streamed: bool = False  # the weights were read layer by layer by the quantize stage
     on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
     timings: dict[str, float] = field(default_factory=dict)
+    memory: Any = None  # memory.PeakMeter: peak RSS per stage
 
 
 def release_memory() -> None:
@@ -240,14 +241,19 @@ def make_partitioner(options: ExportOptions):
 
 
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
+    from .memory import PeakMeter
+
     if job.output is not None:
         check_writable(job.output)
+    job.memory = job.memory or PeakMeter()
     for name, stage in STAGES:
         if (name == "verify" and not job.verify_samples) or (name == "kv_cache" and not job.kv_cache):
             continue
         on_stage(name, None)
         start = time.perf_counter()
+        job.memory.start()
         stage(job)
+        job.memory.stop(name)
         job.timings[name] = time.perf_counter() - start
         on_stage(name, job.timings[name])
     return job

@@ -52,6 +52,9 @@ def render_export(summary: dict[str, Any]) -> None:
         f".pte size: {human_bytes(size['total'])} (packed weights {human_bytes(size['packed_weights'])}, "
         f"scales {human_bytes(size['scales'])}, float weights {human_bytes(size['float_weights'])}, other {human_bytes(size['other'])})"
     )
+    if summary.get("peak_rss_mb") is not None:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in summary.get("stage_peak_rss_mb", {}).items())
+        out.print(f"peak memory (RSS): {summary['peak_rss_mb']:.0f} MB (per stage, MB: {stages})")
 
 
 def render_layer_table(rows: list[dict[str, Any]]) -> None:

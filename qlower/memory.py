@@ -1,0 +1,69 @@
+"""Peak resident memory (RSS) of this process, per stage.
+
+Linux keeps the process's high-water mark (``VmHWM`` in ``/proc/self/status``)
+and lets the process reset it (``5`` to ``/proc/self/clear_refs``), which
+gives exact per-stage peaks. Resetting it also resets what ``getrusage`` and
+``/usr/bin/time`` report at exit, so the meter remembers the peak before each
+reset: :meth:`PeakMeter.peak_mb` is the process's peak since the meter began.
+Elsewhere (no procfs) ``ru_maxrss`` gives the process peak so far.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+STATUS = "/proc/self/status"
+CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open(STATUS) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else None
+
+
+def _hwm_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1024 * 1024) if sys.platform == "darwin" else maxrss / 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open(CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMeter:
+    """``start()`` before a stage, ``stop()`` after it: the stage's peak RSS in MB."""
+
+    def __init__(self):
+        self.before = _hwm_mb()  # the process's peak up to here (imports, model file)
+        self.peaks: dict[str, float] = {}
+
+    def start(self) -> None:
+        _reset_hwm()
+
+    def stop(self, name: str) -> float:
+        peak = _hwm_mb()
+        self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+        return peak
+
+    def peak_mb(self) -> float:
+        return max([self.before, *self.peaks.values()])
