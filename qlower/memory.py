@@ -67,3 +67,30 @@ class PeakMeter:
 
     def peak_mb(self) -> float:
         return max([self.before, *self.peaks.values()])
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+_mmap_threshold_set: list[bool] = []
+
+
+def return_freed_memory() -> None:
+    """Make glibc give freed tensor buffers back to the system (idempotent, process-wide).
+
+    By default glibc raises its mmap threshold to the size of the last freed
+    mapped block (up to 32 MB), after which layer-sized buffers come from the
+    heap; freed between the quantized layers that stay alive, they fragment it
+    and the resident set grows by the float layers already dropped (measured:
+    4.5x the quantized weights on a 34M-parameter decoder). A fixed 1 MB
+    threshold maps every large buffer on its own and unmaps it when freed.
+    """
+    if _mmap_threshold_set:
+        return
+    _mmap_threshold_set.append(True)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass

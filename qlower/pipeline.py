@@ -241,8 +241,9 @@ def make_partitioner(options: ExportOptions):
 
 
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
-    from .memory import PeakMeter
+    from .memory import PeakMeter, return_freed_memory
 
+    return_freed_memory()
     if job.output is not None:
         check_writable(job.output)
     job.memory = job.memory or PeakMeter()

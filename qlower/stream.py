@@ -191,6 +191,9 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights, quantize: dict[
     is read once and given to all of them before it is dropped. ``unexpected`` receives checkpoint
     names that are neither a parameter nor a buffer (else they are an error).
     """
+    from .memory import return_freed_memory
+
+    return_freed_memory()
     problem = check_fits(module, weights, transposed)
     if problem:
         raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
