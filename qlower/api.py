@@ -23,6 +23,7 @@ def export(
     dump_after: str | None = None,
     verify: int = 0,
     on_layer: Callable[[Any], None] | None = None,
+    external_weights: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Quantize and lower ``model`` (a Python file) to a Vulkan .pte; return the summary.
@@ -35,8 +36,17 @@ def export(
     With ``output=None`` nothing is written. ``on_layer`` hears of each layer the
     streaming load finished (``stream.Progress``: layer name, bytes read, ETA).
     The summary's ``peak_rss_mb`` is the process's peak resident memory, and
-    ``stage_peak_rss_mb`` each stage's.
+    ``stage_peak_rss_mb`` each stage's. ``external_weights`` writes the constants to
+    ``<output stem>.ptd`` beside the .pte (ExecuTorch's named-data file, ``--data_path``).
     """
+    if external_weights and output is None:
+        from .errors import OutputError
+
+        raise OutputError("--external-weights needs an output file", "pass -o model.pte")
+    if external_weights and verify:
+        from .errors import OutputError
+
+        raise OutputError("--verify cannot read constants kept in a .ptd", "export without --external-weights to verify")
     job = ExportJob(
         model_path=Path(model),
         output=Path(output) if output is not None else None,
@@ -48,6 +58,7 @@ def export(
         dump_after=dump_after,
         verify_samples=verify,
         on_layer=on_layer,
+        external_weights=external_weights,
     )
     run_stages(job, on_stage or (lambda name, seconds: None))
     job.memory.start()

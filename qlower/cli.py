@@ -180,6 +180,7 @@ def export(
     metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; fail below the SQNR thresholds."),
+    external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
@@ -200,6 +201,7 @@ def export(
             log=lambda text: console.err.print(text, markup=False, highlight=False),
             dump_after=dump_after,
             verify=VERIFY_SAMPLES if verify else 0,
+            external_weights=external_weights,
             scheme=scheme,
             group_size=group_size,
             calibration=str(calibration) if calibration else None,

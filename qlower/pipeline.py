@@ -60,7 +60,9 @@ class ExportJob:
     fusion: Any = None  # FusionReport
     delegation_passes: list[str] = field(default_factory=list)  # fix-up passes that changed the graph
     cpu_notes: list = field(default_factory=list)  # nodes that would stay on the CPU, and why
-    pte_bytes: bytes | None = None
+    pte_bytes: bytes | None = None  # the serialized program, kept in memory only for --verify or no output
+    program: Any = None  # ExecutorchProgramManager, written to disk by the serialize stage as it serializes
+    external_weights: bool = False  # --external-weights: the constants go to <output stem>.ptd
     verify_samples: int = 0  # > 0: run the verify stage on that many input batches
     verification: dict | None = None
     streamed: bool = False  # the weights were read layer by layer by the quantize stage
@@ -151,7 +153,7 @@ def stage_export(job: ExportJob) -> None:
 
     # Edge dialect with the partitioner's ops kept whole (as to_edge_transform_and_lower
     # does), decomposed once when nothing needs keeping.
-    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options), constant_methods=job.metadata)
+    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options, job.external_weights), constant_methods=job.metadata)
     if not job.verify_samples:
         # The edge program holds what lowering needs; let the eager weights go.
         job.exported = job.quantized = job.decoder = None
@@ -182,7 +184,7 @@ def stage_lower(job: ExportJob) -> None:
 
     try:
         with vulkan_patterns_once(job.edge.exported_program()):
-            lowered = job.edge.to_backend({"forward": make_partitioner(job.options)})
+            lowered = job.edge.to_backend({"forward": make_partitioner(job.options, job.external_weights)})
         # The delegate blob holds the packed weights now; let the edge program's copy go
         # before serializing makes another one (peak RSS).
         job.edge = None
@@ -190,7 +192,10 @@ def stage_lower(job: ExportJob) -> None:
         program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         del lowered
         release_memory()
-        job.pte_bytes = bytes(program.buffer)
+        if job.verify_samples or job.output is None:
+            job.pte_bytes = bytes(program.buffer)
+        else:  # written piece by piece by the serialize stage: no whole-file copy in memory
+            job.program = program
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ExportError(f"ExecuTorch's Vulkan lowering failed: {type(cause).__name__}: {first_line(cause)}",
@@ -211,7 +216,19 @@ def stage_verify(job: ExportJob) -> None:
 def stage_serialize(job: ExportJob) -> None:
     if job.output is None:
         return
-    write_atomic(job.output, job.pte_bytes)
+    program, job.program = job.program, None
+    if program is None:
+        write_atomic(job.output, job.pte_bytes)
+    else:
+        write_atomic(job.output, program.write_to_file)
+    if job.external_weights:
+        data = program._tensor_data if program is not None else None  # filename tag -> Cord (ExecuTorch's own writer)
+        for i, cord in enumerate((data or {}).values()):
+            target = job.output.with_suffix(".ptd" if i == 0 else f".{i}.ptd")
+            write_atomic(target, cord.write_to_file)
+            job.written.append(target)
+    del program
+    release_memory()
     if job.kv_cache and job.hf_folder is not None:
         # The runner's --tokenizer_path: written next to the .pte under the .pte's stem.
         for source in job.hf_folder.tokenizer_files:
@@ -232,12 +249,19 @@ STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
 ]
 
 
-def make_partitioner(options: ExportOptions):
+# --external-weights: every constant in one .ptd (ExecuTorch shards named data above this cap).
+EXTERNAL_SHARD_BYTES = 1 << 62
+
+
+def make_partitioner(options: ExportOptions, external_weights: bool = False):
     from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
 
     # Only fp16 needs a compile spec; an explicit "force_fp16": false is stored in the
     # .pte (40 bytes of program, a 128-byte aligned step) and means the default.
-    return VulkanPartitioner({"force_fp16": True} if options.scheme == "fp16" else {})
+    compile_options: dict[str, Any] = {"force_fp16": True} if options.scheme == "fp16" else {}
+    if external_weights:
+        compile_options["external_constants_max_data_bytes"] = EXTERNAL_SHARD_BYTES
+    return VulkanPartitioner(compile_options)
 
 
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
@@ -271,13 +295,20 @@ def check_writable(path: Path) -> None:
         raise OutputError(f"cannot write {path}: permission denied", "choose a writable output path with -o")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and rename: never a partial file."""
+def write_atomic(path: Path, data: bytes | Callable[[Any], None]) -> None:
+    """Write via a temporary file in the same directory and rename: never a partial file.
+
+    ``data`` is the bytes, or a function that writes them to the open file (a program
+    written piece by piece, never whole in memory).
+    """
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
