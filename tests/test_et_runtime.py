@@ -34,15 +34,16 @@ pytestmark = pytest.mark.skipif(not RUNNER, reason="set QLOWER_ET_RUNNER to an E
 MODELS = ["mlp", "cnn", "llama", "hf_llama", "hf_qwen2", "hf_gpt2"]
 
 
-def run_on_runtime(pte: Path, inputs: tuple, workdir: Path) -> tuple[subprocess.CompletedProcess, list[Path]]:
-    """Runs ``forward`` once; raw input files in, raw output files (``out-<i>.bin``) back."""
+def run_on_runtime(pte: Path, inputs: tuple, workdir: Path, data: Path | None = None) -> tuple[subprocess.CompletedProcess, list[Path]]:
+    """Runs ``forward`` once; raw input files in, raw output files (``out-<i>.bin``) back; ``data``: the .ptd."""
     files = []
     for i, t in enumerate(inputs):
         files.append(workdir / f"input{i}.bin")
         t.contiguous().numpy().tofile(files[-1])
     out = workdir / "out"
     proc = subprocess.run(
-        [RUNNER, "--model_path", str(pte), "--inputs", ",".join(map(str, files)), "--output_file", str(out), "--print_output", "none"],
+        [RUNNER, "--model_path", str(pte), "--inputs", ",".join(map(str, files)), "--output_file", str(out), "--print_output", "none",
+         *(["--data_path", str(data)] if data else [])],
         capture_output=True, text=True, timeout=900,
     )
     return proc, sorted(workdir.glob("out-*.bin"), key=lambda f: int(f.stem.removeprefix("out-")))
@@ -65,6 +66,23 @@ def test_qlower_file_runs_and_matches_golden(name, tmp_path):
     for want, got_file in zip(golden, outputs):
         got = torch.from_numpy(np.fromfile(got_file, dtype=np.float32)).reshape(want.shape)
         assert sqnr_db(want.float(), got) >= bar, got_file.name
+
+
+def test_external_weights_file_runs_like_the_single_file(tmp_path):
+    """--external-weights: the .pte and its .ptd give the runtime the same outputs as the one-file export."""
+    path = EXAMPLES / "llama.py"
+    qlower.export(path, tmp_path / "one.pte")
+    qlower.export(path, tmp_path / "split.pte", external_weights=True)
+    torch.manual_seed(0)
+    inputs = tuple(load_model(path).example_inputs)
+    results = []
+    for name, data in (("one", None), ("split", tmp_path / "split.ptd")):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        proc, outputs = run_on_runtime(tmp_path / f"{name}.pte", inputs, workdir, data)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        results.append([f.read_bytes() for f in outputs])
+    assert results[0] == results[1]
 
 
 def test_stock_file_aborts_at_load_as_inspect_predicts(tmp_path):

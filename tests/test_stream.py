@@ -239,3 +239,19 @@ def test_streaming_never_holds_a_float_copy_of_the_model(tmp_path, sharded):
     assert whole > float_mb, f"the measure cannot tell: a whole load took {whole:.0f} MB for a {float_mb:.0f} MB model"
     print(f"float model {float_mb:.0f} MB; peak RSS increase: whole load {whole:.0f} MB, streamed {streamed:.0f} MB")
     assert streamed < 0.6 * float_mb, f"streaming peaked {streamed:.0f} MB above its start; the float model is {float_mb:.0f} MB"
+
+
+def test_external_weights_writes_a_ptd_beside_the_pte(tiny_llama, tmp_path):
+    import qlower
+    from qlower.errors import OutputError
+
+    one = qlower.export(tiny_llama, tmp_path / "one.pte")
+    split = qlower.export(tiny_llama, tmp_path / "split.pte", external_weights=True)
+    ptd = tmp_path / "split.ptd"
+    assert split["written"] == [str(ptd)] and ptd.stat().st_size > 0
+    assert split["vulkan_partitions"] == 1 and split["fused_ops"] == one["fused_ops"]
+    # the weights moved out: the .pte shrinks by about the .ptd's size
+    shrink = (tmp_path / "one.pte").stat().st_size - (tmp_path / "split.pte").stat().st_size
+    assert shrink > 0.9 * ptd.stat().st_size
+    with pytest.raises(OutputError, match="--verify"):
+        qlower.export(tiny_llama, tmp_path / "v.pte", external_weights=True, verify=2)
