@@ -154,10 +154,12 @@ EH_MAGIC = b"eh00"
 EH_LENGTH = 32  # bytes of the extended header at offset 8 (magic, length, program size, segment base, segment data size)
 
 
-def read_pte(source: str | Path | bytes) -> Pte:
+def read_pte(source: str | Path | bytes, constants: bool = True) -> Pte:
+    """The decoded file. ``constants=False`` drops the named data's bytes (their sizes stay):
+    what the export summary reads of a multi-GB file, without holding its weights."""
     data = _read_bytes(source)
     program_size, segment_base = check_header(data)
-    return _run_bounded(_decode, data, program_size, segment_base)
+    return _run_bounded(_decode, data, program_size, segment_base, constants)
 
 
 def check_header(data: bytes) -> tuple[int, int]:
@@ -208,7 +210,7 @@ def check_flatbuffer_root(buf: bytes, what: str) -> None:
             raise PteError(f"the {what} flatbuffer's root table has a field outside the table", "the file is corrupted")
 
 
-def _decode(data: bytes, program_size: int, segment_base: int) -> Pte:
+def _decode(data: bytes, program_size: int, segment_base: int, constants: bool = True) -> Pte:
     from executorch.exir._serialize._program import PTEFile, _flatbuffer_to_program, _restore_segments
 
     try:
@@ -250,6 +252,8 @@ def _decode(data: bytes, program_size: int, segment_base: int) -> Pte:
     named_sizes = {}
     if named is not None:
         named_sizes = {k: len(named.buffers[v.buffer_index]) for k, v in named.pte_data.items()}
+        if not constants:
+            named.buffers[:] = [b""] * len(named.buffers)
     steps = methods[0].steps if methods else []
     return Pte(len(data), pte_file, delegates, steps, named_sizes, methods, segments, program_size, segment_base)
 
@@ -414,10 +418,18 @@ def _read_bytes(source: str | Path | bytes) -> bytes:
         # a device or a pipe has no size to check against and may never end
         raise PteError(f"{path} is not a regular file", "pass the path of a .pte file")
     try:
+        if st.st_size >= MAP_FILES_FROM_BYTES:
+            # Mapped, not read: the decoding child touches the pages, this process only the header.
+            import mmap
+
+            with open(path, "rb") as f:
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return path.read_bytes()
     except OSError as exc:
         raise PteError(f"cannot read {path}: {exc.strerror}", "check the path and permissions") from exc
 
+
+MAP_FILES_FROM_BYTES = 64 << 20
 
 # Exit statuses of the decoding child besides 0 (a pickled result follows).
 _CHILD_NO_MEMORY = 3

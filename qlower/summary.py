@@ -12,7 +12,7 @@ EMBEDDING_FUSED_OP = "embedding_q4gsw"
 
 
 def export_summary(job) -> dict[str, Any]:
-    pte = read_pte(job.pte_bytes if job.pte_bytes is not None else job.output)
+    pte = read_pte(job.pte_bytes if job.pte_bytes is not None else job.output, constants=False)
     counts = summarize(pte)
     rows = layer_rows(job.plans, job.fusion.layers if job.fusion else [], counts["fused_ops"])
     linears = [r for r in rows if r["kind"] == "linear"]

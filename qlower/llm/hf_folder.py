@@ -123,14 +123,14 @@ def hf_skeleton(folder: HfFolder):
 
 
 def family_check_model(folder: HfFolder) -> torch.nn.Module:
-    """A small float model of the folder's family (its config with two layers and a small vocabulary,
+    """A small float model of the folder's family (its config with one layer and a small vocabulary,
     random weights): what the KV-cache self-check runs when the real model is never whole in float."""
     import copy
 
     cls = _model_class(folder)
     config = copy.deepcopy(folder.config)
     text = getattr(config, "get_text_config", lambda: config)()
-    layers = min(int(text.num_hidden_layers), 2)
+    layers = 1
     text.num_hidden_layers = layers
     if isinstance(getattr(text, "layer_types", None), list):
         text.layer_types = text.layer_types[:layers]
