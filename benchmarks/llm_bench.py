@@ -13,6 +13,8 @@ Vulkan partitions and CPU kernel calls (read with qlower inspect), as ratios.
 
     python benchmarks/llm_bench.py                      # Llama-3.2-1B shape, max_seq_len 2048 (~10 min, ~9 GB RAM)
     python benchmarks/llm_bench.py --shape small        # 4 layers, dim 512: a minute
+    python benchmarks/llm_bench.py --shape 8b --skip-stock --keep DIR   # Llama-3-8B shape: 16 GB folder written shard by shard
+    python benchmarks/llm_bench.py --shape 8b           # export_llama too, under a 14 GB cap (--stock-mem-cap-gb)
     python benchmarks/llm_bench.py --zero-weights       # all-zero weights: files that compress for carrying
 
 ``--keep DIR`` keeps the checkpoints and both .pte files (for the runtime
@@ -38,6 +40,9 @@ SHAPES = {
     # Llama-3.2-1B: dim 2048, 16 layers, 32/8 heads, FFN 8192, vocab 128256, tied embeddings.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab=128256, tied=True,
                rope_theta=500000.0, max_positions=131072),
+    # Llama-3-8B: dim 4096, 32 layers, 32/8 heads, FFN 14336, vocab 128256, untied (16 GB in bf16).
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab=128256, tied=False,
+               rope_theta=500000.0, max_positions=8192),
     "small": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=1536, vocab=8192, tied=True,
                   rope_theta=500000.0, max_positions=4096),
 }
@@ -73,10 +78,15 @@ def tensors(shape: dict, zero: bool, seed: int = 0):
         yield p + "attention_norm.weight", q + "input_layernorm.weight", torch.ones(dim, dtype=torch.bfloat16)
         yield p + "ffn_norm.weight", q + "post_attention_layernorm.weight", torch.ones(dim, dtype=torch.bfloat16)
     yield "norm.weight", "model.norm.weight", torch.ones(dim, dtype=torch.bfloat16)
+    if not shape["tied"]:
+        yield "output.weight", "lm_head.weight", rand(shape["vocab"], dim)
 
 
-def write_checkpoints(shape: dict, directory: Path, zero: bool) -> tuple[Path, Path, Path]:
-    """(HF folder, params.json, .pth): the same weights in both formats, the folder written shard by shard."""
+def write_checkpoints(shape: dict, directory: Path, zero: bool, meta: bool = True) -> tuple[Path, Path, Path | None]:
+    """(HF folder, params.json, .pth): the same weights in both formats, the folder written shard by shard.
+
+    ``meta=False``: no .pth (torch.save needs the whole state dict in memory: 16 GB for the 8B shape);
+    export_llama then runs with uninitialised weights, which costs it the same memory."""
     from safetensors.torch import save_file
 
     folder = directory / "hf"
@@ -95,13 +105,15 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool) -> tuple[Path, P
 
     for meta_name, hf, t in tensors(shape, zero):
         hf_name, hf_t = hf if isinstance(hf, tuple) else (hf, t)
-        meta_state[meta_name] = t
+        if meta:
+            meta_state[meta_name] = t
         shard[hf_name] = hf_t.contiguous()
         shard_bytes += hf_t.numel() * 2
         if shard_bytes >= SHARD_BYTES:
             flush()
     flush()
-    meta_state["output.weight"] = meta_state["tok_embeddings.weight"]  # tied
+    if meta and shape["tied"]:
+        meta_state["output.weight"] = meta_state["tok_embeddings.weight"]
     shards.clear()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     config = {
@@ -119,6 +131,8 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool) -> tuple[Path, P
         "vocab_size": shape["vocab"], "hidden_dim": shape["hidden_dim"], "norm_eps": 1e-5, "rope_theta": shape["rope_theta"],
         "use_scaled_rope": False,
     }))
+    if not meta:
+        return folder, params, None
     ckpt = directory / "consolidated.pth"
     torch.save(meta_state, ckpt)
     return folder, params, ckpt
@@ -172,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-weights", action="store_true", help="all-zero weights (same timing, files compress)")
     parser.add_argument("--skip-stock", action="store_true", help="only qlower")
     parser.add_argument("--keep", type=Path, help="keep checkpoints and .pte files in this folder")
+    parser.add_argument("--stock-mem-cap-gb", type=float, help="run export_llama under this address-space cap (prlimit --as): "
+                        "a flow that needs more fails there instead of taking the machine down [default: 14 for 8b]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
+    big = args.shape == "8b"
+    cap = args.stock_mem_cap_gb if args.stock_mem_cap_gb is not None else (14 if big else None)
     directory = args.keep or Path(tempfile.mkdtemp(prefix="qlower_llm_bench_"))
     directory.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         folder, params, ckpt = directory / "hf", directory / "params.json", directory / "consolidated.pth"
-        if not (args.keep and (folder / "config.json").is_file() and ckpt.is_file()):
-            folder, params, ckpt = write_checkpoints(shape, directory, args.zero_weights)
+        if big:
+            ckpt = None
+        if not (args.keep and (folder / "config.json").is_file() and (ckpt is None or ckpt.is_file())):
+            folder, params, ckpt = write_checkpoints(shape, directory, args.zero_weights, meta=not big)
             print(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {folder}, {ckpt}", file=sys.stderr)
         results = {"shape": args.shape, **shape, "max_seq_len": args.max_seq_len, "group_size": args.group_size}
         q_pte = directory / "qlower.pte"
@@ -192,12 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlower: {results['qlower']}", file=sys.stderr)
         if not args.skip_stock:
             s_pte = directory / "export_llama.pte"
+            s_pte.unlink(missing_ok=True)
+            capped = ["prlimit", f"--as={int(cap * 2**30)}", "--"] if cap else []
             results["export_llama"] = timed([
-                sys.executable, "-m", "executorch.examples.models.llama.export_llama", "-p", str(params), "-c", str(ckpt),
+                *capped, sys.executable, "-m", "executorch.examples.models.llama.export_llama", "-p", str(params),
+                *(["-c", str(ckpt)] if ckpt else []),
                 "--vulkan", "-kv", "--use_sdpa_with_kv_cache", "-qmode", "8da4w", "-G", str(args.group_size), "-E", "4,32",
                 "--max_seq_length", str(args.max_seq_len), "--max_context_length", str(args.max_seq_len), "-d", "fp32",
                 "--metadata", '{"get_bos_id": 128000, "get_eos_ids": [128001, 128009]}',
-                "--output_name", s_pte.name], directory / "export_llama.log", cwd=directory)
+                "--output_name", s_pte.name], directory / "export_llama.log", cwd=directory, check=not cap)
+            results["export_llama"]["mem_cap_gb"] = cap
+            results["export_llama"]["weights"] = "checkpoint" if ckpt else "uninitialised (no .pth: see write_checkpoints)"
+            if results["export_llama"]["exit"] != 0:
+                print(f"export_llama: {results['export_llama']}", file=sys.stderr)
+                _finish(results, args)
+                return 0
             results["export_llama"].update(pte_facts(s_pte))
             q, s = results["qlower"], results["export_llama"]
             results["ratios"] = {
@@ -205,14 +234,18 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss": q["peak_rss_mb"] / s["peak_rss_mb"] if q["peak_rss_mb"] and s["peak_rss_mb"] else None,
                 "pte_size": q["bytes"] / s["bytes"],
             }
-        if args.json:
-            print(json.dumps(results, indent=1))
-        else:
-            _print(results)
+        _finish(results, args)
     finally:
         if args.keep is None:
             shutil.rmtree(directory, ignore_errors=True)
     return 0
+
+
+def _finish(results: dict, args) -> None:
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        _print(results)
 
 
 def _print(r: dict) -> None:
@@ -220,10 +253,17 @@ def _print(r: dict) -> None:
           f"vocab {r['vocab']}, max_seq_len {r['max_seq_len']}, g{r['group_size']} + 4-bit embeddings")
     print(f"{'flow':<14}{'time':>10}{'peak RSS':>12}{'.pte':>12}{'partitions':>12}{'CPU calls':>11}")
     for name in ("export_llama", "qlower"):
-        if name in r:
+        if name in r and r[name]["exit"] != 0:
+            x = r[name]
+            print(f"{name:<14}{x['seconds']:>9.1f}s  failed (exit {x['exit']}) under a {x.get('mem_cap_gb')} GB cap: "
+                  + " / ".join(x.get("log_tail", [])))
+        elif name in r:
             x = r[name]
             print(f"{name:<14}{x['seconds']:>9.1f}s{x['peak_rss_mb']:>10.0f}MB{x['bytes'] / 2**20:>10.1f}MB"
                   f"{x['partitions']:>12}{x['cpu_op_calls']:>11}")
+            if x.get("stage_peak_rss_mb"):
+                print("    peak RSS per stage (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in x["stage_peak_rss_mb"].items()))
+                print("    seconds per stage:       " + ", ".join(f"{k} {v:.0f}" for k, v in x["stage_seconds"].items()))
     if "ratios" in r:
         ra = r["ratios"]
         print(f"qlower vs export_llama: {ra['export_speedup']:.2f}x faster, peak RSS {ra['peak_rss']:.2f}x, .pte {ra['pte_size']:.3f}x")

@@ -84,9 +84,13 @@ def check_cache_matches(model: nn.Module, prompt: int = 3, steps: int = 2, min_s
 
 
 def _vocab_size(lm: KVCacheLM) -> int:
-    with torch.no_grad():
-        out = lm.full_logits(torch.zeros(1, 1, dtype=torch.long))
-    return int(out.shape[-1])
+    from .kv_cache import shape_only
+
+    def run():
+        with torch.no_grad():
+            return lm.full_logits(torch.zeros(1, 1, dtype=torch.long))
+
+    return int(shape_only(run, fallback=run).shape[-1])
 
 
 def runner_metadata(lm: KVCacheLM, options: ExportOptions, token_ids: dict[str, Any] | None,

@@ -373,11 +373,27 @@ def probe_cache_shapes(lm: KVCacheLM) -> list[LayerCacheShape]:
     """Run the model once on two tokens and read each attention layer's K/V shape."""
     probe = _Probe()
     tokens, input_pos = lm.example_inputs(2)
-    with torch.no_grad(), probe.active(0):
-        lm._logits(tokens, input_pos, 0, 2)
+
+    def run():
+        with torch.no_grad(), probe.active(0):
+            return lm._logits(tokens, input_pos, 0, 2)
+
+    shape_only(run, fallback=lambda: (probe.shapes.clear(), run()))
     if not probe.shapes:
         raise ModelLoadError("the model has no causal attention that a KV cache can hold",
                              "its attention must be F.scaled_dot_product_attention(..., is_causal=True), or a transformers model")
     if sorted(probe.shapes) != list(range(len(probe.shapes))):
         raise ModelLoadError(f"attention layers {sorted(probe.shapes)} are not numbered 0..n-1", "every layer needs its own KV cache")
     return [probe.shapes[i] for i in range(len(probe.shapes))]
+
+
+def shape_only(fn, fallback):
+    """``fn()`` on fake tensors (shapes and dtypes, no arithmetic): a probe of a large model without
+    dequantizing every weight; ``fallback()`` (the real run) when the model does not run fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return fn()
+    except Exception:
+        return fallback()
