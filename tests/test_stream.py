@@ -255,3 +255,19 @@ def test_external_weights_writes_a_ptd_beside_the_pte(tiny_llama, tmp_path):
     assert shrink > 0.9 * ptd.stat().st_size
     with pytest.raises(OutputError, match="--verify"):
         qlower.export(tiny_llama, tmp_path / "v.pte", external_weights=True, verify=2)
+
+
+def test_cli_prints_layer_progress_and_peak_memory(sharded, tmp_path):
+    from typer.testing import CliRunner
+
+    from qlower.cli import app
+
+    runner = CliRunner()
+    args = ["export", str(sharded), "-o", str(tmp_path / "c.pte"), "--group-size", "32", "--max-seq-len", "16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1" in result.stderr and "GiB read" in result.stderr
+    assert "peak memory (RSS):" in result.stdout
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0 and "GiB read" not in result.stderr
+    assert json.loads(result.stdout)["peak_rss_mb"] > 0
