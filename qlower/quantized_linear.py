@@ -69,6 +69,11 @@ def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero_point: torch.Tensor, block_size: list[int], weight_bits: int,
                      dynamic_activations: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``weight``: the int values, or (uint8) int4 values packed two per byte along K (``pack.pack_int4``)."""
+    if weight.dtype == torch.uint8:
+        from .pack import unpack_int4
+
+        weight = unpack_int4(weight, x.shape[-1])
     return torchao_linear(x, weight, weight_scale, weight_zero_point, block_size, weight_bits,
                           dynamic_activations, bias, dtype)
 
@@ -84,6 +89,13 @@ class QuantizedLinear(nn.Module):
     def __init__(self, qdata, scale, zero_point, block_size, weight_bits: int, dtype: torch.dtype, bias,
                  dynamic_activations: bool, opaque: bool):
         super().__init__()
+        self.in_features = int(qdata.shape[1])
+        if opaque and weight_bits == 4 and qdata.dtype == torch.int8:
+            # Packed now, as the fuse stage lays it out for ET-VK: half the bytes of one int8 per
+            # value from here to the file (a large model's quantized weights dominate peak memory).
+            from .pack import pack_int4
+
+            qdata = pack_int4(qdata)
         # Parameters named after the linear's weight, so packed constants keep its name.
         self.weight = nn.Parameter(qdata, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
@@ -114,6 +126,14 @@ class QuantizedLinear(nn.Module):
         return cls(qdata, scale, zero_point, w.block_size, bits, w.dtype, bias,
                    dynamic_activations=w.activation_quantization is not None,
                    opaque=fusable(qdata, w.block_size))
+
+    def int_values(self) -> torch.Tensor:
+        """The weight's int values, int8 [N, K] (unpacked when stored packed)."""
+        if self.weight.dtype == torch.uint8:
+            from .pack import unpack_int4
+
+            return unpack_int4(self.weight.detach(), self.in_features)
+        return self.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.weight, self.weight_scale, self.weight_zero_point, self.block_size, self.weight_bits,

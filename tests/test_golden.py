@@ -47,7 +47,7 @@ def test_fused_op_equals_reference_on_eager_weights_bit_for_bit(exported, scheme
     layers = [loaded.module.fc1, loaded.module.fc2]
     assert len(records) == len(layers)
     for record, layer in zip(records, layers):
-        w = layer.weight  # QuantizedLinear: torchao's int values and scales as plain tensors
+        w = layer.int_values()  # QuantizedLinear: torchao's int values and scales as plain tensors
         scales = layer.weight_scale
         group_size = w.shape[1] // scales.shape[1]
         x = record.args[0]

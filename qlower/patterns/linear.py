@@ -358,11 +358,13 @@ def _detect_quantized_linear(ep: ExportedProgram, node: torch.fx.Node) -> tuple[
     """``qlower::quantized_linear``: the quantize stage emitted it only for layers that fuse."""
     x, weight, scales, zeros, block_size, bits, dynamic, bias, _dtype = node.args
     w_t = get_param_tensor(ep, weight)
-    n, k = (int(d) for d in w_t.shape)
+    packed = w_t.dtype == torch.uint8  # int4 packed by the quantize stage, K read from the input
+    n, k = int(w_t.shape[0]), int(x.meta["val"].shape[-1]) if packed else int(w_t.shape[1])
     info = LinearInfo(node=node.name, module=module_fqn(node), anchor="linear", n=n, k=k,
                       group_size=int(block_size[-1]), has_bias=bias is not None,
                       scheme=SCHEME_DYNAMIC if dynamic else SCHEME_WEIGHT_ONLY)
-    reason = f"{bits}-bit weights" if bits != 4 else q4_fusion_problem(w_t, info.group_size)
+    # A packed weight passed the same guards when the quantize stage packed it (q4_fusable).
+    reason = f"{bits}-bit weights" if bits != 4 else (None if packed else q4_fusion_problem(w_t, info.group_size))
     if reason:
         raise ExportError(f"layer {info.module} was quantized for fusion but cannot fuse: {reason}",
                           "report this with the model; a per-layer 'skip' override keeps the layer float")
@@ -511,13 +513,18 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
     """Insert the fused node for ``m``, pack its constants, redirect uses."""
     graph = m.anchor.graph
     w = get_param_tensor(ep, m.weight)  # unpacked int values, read before packing
+    prepacked = w.dtype == torch.uint8  # packed by the quantize stage (QuantizedLinear)
+    if prepacked:
+        w = pack.unpack_int4(w, m.info.k)
     if m.bias is not None:
         packer.pad(m.bias, pack.pad_bias)
 
     if m.op in ("linear_q4gsw", "linear_dq8ca_q4gsw"):
         gs = w.shape[-1] // get_param_tensor(ep, m.weight_scales).shape[-1]
         sums = pack.group_sums(w, gs) if m.op == "linear_dq8ca_q4gsw" else None
-        packer.rewrite(m.weight, FMT_INT4, pack.pack_int4)
+        del w
+        if not prepacked:
+            packer.rewrite(m.weight, FMT_INT4, pack.pack_int4)
         packer.rewrite(m.weight_scales, FMT_GROUP_SCALES, pack.pack_group_scales)
         if sums is None:
             args = (m.x, m.weight, m.weight_scales, gs, m.bias)
