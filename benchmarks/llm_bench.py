@@ -92,13 +92,13 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool, meta: bool = Tru
     folder = directory / "hf"
     folder.mkdir(parents=True, exist_ok=True)
     meta_state, shard, shard_bytes, index = {}, {}, 0, {}
-    shards: list[dict] = []
+    shards = 0  # written so far; each shard is dropped once written (an 8B folder is 16 GB)
 
     def flush():
-        nonlocal shard, shard_bytes
+        nonlocal shard, shard_bytes, shards
         if shard:
-            shards.append(shard)
-            name = f"model-{len(shards):05d}.safetensors"
+            shards += 1
+            name = f"model-{shards:05d}.safetensors"
             save_file(shard, str(folder / name), metadata={"format": "pt"})
             index.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
@@ -114,7 +114,6 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool, meta: bool = Tru
     flush()
     if meta and shape["tied"]:
         meta_state["output.weight"] = meta_state["tok_embeddings.weight"]
-    shards.clear()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape["dim"],
