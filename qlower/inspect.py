@@ -113,7 +113,7 @@ def inspect_pte(path: str | Path | bytes, expect: Iterable[str | Expectation] = 
     """Read ``path`` and return the full report; with ``expect``, also the results
     under ``"expectations"`` and ``"ok"`` (False when any expectation fails)."""
     expectations = [e if isinstance(e, Expectation) else parse_expectation(e) for e in expect]
-    pte = read_pte(path)
+    pte = read_pte(path, constants=False)  # sizes of the weights, not their bytes
     report = build_report(pte, str(path) if not isinstance(path, (bytes, bytearray)) else None)
     report["expectations"] = evaluate(report, expectations)
     report["ok"] = all(r["ok"] for r in report["expectations"])

@@ -226,7 +226,8 @@ def _decode(data: bytes, program_size: int, segment_base: int, constants: bool =
             locations[id(d)] = "segment" if getattr(d.processed.location, "name", "") == "SEGMENT" else "inline"
     if segment_base:
         try:
-            pte_file = _restore_segments(program=program, segment_data=data[segment_base:])
+            segment_data = data[segment_base:] if constants else _DelegateSegmentsOnly(data, segment_base, program)
+            pte_file = _restore_segments(program=program, segment_data=segment_data)
         except Exception as exc:
             raise PteError(f"cannot decode the .pte's segments: {first_line(exc)}", "the file is truncated or corrupted") from exc
     else:
@@ -430,6 +431,46 @@ def _read_bytes(source: str | Path | bytes) -> bytes:
 
 
 MAP_FILES_FROM_BYTES = 64 << 20
+
+
+class _Sized(bytes):
+    """Stands for bytes that are not read, keeping only their length (named data of a file read
+    without constants). Its few real bytes name the range, so ExecuTorch's named-data store,
+    which deduplicates by content, keeps distinct ranges apart."""
+
+    def __new__(cls, n: int, start: int = 0):
+        obj = super().__new__(cls, f"{start}:{n}".encode())
+        obj.n, obj.start = n, start
+        return obj
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise PteError("this .pte was read without its constants", "read it again with constants")
+        r = range(*key.indices(self.n))
+        return _Sized(len(r), self.start + (r.start if len(r) else 0))
+
+
+class _DelegateSegmentsOnly:
+    """The segment data of a file (``data[base:]``) that copies out only the delegates' segments;
+    any other segment (named data: the weights) comes back as its length alone."""
+
+    def __init__(self, data, base: int, program):
+        self.data, self.base = data, base
+        wanted = {d.processed.index for plan in program.execution_plan for d in plan.delegates
+                  if getattr(d.processed.location, "name", "") == "SEGMENT"}
+        self.delegate_ranges = {(s.offset, s.offset + s.size) for i, s in enumerate(program.segments or []) if i in wanted}
+
+    def __len__(self) -> int:
+        return len(self.data) - self.base
+
+    def __getitem__(self, key: slice):
+        start, stop, _ = key.indices(len(self))
+        if (start, stop) in self.delegate_ranges:
+            return self.data[self.base + start:self.base + stop]
+        return _Sized(stop - start, start)
 
 # Exit statuses of the decoding child besides 0 (a pickled result follows).
 _CHILD_NO_MEMORY = 3
