@@ -155,7 +155,7 @@ def qlower_flow(held, args, phase):
     job.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
     model = inputs = None
     for name, stage in pipeline.STAGES:
-        if name not in ("load", "verify", "serialize"):
+        if name not in ("load", "serialize") and pipeline.stage_wanted(job, name):
             phase(name, lambda stage=stage: stage(job))
     return phase("serialize", lambda: job.pte_bytes)
 

@@ -264,6 +264,11 @@ def make_partitioner(options: ExportOptions, external_weights: bool = False):
     return VulkanPartitioner(compile_options)
 
 
+def stage_wanted(job: ExportJob, name: str) -> bool:
+    """Whether the named stage runs for this job (verify only with --verify, kv_cache only with --kv-cache)."""
+    return not ((name == "verify" and not job.verify_samples) or (name == "kv_cache" and not job.kv_cache))
+
+
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
     from .memory import PeakMeter, return_freed_memory
 
@@ -272,7 +277,7 @@ def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = l
         check_writable(job.output)
     job.memory = job.memory or PeakMeter()
     for name, stage in STAGES:
-        if (name == "verify" and not job.verify_samples) or (name == "kv_cache" and not job.kv_cache):
+        if not stage_wanted(job, name):
             continue
         on_stage(name, None)
         start = time.perf_counter()
