@@ -59,6 +59,7 @@ from qlower.patterns.linear import (
     _fake_run,
     _is_constant,
     _rename_output,
+    _sums_name,
     is_dq,
     is_q,
     module_fqn,
@@ -272,12 +273,6 @@ def _reject(info: ConvInfo, reason: str) -> tuple[None, ConvInfo]:
 
 
 # -- conv replacement ---------------------------------------------------------------
-
-
-def _sums_name(ep: ExportedProgram, weight: torch.fx.Node) -> str:
-    sig = ep.graph_signature
-    fqn = sig.inputs_to_parameters.get(weight.name) or sig.inputs_to_buffers.get(weight.name) or weight.name
-    return (fqn + "_sums").replace(".", "_")
 
 
 def replace_conv(ep: ExportedProgram, m: ConvMatch, packer: ConstantPacker) -> torch.fx.Node:
