@@ -139,7 +139,6 @@ def attention_to(target) -> Iterator[Any]:
 def _sdpa_routed() -> Iterator[None]:
     saved = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _routed_sdpa
-    torch.nn.functional.scaled_dot_product_attention = _routed_sdpa
     try:
         yield
     finally:
