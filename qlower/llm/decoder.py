@@ -11,9 +11,6 @@ from ..config import DEFAULT_MAX_SEQ_LEN, ExportOptions, parse_metadata
 from ..errors import ModelLoadError
 from .kv_cache import KVCacheLM
 
-# Constant methods ExecuTorch's text LLM runner reads (extension/llm/runner/constants.h).
-METADATA_KEYS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers", "use_kv_cache",
-                 "use_sdpa_with_kv_cache", "enable_dynamic_shape", "get_bos_id", "get_eos_ids")
 # The float model behind a KV cache must reproduce its own (uncached) logits this
 # closely: float32 summation-order noise is ~140 dB, a position or mask the cache
 # cannot hold is below 20 dB.

@@ -119,9 +119,8 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     The eager models are quantized with ``options`` (an export's own), else as
     read from the file (scheme, group size, embeddings) and ``config``.
     """
-    from ..pipeline import quantize_model
     from ..verify import infer_scheme, thresholds_for
-    from .load import decoder_for, load_any
+    from .load import load_any
 
     decode = read_decode_file(pte_path)
     if options is None:
@@ -144,7 +143,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     if decode.max_seq_len and len(prompt_ids) + max_new_tokens > decode.max_seq_len:
         raise VerifyError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed the file's max_seq_len {decode.max_seq_len}",
                           "use a shorter prompt or fewer --max-new-tokens, or export with a larger --max-seq-len")
-    float_lm, quant_lm = _eager_decoders(loaded, folder, options, warn, quantize_model, decoder_for)
+    float_lm, quant_lm = _eager_decoders(loaded, folder, options, warn)
     stop = set(decode.metadata.get("get_eos_ids", []) or [])
 
     golden = GoldenDecoder(decode.pte)
@@ -203,9 +202,11 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     return report
 
 
-def _eager_decoders(loaded, folder, options, warn, quantize_model, decoder_for):
+def _eager_decoders(loaded, folder, options, warn):
     """(float decoder without quantization, decoder quantized as export does)."""
+    from ..pipeline import quantize_model
     from .kv_cache import KVCacheLM
+    from .load import decoder_for
 
     float_module = copy.deepcopy(loaded.module)
     quantized, _ = quantize_model(loaded, options, warn)

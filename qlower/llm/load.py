@@ -80,8 +80,6 @@ def decoder_for(quantized: nn.Module, loaded: LoadedModel, folder: HfFolder | No
     """(KVCacheLM around ``quantized``, runner metadata)."""
     from .decoder import make_decoder, runner_metadata
 
-    if folder is not None:
-        lm = make_decoder(quantized, options, folder.max_positions, folder.config)
-        return lm, runner_metadata(lm, options, folder.token_ids(), None, warn)
-    lm = make_decoder(quantized, options, None, None)
-    return lm, runner_metadata(lm, options, None, loaded.metadata, warn)
+    max_positions, config, token_ids = (folder.max_positions, folder.config, folder.token_ids()) if folder else (None, None, None)
+    lm = make_decoder(quantized, options, max_positions, config)
+    return lm, runner_metadata(lm, options, token_ids, loaded.metadata, warn)
