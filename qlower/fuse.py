@@ -25,6 +25,9 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     one-node ``qlower.quantized_linear``, → ``et_vk`` fused linears
     (:mod:`qlower.patterns.linear` lists the routes and guards). Those one-node
     linears get one ``choose_qparams_affine`` per distinct input here.
+``fuse_quantized_embedding``
+    The quantize stage's ``qlower.embedding_int4`` (its table already in the
+    fused linears' int4 layout) → ``et_vk.embedding_q4gsw``.
 ``fuse_q8ta_conv``
     Static int8 ``q → dq → convolution [→ relu | ReLU6] → q`` → ``et_vk.q8ta_conv2d``,
     ``_dw`` or ``_pw`` (:mod:`qlower.patterns.conv`), int8 in and int8 out; every
@@ -172,6 +175,31 @@ def fuse_quantized_linear(ep: ExportedProgram, ctx: FusionContext) -> int:
     return fused
 
 
+def fuse_quantized_embedding(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """``qlower.embedding_int4`` → ``et_vk.embedding_q4gsw`` reading the table as a linear's int4 weight.
+
+    The table is not read or repacked: it was packed in that layout when it was quantized.
+    """
+    import qlower.quantize  # noqa: F401  (registers qlower::embedding_int4)
+
+    graph = ep.graph_module.graph
+    target = linear_family.EDGE.qlower.embedding_int4.default
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != target:
+            continue
+        packed, scales, group_size, indices = node.args
+        with graph.inserting_before(node):
+            new = graph.create_node("call_function", linear_family.EDGE.et_vk.embedding_q4gsw.default,
+                                    args=(packed, scales, group_size, indices, True))
+        new.meta = dict(node.meta)
+        new.meta[linear_family.FUSED_TAG] = "embedding_q4gsw"
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        fused += 1
+    return fused
+
+
 def fuse_q8ta_conv(ep: ExportedProgram, ctx: FusionContext) -> int:
     """Replace every static int8 conv chain by its q8ta op; report every convolution."""
     fused = 0
@@ -227,6 +255,7 @@ def drop_unused_constants(ep: ExportedProgram, ctx: FusionContext) -> int:
 FUSION_PASSES: list[tuple[str, Callable[[ExportedProgram, FusionContext], int]]] = [
     ("share_act_qparams", share_act_qparams),
     ("fuse_quantized_linear", fuse_quantized_linear),
+    ("fuse_quantized_embedding", fuse_quantized_embedding),
     ("fuse_q8ta_conv", fuse_q8ta_conv),
     ("fuse_q8ta_add", fuse_q8ta_add),
     ("drop_unused_constants", drop_unused_constants),
@@ -240,12 +269,14 @@ def run_fusion(
     dump_after: str | None = None,
     log: Log | None = None,
     skip: Iterable[str] = (),
+    store=None,
 ) -> FusionReport:
     """Run :data:`FUSION_PASSES` on ``edge_program`` in place; return the report.
 
     ``dump_after``: a pass name; the graph after it goes to ``log`` (default:
     stderr). ``skip``: pass names not to run (e.g. ``share_act_qparams`` to
-    reproduce the stock graph exactly).
+    reproduce the stock graph exactly). ``store``: a ``weight_store.WeightStore``
+    that takes the large constants the passes pack.
     """
     skip = set(skip)
     for name in [dump_after, *skip]:
@@ -256,7 +287,7 @@ def run_fusion(
                 f"unknown fusion pass {name!r}", hint=f"passes: {', '.join(PASS_NAMES)}"
             )
     log = log or (lambda s: print(s, file=sys.stderr))
-    ctx = FusionContext(report=FusionReport(), packer=linear_family.ConstantPacker(edge_program))
+    ctx = FusionContext(report=FusionReport(), packer=linear_family.ConstantPacker(edge_program, store))
     gm = edge_program.graph_module
     for name, fn in FUSION_PASSES:
         if name in skip:

@@ -104,6 +104,11 @@ def pack_int4(w: torch.Tensor) -> torch.Tensor:
     return ((u[:, 1::2] << 4) | u[:, 0::2]).contiguous()
 
 
+def packed_int4_width(k: int) -> int:
+    """Bytes per row of :func:`pack_int4`'s output for K values."""
+    return -(-k // INT4_K_ALIGN) * INT4_K_ALIGN // 2
+
+
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 [N, ceil8(k)/2] → int8 [N, k]."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
@@ -126,12 +131,21 @@ def group_sums(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Returns int32 [K / group_size, ceil8(N)], padded columns zero.
     """
+    return pack_group_sums(row_group_sums(w, group_size))
+
+
+def row_group_sums(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int32 [N, K / group_size]: each row's per-group sums (rows are independent: computable a chunk at a time)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     if group_size <= 0 or k % group_size != 0:
         raise ValueError(f"group size {group_size} does not divide K={k}")
-    sums = w.reshape(n, k // group_size, group_size).sum(dim=2).to(torch.int32)
+    return w.reshape(n, k // group_size, group_size).sum(dim=2, dtype=torch.int32)
+
+
+def pack_group_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Per-row group sums [N, num_groups] → the fused op's layout [num_groups, ceil8(N)] (padding zero)."""
     return pad_to(sums.t().contiguous(), 1, GROUP_SUMS_N_ALIGN).contiguous()
 
 

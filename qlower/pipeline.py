@@ -69,6 +69,7 @@ class ExportJob:
     on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
     timings: dict[str, float] = field(default_factory=dict)
     memory: Any = None  # memory.PeakMeter: peak RSS per stage
+    store: Any = None  # weight_store.WeightStore: large constants in files beside the output, while the job runs
 
 
 def release_memory() -> None:
@@ -88,19 +89,25 @@ def stage_load(job: ExportJob) -> None:
 
 
 def stage_quantize(job: ExportJob) -> None:
-    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer)
+    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer, store=job.store)
 
 
 def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None],
-                   on_layer: Callable | None = None) -> tuple[torch.nn.Module, list[LayerPlan]]:
+                   on_layer: Callable | None = None, store=None) -> tuple[torch.nn.Module, list[LayerPlan]]:
     """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
 
     verify and generate build their quantized reference with this very function.
     A model loaded as a skeleton (``loaded.weights``: its checkpoint, still on
     disk) is filled here tensor by tensor, each layer quantized as it arrives
     (``stream.fill_weights``); ``on_layer`` then hears of each layer done.
+    With a ``store`` (``weight_store.WeightStore``) each quantized layer's large
+    tensors move to files as soon as it is quantized, and the rest of the
+    model's at the end.
     """
     from .hf import conv1d_layers, conv1d_to_linear
+
+    def stored(module: torch.nn.Module) -> torch.nn.Module:
+        return store.adopt(module) if store is not None else module
 
     transposed = set()
     if options.scheme not in FLOAT_SCHEMES:
@@ -112,18 +119,18 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     if loaded.weights is not None:
         from .stream import fill_weights
 
-        layers = {p.name: (lambda layer, plan=p: quantize_layer(layer, plan)) for p in plans if p.quantized and eager}
+        layers = {p.name: (lambda layer, plan=p: stored(quantize_layer(layer, plan))) for p in plans if p.quantized and eager}
         weights, loaded.weights = loaded.weights, None
         fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
         release_memory()
         if eager:
-            return loaded.module, plans
+            return stored(loaded.module), plans
     if options.scheme == "q8ta_q8csw":
         batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
-        return quantize_static(loaded.module, loaded.example_inputs, plans, batches), plans
+        return stored(quantize_static(loaded.module, loaded.example_inputs, plans, batches)), plans
     if eager:
-        quantize_eager(loaded.module, plans)
-    return loaded.module, plans
+        quantize_eager(loaded.module, plans, stored)
+    return stored(loaded.module), plans
 
 
 def stage_kv_cache(job: ExportJob) -> None:
@@ -168,7 +175,7 @@ def stage_fuse(job: ExportJob) -> None:
     from .delegation import cpu_notes, run_delegation_passes
 
     ep = job.edge.exported_program()
-    job.fusion = run_fusion(ep, dump_after=job.dump_after, log=job.log)
+    job.fusion = run_fusion(ep, dump_after=job.dump_after, log=job.log, store=job.store)
     if job.kv_cache:  # the decoder wraps the loaded model: report layers by their loaded names
         for info in job.fusion.layers:
             info.module = job.decode_source_name(info.module)
@@ -181,9 +188,10 @@ def stage_lower(job: ExportJob) -> None:
     from executorch.exir import ExecutorchBackendConfig
 
     from .lower_speedups import vulkan_patterns_once
+    from .weight_store import vulkan_constants_from_store
 
     try:
-        with vulkan_patterns_once(job.edge.exported_program()):
+        with vulkan_patterns_once(job.edge.exported_program()), vulkan_constants_from_store(job.store):
             lowered = job.edge.to_backend({"forward": make_partitioner(job.options, job.external_weights)})
         # The delegate blob holds the packed weights now; let the edge program's copy go
         # before serializing makes another one (peak RSS).
@@ -272,20 +280,28 @@ def stage_wanted(job: ExportJob, name: str) -> bool:
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
     from .memory import PeakMeter, return_freed_memory
 
+    from .weight_store import WeightStore
+
     return_freed_memory()
     if job.output is not None:
         check_writable(job.output)
+        # Large constants live in files beside the output until it is written (weight_store.py).
+        job.store = WeightStore(job.output.parent if str(job.output.parent) else Path("."), job.output.name)
     job.memory = job.memory or PeakMeter()
-    for name, stage in STAGES:
-        if not stage_wanted(job, name):
-            continue
-        on_stage(name, None)
-        start = time.perf_counter()
-        job.memory.start()
-        stage(job)
-        job.memory.stop(name)
-        job.timings[name] = time.perf_counter() - start
-        on_stage(name, job.timings[name])
+    try:
+        for name, stage in STAGES:
+            if not stage_wanted(job, name):
+                continue
+            on_stage(name, None)
+            start = time.perf_counter()
+            job.memory.start()
+            stage(job)
+            job.memory.stop(name)
+            job.timings[name] = time.perf_counter() - start
+            on_stage(name, job.timings[name])
+    finally:
+        if job.store is not None:
+            job.store.close()
     return job
 
 

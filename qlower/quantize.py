@@ -23,7 +23,8 @@ from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
 from .patterns.conv import conv_shape_problem
-from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason
+from . import pack
+from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason, q4_shape_fusable
 from .quantized_linear import QuantizedLinear
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
@@ -138,11 +139,13 @@ def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
 # --- dynamic and weight-only schemes (torchao, eager) -------------------------
 
 
-def quantize_eager(module: nn.Module, plans: list[LayerPlan]) -> None:
-    """Quantize the planned linears (torchao) and embeddings (packed int4) in place, one layer at a time."""
+def quantize_eager(module: nn.Module, plans: list[LayerPlan],
+                   keep: Callable[[nn.Module], nn.Module] = lambda layer: layer) -> None:
+    """Quantize the planned linears (torchao) and embeddings (packed int4) in place, one layer at a time;
+    ``keep`` gets each quantized layer as it is made (the weight store's ``adopt``)."""
     for plan in plans:
         if plan.quantized:
-            replace_module(module, plan.name, quantize_layer(module.get_submodule(plan.name), plan))
+            replace_module(module, plan.name, keep(quantize_layer(module.get_submodule(plan.name), plan)))
 
 
 # Float rows converted and quantized at once: bounds the temporaries of a large layer
@@ -180,18 +183,39 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int) -> Quantized
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
     weight = layer.weight.detach()
     n, k = weight.shape
-    parts = []
+    dynamic = scheme == "qta8a_qga4w"
+    # A layer that fuses is packed (and its group sums taken) a chunk of rows at a time, into
+    # its final buffer: its int8 values are never whole in memory.
+    packed = torch.empty(n, pack.packed_int4_width(k), dtype=torch.uint8) if q4_shape_fusable(n, k, group_size) else None
+    values, scales, zeros, sums = [], [], [], []
     for start, end in _row_chunks(n, k):
         chunk = nn.Linear(k, end - start, bias=False, device="meta")
         chunk.weight = nn.Parameter(weight[start:end].to(torch.float32).contiguous(), requires_grad=False)
         quantize_(chunk, config)
-        parts.append(chunk.weight)
-    first = parts[0]
+        w = chunk.weight
+        attrs = dict(block_size=w.block_size, weight_bits=int(str(w.target_dtype).removeprefix("torch.int")), dtype=w.dtype,
+                     dynamic_activations=w.activation_quantization is not None)
+        scales.append(w.scale)
+        zeros.append(w.zero_point)
+        if packed is not None and q4_fusable(w.qdata, w.block_size, rows=n):
+            packed[start:end] = pack.pack_int4(w.qdata)
+            if dynamic:
+                sums.append(pack.row_group_sums(w.qdata, group_size))
+            values.append(None)
+        else:
+            values.append(w.qdata)
+        del chunk, w
     bias = layer.bias
     if bias is not None and bias.dtype != torch.float32:
         bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
-    cat = (lambda name: getattr(first, name)) if len(parts) == 1 else (lambda name: torch.cat([getattr(p, name) for p in parts]))
-    return QuantizedLinear.from_parts(first, cat("qdata"), cat("scale"), cat("zero_point"), bias, q4_fusable)
+    cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # noqa: E731
+    if all(v is None for v in values):  # fused: packed, with the fused op's group sums
+        return QuantizedLinear(packed, cat(scales), cat(zeros), bias=bias, opaque=True, in_features=k,
+                               weight_sums=pack.pack_group_sums(cat(sums)) if dynamic else None, **attrs)
+    # Not fusable (or a chunk outside the int4 range): the int8 values, the explicit torchao chain.
+    unpacked = [packed[s:e] if v is None else v for v, (s, e) in zip(values, _row_chunks(n, k))]
+    unpacked = [pack.unpack_int4(v, k) if v.dtype == torch.uint8 else v for v in unpacked]
+    return QuantizedLinear(cat(unpacked), cat(scales), cat(zeros), bias=bias, opaque=False, **attrs)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -200,12 +224,31 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
-class Int4Embedding(nn.Module):
-    """Group-wise symmetric int4 embedding, as ``quantized_decomposed.embedding_4bit``.
+@torch.library.custom_op("qlower::embedding_int4", mutates_args=())
+def embedding_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of a group-wise symmetric int4 table, dequantized to float32.
 
-    ``packed`` is uint8 [vocab, dim/2] with the even element in the high nibble
-    and the odd one in the low nibble, each stored as value + 8 (the layout that
-    op expects; the Vulkan lowering repacks it for its shader). ``scales`` is
+    ``packed``: uint8 [vocab, dim / 2] as ``pack.pack_int4`` lays out a linear's weight (even
+    element in the low nibble); ``scales``: [vocab, dim / group_size]. The fuse stage makes it
+    ET-VK's ``embedding_q4gsw`` (``is_linear_weight``), which reads that layout as it is.
+    """
+    flat = indices.reshape(-1)
+    rows = pack.unpack_int4(packed[flat], packed.shape[1] * 2)
+    values = rows.reshape(flat.numel(), -1, group_size).to(torch.float32) * scales[flat].unsqueeze(-1)
+    return values.reshape(*indices.shape, -1)
+
+
+@embedding_int4.register_fake
+def _(packed, scales, group_size, indices):
+    return packed.new_empty((*indices.shape, packed.shape[1] * 2), dtype=torch.float32)
+
+
+class Int4Embedding(nn.Module):
+    """Group-wise symmetric int4 embedding: one ``qlower::embedding_int4`` call.
+
+    Values are ``round(w / s)`` clamped to [-8, 7] with ``s = max|w| / 7.5`` per
+    group (``quantized_decomposed.embedding_4bit``'s quantization), packed as the
+    fused linears pack theirs (``packed`` uint8 [vocab, dim / 2]); ``scales`` is
     [vocab, dim / group_size].
     """
 
@@ -231,13 +274,10 @@ class Int4Embedding(nn.Module):
         groups = w.reshape(rows, dim // group_size, group_size)
         scales = groups.abs().amax(dim=-1).clamp(min=1e-9) / 7.5
         q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -8, 7).to(torch.int8).reshape(rows, dim)
-        u = (q + 8).to(torch.uint8)
-        return (u[:, ::2] << 4) | u[:, 1::2], scales.to(torch.float32)
+        return pack.pack_int4(q), scales.to(torch.float32)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
-            self.packed, self.scales, None, -8, 7, indices, dtype=torch.float32
-        )
+        return torch.ops.qlower.embedding_int4(self.packed, self.scales, self.group_size, indices)
 
 
 # --- static scheme (PT2E) ------------------------------------------------------

@@ -68,8 +68,13 @@ def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[
 @torch.library.custom_op(OP, mutates_args=())
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero_point: torch.Tensor, block_size: list[int], weight_bits: int,
-                     dynamic_activations: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``weight``: the int values, or (uint8) int4 values packed two per byte along K (``pack.pack_int4``)."""
+                     dynamic_activations: bool, bias: torch.Tensor | None, dtype: torch.dtype,
+                     weight_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight``: the int values, or (uint8) int4 values packed two per byte along K (``pack.pack_int4``).
+
+    ``weight_sums``: the per-group sums of the int values in the fused op's layout
+    (``pack.group_sums``), computed when the weight was quantized so that the fuse
+    stage never unpacks a weight; not needed to compute the output."""
     if weight.dtype == torch.uint8:
         from .pack import unpack_int4
 
@@ -79,7 +84,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
 
 @quantized_linear.register_fake
-def _(x, weight, weight_scale, weight_zero_point, block_size, weight_bits, dynamic_activations, bias, dtype):
+def _(x, weight, weight_scale, weight_zero_point, block_size, weight_bits, dynamic_activations, bias, dtype,
+      weight_sums=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -87,19 +93,24 @@ class QuantizedLinear(nn.Module):
     """A torchao-quantized linear as plain tensors and one ``qlower::quantized_linear`` call."""
 
     def __init__(self, qdata, scale, zero_point, block_size, weight_bits: int, dtype: torch.dtype, bias,
-                 dynamic_activations: bool, opaque: bool):
+                 dynamic_activations: bool, opaque: bool, in_features: int | None = None, weight_sums=None):
+        """``qdata``: int8 values [N, K], or int4 values already packed (uint8, ``in_features`` then says K)
+        with their ``weight_sums`` (dynamic activations)."""
         super().__init__()
-        self.in_features = int(qdata.shape[1])
+        self.in_features = int(in_features if in_features is not None else qdata.shape[1])
         if opaque and weight_bits == 4 and qdata.dtype == torch.int8:
             # Packed now, as the fuse stage lays it out for ET-VK: half the bytes of one int8 per
             # value from here to the file (a large model's quantized weights dominate peak memory).
-            from .pack import pack_int4
+            from .pack import group_sums, pack_int4
 
+            if dynamic_activations and weight_sums is None:
+                weight_sums = group_sums(qdata, int(block_size[-1]))
             qdata = pack_int4(qdata)
         # Parameters named after the linear's weight, so packed constants keep its name.
         self.weight = nn.Parameter(qdata, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.weight_zero_point = nn.Parameter(zero_point, requires_grad=False)
+        self.weight_sums = None if weight_sums is None else nn.Parameter(weight_sums, requires_grad=False)
         self.bias = bias
         self.block_size = [int(b) for b in block_size]
         self.weight_bits = weight_bits
@@ -120,8 +131,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_parts(cls, w, qdata, scale, zero_point, bias, fusable) -> "QuantizedLinear":
-        """``w`` a torchao weight giving the quantization's attributes; its data as plain tensors
-        (several row chunks of a large layer concatenated, see ``quantize.quantize_linear``)."""
+        """``w`` a torchao weight giving the quantization's attributes; its data as plain tensors."""
         bits = int(str(w.target_dtype).removeprefix("torch.int"))
         return cls(qdata, scale, zero_point, w.block_size, bits, w.dtype, bias,
                    dynamic_activations=w.activation_quantization is not None,
@@ -139,7 +149,7 @@ class QuantizedLinear(nn.Module):
         args = (x, self.weight, self.weight_scale, self.weight_zero_point, self.block_size, self.weight_bits,
                 self.dynamic_activations, self.bias, self.dtype)
         if self.opaque:
-            return torch.ops.qlower.quantized_linear(*args)
+            return torch.ops.qlower.quantized_linear(*args, self.weight_sums)
         return torchao_linear(*args)
 
 

@@ -153,17 +153,25 @@ def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tenso
     return None
 
 
-def q4_fusion_problem(w_int: torch.Tensor, group_size: int) -> str | None:
-    """The first guard a per-group int4 weight [N, K] fails, K alignment included, or None."""
+def q4_fusion_problem(w_int: torch.Tensor, group_size: int, rows: int | None = None) -> str | None:
+    """The first guard a per-group int4 weight [N, K] fails, K alignment included, or None.
+
+    ``rows``: the layer's N when ``w_int`` is a chunk of its rows."""
     n, k = (int(d) for d in w_int.shape)
+    n = rows if rows is not None else n
     if k % K_ALIGN:
         return f"K={k} is not a multiple of {K_ALIGN}"
     return q4_weight_problem(n, k, group_size, w_int)
 
 
-def q4_fusable(w_int: torch.Tensor, block_size) -> bool:
-    """Will a per-group int4 weight [N, K] with this block size fuse?"""
-    return q4_fusion_problem(w_int, int(block_size[-1])) is None
+def q4_shape_fusable(n: int, k: int, group_size: int | None) -> bool:
+    """Do a per-group int4 weight's shape and group size pass the fused ops' guards (its values aside)?"""
+    return k % K_ALIGN == 0 and bool(group_size) and k % group_size == 0 and n % Q4_N_ALIGN == 0
+
+
+def q4_fusable(w_int: torch.Tensor, block_size, rows: int | None = None) -> bool:
+    """Will a per-group int4 weight [N, K] (a chunk of ``rows`` rows) with this block size fuse?"""
+    return q4_fusion_problem(w_int, int(block_size[-1]), rows) is None
 
 
 def q4_n_reason(n: int) -> str:
@@ -221,6 +229,7 @@ class LinearMatch:
     out_zp: Any = None
     relu: bool = False
     orphans: list[torch.fx.Node] = field(default_factory=list)
+    weight_sums: torch.fx.Node | None = None  # group sums the quantize stage computed (fused op layout)
 
 
 def _reject(info: LinearInfo, reason: str) -> tuple[None, LinearInfo]:
@@ -356,20 +365,21 @@ def detect(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch | None
 
 def _detect_quantized_linear(ep: ExportedProgram, node: torch.fx.Node) -> tuple[LinearMatch, LinearInfo]:
     """``qlower::quantized_linear``: the quantize stage emitted it only for layers that fuse."""
-    x, weight, scales, zeros, block_size, bits, dynamic, bias, _dtype = node.args
-    w_t = get_param_tensor(ep, weight)
-    packed = w_t.dtype == torch.uint8  # int4 packed by the quantize stage, K read from the input
-    n, k = int(w_t.shape[0]), int(x.meta["val"].shape[-1]) if packed else int(w_t.shape[1])
+    x, weight, scales, zeros, block_size, bits, dynamic, bias, _dtype, *rest = node.args
+    w_val = weight.meta["val"]  # shape and dtype only: the values are not needed (nor read)
+    packed = w_val.dtype == torch.uint8  # int4 packed by the quantize stage, K read from the input
+    n, k = int(w_val.shape[0]), int(x.meta["val"].shape[-1]) if packed else int(w_val.shape[1])
     info = LinearInfo(node=node.name, module=module_fqn(node), anchor="linear", n=n, k=k,
                       group_size=int(block_size[-1]), has_bias=bias is not None,
                       scheme=SCHEME_DYNAMIC if dynamic else SCHEME_WEIGHT_ONLY)
     # A packed weight passed the same guards when the quantize stage packed it (q4_fusable).
-    reason = f"{bits}-bit weights" if bits != 4 else (None if packed else q4_fusion_problem(w_t, info.group_size))
+    reason = f"{bits}-bit weights" if bits != 4 else (None if packed else q4_fusion_problem(get_param_tensor(ep, weight), info.group_size))
     if reason:
         raise ExportError(f"layer {info.module} was quantized for fusion but cannot fuse: {reason}",
                           "report this with the model; a per-layer 'skip' override keeps the layer float")
     m = LinearMatch(anchor=node, info=info, op="linear_dq8ca_q4gsw" if dynamic else "linear_q4gsw",
-                    weight=weight, weight_scales=scales, x=x, bias=bias, output=node)
+                    weight=weight, weight_scales=scales, x=x, bias=bias, output=node,
+                    weight_sums=rest[0] if rest else None)
     m.orphans = [zeros]
     return _accept(m)
 
@@ -463,9 +473,14 @@ class ConstantPacker:
     two different formats is a bug and raises.
     """
 
-    def __init__(self, ep: ExportedProgram):
+    def __init__(self, ep: ExportedProgram, store=None):
         self.ep = ep
         self.formats: dict[str, str] = {}
+        self.store = store  # weight_store.WeightStore: new large constants go to files
+
+    def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        return self.store.put(tensor) if self.store is not None else tensor
 
     def _key(self, node: torch.fx.Node) -> str:
         sig = self.ep.graph_signature
@@ -492,14 +507,14 @@ class ConstantPacker:
             self.set(node, new)
 
     def set(self, node: torch.fx.Node, tensor: torch.Tensor) -> None:
-        set_param_tensor(self.ep, node, tensor.contiguous())
+        set_param_tensor(self.ep, node, self._kept(tensor))
         node.meta["val"] = node.meta["val"].fake_mode.from_tensor(tensor, static_shapes=True)
 
     def new_constant(self, graph: torch.fx.Graph, name: str, data: torch.Tensor) -> torch.fx.Node:
         first = next(iter(graph.nodes))
         with graph.inserting_before(first):
             return create_constant_placeholder(
-                exp_program=self.ep, graph=graph, kind=InputKind.PARAMETER, name=name, data=data
+                exp_program=self.ep, graph=graph, kind=InputKind.PARAMETER, name=name, data=self._kept(data)
             )
 
 
@@ -512,28 +527,29 @@ def _sums_name(ep: ExportedProgram, weight: torch.fx.Node) -> str:
 def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torch.fx.Node:
     """Insert the fused node for ``m``, pack its constants, redirect uses."""
     graph = m.anchor.graph
-    w = get_param_tensor(ep, m.weight)  # unpacked int values, read before packing
-    prepacked = w.dtype == torch.uint8  # packed by the quantize stage (QuantizedLinear)
-    if prepacked:
-        w = pack.unpack_int4(w, m.info.k)
+    # Packed by the quantize stage (QuantizedLinear): its values are not read here.
+    prepacked = m.weight.meta["val"].dtype == torch.uint8
     if m.bias is not None:
         packer.pad(m.bias, pack.pad_bias)
 
     if m.op in ("linear_q4gsw", "linear_dq8ca_q4gsw"):
-        gs = w.shape[-1] // get_param_tensor(ep, m.weight_scales).shape[-1]
-        sums = pack.group_sums(w, gs) if m.op == "linear_dq8ca_q4gsw" else None
-        del w
+        gs = m.info.k // int(m.weight_scales.meta["val"].shape[-1])
+        sums_node = m.weight_sums
+        if m.op == "linear_dq8ca_q4gsw" and sums_node is None:
+            w = get_param_tensor(ep, m.weight)
+            w = pack.unpack_int4(w, m.info.k) if prepacked else w
+            sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.group_sums(w, gs))
+            del w
         if not prepacked:
             packer.rewrite(m.weight, FMT_INT4, pack.pack_int4)
         packer.rewrite(m.weight_scales, FMT_GROUP_SCALES, pack.pack_group_scales)
-        if sums is None:
+        if sums_node is None:
             args = (m.x, m.weight, m.weight_scales, gs, m.bias)
         else:
-            sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), sums)
             args = (m.x, m.input_scale, m.input_zp, m.weight, sums_node, m.weight_scales, gs, m.bias)
     else:
         packer.pad(m.weight_scales, pack.pad_channel_scales)
-        sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.channel_sums(w))
+        sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.channel_sums(get_param_tensor(ep, m.weight)))
         args = (m.x, m.input_scale, m.input_zp, m.weight, sums_node, m.weight_scales)
         if m.op == "linear_q8ta_q8csw":
             args = args + (m.bias,)
