@@ -119,7 +119,7 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     if loaded.weights is not None:
         from .stream import fill_weights
 
-        layers = {p.name: (lambda layer, plan=p: stored(quantize_layer(layer, plan))) for p in plans if p.quantized and eager}
+        layers = {p.name: (lambda layer, rows, plan=p: stored(quantize_layer(layer, plan, rows))) for p in plans if p.quantized and eager}
         weights, loaded.weights = loaded.weights, None
         fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
         release_memory()

@@ -159,20 +159,31 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def quantize_layer(layer: nn.Module, plan: LayerPlan) -> nn.Module:
+# rows(start, end) -> the weight's rows [start, end) in its own dtype (read from a checkpoint as needed)
+Rows = Callable[[int, int], torch.Tensor]
+
+
+def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None) -> nn.Module:
     """The quantized replacement of one planned linear or embedding (eager schemes).
 
     Export's quantize stage calls this for every layer, whether the model was
     loaded whole or streamed from safetensors (:mod:`qlower.stream`); the
     layer's weight may be in any float dtype (bf16 straight from a checkpoint),
-    it is converted to float32 a chunk of rows at a time.
+    it is converted to float32 a chunk of rows at a time. ``rows``, when given,
+    reads the weight's rows (``layer.weight`` then only gives its shape): a
+    large weight is never whole in memory.
     """
     if plan.kind == "embedding":
-        return Int4Embedding.from_float(layer, plan.group_size)
-    return quantize_linear(layer, plan.scheme, plan.group_size)
+        return Int4Embedding.from_float(layer, plan.group_size, rows)
+    return quantize_linear(layer, plan.scheme, plan.group_size, rows)
 
 
-def quantize_linear(layer: nn.Linear, scheme: str, group_size: int) -> QuantizedLinear:
+def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
+    weight = layer.weight.detach()
+    return rows or (lambda start, end: weight[start:end])
+
+
+def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None) -> QuantizedLinear:
     """torchao's int4 group quantization of ``layer`` as a :class:`QuantizedLinear`."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
@@ -181,8 +192,8 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int) -> Quantized
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
     else:
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
-    weight = layer.weight.detach()
-    n, k = weight.shape
+    read = _weight_rows(layer, rows)
+    n, k = layer.weight.shape
     dynamic = scheme == "qta8a_qga4w"
     # A layer that fuses is packed (and its group sums taken) a chunk of rows at a time, into
     # its final buffer: its int8 values are never whole in memory.
@@ -190,7 +201,7 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int) -> Quantized
     values, scales, zeros, sums = [], [], [], []
     for start, end in _row_chunks(n, k):
         chunk = nn.Linear(k, end - start, bias=False, device="meta")
-        chunk.weight = nn.Parameter(weight[start:end].to(torch.float32).contiguous(), requires_grad=False)
+        chunk.weight = nn.Parameter(read(start, end).to(torch.float32).contiguous(), requires_grad=False)
         quantize_(chunk, config)
         w = chunk.weight
         attrs = dict(block_size=w.block_size, weight_bits=int(str(w.target_dtype).removeprefix("torch.int")), dtype=w.dtype,
@@ -259,13 +270,13 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_float(cls, layer: nn.Embedding, group_size: int) -> "Int4Embedding":
-        weight = layer.weight.detach()
-        vocab, dim = weight.shape
+    def from_float(cls, layer: nn.Embedding, group_size: int, rows: Rows | None = None) -> "Int4Embedding":
+        read = _weight_rows(layer, rows)
+        vocab, dim = layer.weight.shape
         packed = torch.empty(vocab, dim // 2, dtype=torch.uint8)
         scales = torch.empty(vocab, dim // group_size, dtype=torch.float32)
         for start, end in _row_chunks(vocab, dim):  # rows are independent: chunks bound the float temporaries
-            packed[start:end], scales[start:end] = cls.quantize_rows(weight[start:end].to(torch.float32).contiguous(), group_size)
+            packed[start:end], scales[start:end] = cls.quantize_rows(read(start, end).to(torch.float32).contiguous(), group_size)
         return cls(packed, scales, group_size)
 
     @staticmethod

@@ -106,12 +106,22 @@ class SafetensorsWeights:
 
     def read(self, name: str) -> torch.Tensor:
         e = self.entries[name]
-        tensor = torch.empty(e.shape, dtype=e.dtype)
-        if e.nbytes:
+        return self._read(name, e.offset, e.shape, e.nbytes)
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of a tensor (along its first dimension), read alone."""
+        e = self.entries[name]
+        row_bytes = e.nbytes // e.shape[0] if e.shape and e.shape[0] else 0
+        return self._read(name, e.offset + start * row_bytes, (end - start, *e.shape[1:]), (end - start) * row_bytes)
+
+    def _read(self, name: str, offset: int, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+        e = self.entries[name]
+        tensor = torch.empty(shape, dtype=e.dtype)
+        if nbytes:
             view = tensor.reshape(-1).view(torch.uint8).numpy()
             with open(e.file, "rb") as f:
-                f.seek(e.offset)
-                if f.readinto(view) != e.nbytes:
+                f.seek(offset)
+                if f.readinto(view) != nbytes:
                     raise ModelLoadError(f"{e.file} is truncated (tensor {name})", "write the checkpoint again")
         return tensor
 
@@ -180,11 +190,14 @@ def _param_groups(module: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
     return list(by_id.values())
 
 
-def fill_weights(module: nn.Module, weights: SafetensorsWeights, quantize: dict[str, Callable[[nn.Module], nn.Module]],
+def fill_weights(module: nn.Module, weights: SafetensorsWeights,
+                 quantize: dict[str, Callable[[nn.Module, Callable | None], nn.Module]],
                  transposed: set[str] = frozenset(), on_layer: Callable[[Progress], None] | None = None,
                  unexpected: Callable[[list[str]], None] | None = None) -> None:
     """Fill ``module``'s meta parameters from ``weights``, replacing each layer named in ``quantize`` by
-    ``quantize[name](layer)`` as soon as its tensors are read.
+    ``quantize[name](layer, rows)`` as soon as its tensors are read. A large 2-D weight whose every
+    layer is quantized is not read whole: the layer keeps its meta weight and ``rows(start, end)``
+    reads its rows as the quantization goes (``rows`` is None for the others).
 
     ``transposed`` names layers whose checkpoint weight is stored ``[in, out]`` (GPT-2's ``Conv1D``,
     already swapped for a linear in the skeleton). A tensor shared by several layers (tied embeddings)
@@ -219,8 +232,12 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights, quantize: dict[
     total, done, start = weights.nbytes, 0, time.perf_counter()
     for names, param in groups:
         key = next(n for n in names if n in weights.entries)
-        tensor = weights.read(key)
-        done += weights.entries[key].nbytes
+        entry = weights.entries[key]
+        layers = {full.rpartition(".")[0] for full in names}
+        lazy = (len(entry.shape) == 2 and entry.nbytes >= ROWS_READ_BYTES and layers <= set(quantize)
+                and not layers & set(transposed) and names[0].endswith(".weight"))
+        tensor = RowReader(weights, key) if lazy else weights.read(key)
+        done += entry.nbytes
         shared = None  # one float Parameter for every layer that keeps this tensor float
         for full in names:
             layer_name = full.rpartition(".")[0]
@@ -248,13 +265,36 @@ def _finish_layer(module, layer_name, owners, ready, quantize, on_layer, progres
         if not all(n in ready for n in names):
             return
         layer = module.get_submodule(layer_name)
+        rows = None
         for n in names:  # the checkpoint's tensors in place of the meta ones, then quantized
-            _set_param(module, n, nn.Parameter(ready.pop(n), requires_grad=False))
-        replace_module(module, layer_name, quantize[layer_name](layer))
+            value = ready.pop(n)
+            if isinstance(value, RowReader):
+                rows = value  # the weight: its rows are read as they are quantized
+            else:
+                _set_param(module, n, nn.Parameter(value, requires_grad=False))
+        replace_module(module, layer_name, quantize[layer_name](layer, rows))
     elif any(module.get_parameter(n).device.type == "meta" for n in names):
         return
     if on_layer is not None:
         on_layer(progress())
+
+
+# Weights of quantized layers from this size on are read a chunk of rows at a time, never whole.
+ROWS_READ_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class RowReader:
+    """``rows(start, end)``: rows of one checkpoint tensor, read from disk when asked."""
+
+    weights: SafetensorsWeights
+    name: str
+
+    def dim(self) -> int:
+        return len(self.weights.entries[self.name].shape)
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        return self.weights.read_rows(self.name, start, end)
 
 
 def _set_param(root: nn.Module, full: str, param: nn.Parameter) -> None:

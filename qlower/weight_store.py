@@ -42,9 +42,9 @@ MIN_STORED_BYTES = 1 << 20
 class WeightStore:
     """Files of large constants in ``directory`` (created; removed by :meth:`close`)."""
 
-    def __init__(self, parent: Path, name: str, min_bytes: int = MIN_STORED_BYTES):
+    def __init__(self, parent: Path, name: str, min_bytes: int | None = None):
         self.directory = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".weights", dir=parent))
-        self.min_bytes = min_bytes
+        self.min_bytes = MIN_STORED_BYTES if min_bytes is None else min_bytes
         self._count = itertools.count()
         # data_ptr of a mapped storage -> (file, byte size, sha256 of the bytes)
         self._files: dict[int, tuple[Path, int, bytes]] = {}

@@ -97,9 +97,20 @@ def both_ways(path, options, **kwargs):
     return models
 
 
-@pytest.mark.parametrize("scheme", ["qta8a_qga4w", "fp32"])
-def test_streamed_folder_is_the_loaded_model_bit_for_bit(sharded, scheme):
-    """Sharded bf16 folder, tied embeddings: same plans, buffers (RoPE inv_freq) and logits as from_pretrained."""
+@pytest.mark.parametrize("scheme,rows_read", [("qta8a_qga4w", False), ("qta8a_qga4w", True), ("fp32", False)])
+def test_streamed_folder_is_the_loaded_model_bit_for_bit(sharded, scheme, rows_read, monkeypatch):
+    """Sharded bf16 folder, tied embeddings: same plans, buffers (RoPE inv_freq) and logits as from_pretrained.
+
+    ``rows_read``: every quantized weight is read from disk a few rows at a time (as a large one is)."""
+    if rows_read:
+        import qlower.quantize
+        import qlower.stream
+
+        monkeypatch.setattr(qlower.stream, "ROWS_READ_BYTES", 0)
+        monkeypatch.setattr(qlower.quantize, "CHUNK_BYTES", 1 << 14)
+        calls = []
+        read_rows = SafetensorsWeights.read_rows
+        monkeypatch.setattr(SafetensorsWeights, "read_rows", lambda self, *a: calls.append(a) or read_rows(self, *a))
     options = make_options(scheme=scheme, group_size=32, quantize_embeddings=True, kv_cache=False)
     (whole, plans_w), (streamed, plans_s) = both_ways(sharded, options)
     assert [p.to_dict() for p in plans_w] == [p.to_dict() for p in plans_s]
@@ -108,6 +119,12 @@ def test_streamed_folder_is_the_loaded_model_bit_for_bit(sharded, scheme):
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert torch.equal(whole(TOKENS), streamed(TOKENS))
+    if rows_read:  # every quantized weight read in chunks; the tied embedding twice (embedding, LM head)
+        names = [c[0] for c in calls]
+        tied_head = {"lm.lm_head"}  # read under the embedding's name
+        assert {n.rpartition(".")[0] for n in names} == {p.name for p in plans_s if p.quantized} - tied_head
+        embedding = [c for c in calls if c[0] == "lm.model.embed_tokens.weight"]
+        assert len(embedding) >= 4 and sorted(embedding)[0][1:] == sorted(embedding)[1][1:] == (0, embedding[0][2])
     if scheme == "fp32":  # tied weights stay one tensor
         lm = streamed.lm
         assert lm.lm_head.weight is lm.model.embed_tokens.weight

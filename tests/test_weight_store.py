@@ -1,0 +1,118 @@
+"""Large constants in files beside the output: mapped, never copied into memory, removed at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qlower.weight_store as weight_store
+from qlower.config import make_options
+from qlower.errors import ExportError
+from qlower.pipeline import STAGES, ExportJob, run_stages
+from qlower.quantize import Int4Embedding, embedding_int4
+from qlower.weight_store import WeightStore
+
+from .conftest import MODELS
+
+
+def scratch_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".weights")]
+
+
+def test_store_maps_large_tensors_and_removes_its_files(tmp_path):
+    store = WeightStore(tmp_path, "out.pte", min_bytes=1024)
+    small = torch.arange(10, dtype=torch.float32)
+    assert store.put(small) is small and store.file_of(small) is None
+    big = torch.randn(64, 33)  # 8448 bytes
+    mapped = store.put(big)
+    assert mapped is not big and torch.equal(mapped, big) and mapped.shape == big.shape
+    path, digest = store.file_of(mapped)
+    assert path.read_bytes() == big.numpy().tobytes() and len(digest) == 32
+    assert store.put(mapped) is mapped  # already a file
+    assert store.file_of(mapped[1:]) is None and store.file_of(mapped.t()) is None  # part of a file, or not its layout
+    layer = nn.Linear(64, 32)
+    packed = torch.randint(0, 255, (40, 40), dtype=torch.uint8)
+    layer.register_buffer("packed", packed)
+    store.adopt(layer)
+    assert isinstance(layer.weight, nn.Parameter) and store.file_of(layer.weight) is not None
+    assert store.file_of(layer.packed) is not None and torch.equal(layer.packed, packed)
+    assert store.file_of(layer.bias) is None  # 128 bytes: kept in memory
+    assert scratch_dirs(tmp_path) == [store.directory]
+    store.close()
+    assert scratch_dirs(tmp_path) == []
+
+
+def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch):
+    """Lowering takes every stored constant as its file (none goes through ExecuTorch's bytes copy),
+    the fuse stage reads no packed weight, the scratch files are gone after, and the file is byte for
+    byte the program an export without a store builds in memory."""
+    from executorch.backends.vulkan.serialization.vulkan_graph_builder import VkGraphBuilder
+
+    import qlower.patterns.linear as linear
+
+    monkeypatch.setattr(weight_store, "MIN_STORED_BYTES", 2048)
+    copied: list[int] = []
+    original = VkGraphBuilder.maybe_add_constant_tensor
+
+    def copying(self, node):
+        from executorch.backends.vulkan.utils import is_param_node
+
+        if is_param_node(self.program, node):
+            copied.append(self.get_param_tensor(node).nbytes)
+        return original(self, node)
+
+    monkeypatch.setattr(VkGraphBuilder, "maybe_add_constant_tensor", copying)
+    read_by_fuse: list[torch.dtype] = []
+    get_param = linear.get_param_tensor
+    monkeypatch.setattr(linear, "get_param_tensor", lambda ep, node: read_by_fuse.append(get_param(ep, node).dtype) or get_param(ep, node))
+
+    options = make_options(group_size=32, quantize_embeddings=True)
+    out = tmp_path / "model.pte"
+    job = run_stages(ExportJob(model_path=MODELS["llama"], output=out, options=options))
+    assert job.store.stored_bytes > 0.8 * out.stat().st_size
+    assert copied and max(copied) < 2048, f"a {max(copied)}-byte constant was copied by the Vulkan preprocess"
+    assert torch.uint8 not in read_by_fuse  # packed weights (and their sums) were made by the quantize stage
+    assert scratch_dirs(tmp_path) == []
+    in_memory = run_stages(ExportJob(model_path=MODELS["llama"], output=None, options=options))
+    assert in_memory.store is None and in_memory.pte_bytes == out.read_bytes()
+
+
+def test_failed_export_removes_its_scratch_files(tmp_path, monkeypatch):
+    import qlower.pipeline as pipeline
+
+    def failing_lower(job):
+        assert scratch_dirs(tmp_path) and any(job.store.directory.iterdir())
+        raise ExportError("lowering failed", "nothing")
+
+    monkeypatch.setattr(pipeline, "STAGES", [(n, failing_lower if n == "lower" else f) for n, f in STAGES])
+    monkeypatch.setattr(weight_store, "MIN_STORED_BYTES", 2048)
+    with pytest.raises(ExportError):
+        run_stages(ExportJob(model_path=MODELS["llama"], output=tmp_path / "m.pte", options=make_options(group_size=32)))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("vocab,dim,group_size", [(37, 64, 32), (300, 128, 64), (5, 32, 32)])
+def test_int4_embedding_matches_embedding_4bit_and_the_fused_op(vocab, dim, group_size):
+    """The table packed as the fused linears pack (even value in the low nibble) gives exactly what
+    quantized_decomposed.embedding_4bit gives from its own layout, and what ET-VK's
+    embedding_q4gsw (is_linear_weight) computes in the golden executor."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding_4bit)
+
+    from qlower import references
+
+    torch.manual_seed(vocab)
+    layer = nn.Embedding(vocab, dim)
+    emb = Int4Embedding.from_float(layer, group_size)
+    q = torch.clamp(torch.round(layer.weight.detach().reshape(vocab, -1, group_size) / emb.scales.unsqueeze(-1)),
+                    -8, 7).to(torch.int8).reshape(vocab, dim)
+    u = (q + 8).to(torch.uint8)
+    stock_layout = (u[:, ::2] << 4) | u[:, 1::2]  # embedding_4bit's: even value in the high nibble
+    indices = torch.randint(0, vocab, (2, 9))
+    ours = emb(indices)
+    stock = torch.ops.quantized_decomposed.embedding_4bit.dtype(stock_layout, emb.scales, None, -8, 7, indices, dtype=torch.float32)
+    assert torch.equal(ours, stock)
+    assert torch.equal(embedding_int4(emb.packed, emb.scales, group_size, indices), ours)
+    assert torch.equal(references.embedding_q4gsw(emb.packed, emb.scales, group_size, indices, True), ours)
