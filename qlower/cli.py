@@ -291,6 +291,7 @@ def verify(
     min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
     layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer SQNR as a PNG bar chart."),
+    sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Check N fused int4 layers alone (spread over the model, first and last included), each against the same layer read from the checkpoint and quantized as export does: one layer in memory at a time, for big models (a Hugging Face folder or --checkpoint x.safetensors)."),
     device: Optional[str] = typer.Option(None, "--device", help="Also compute the fused layers with qlower's kernels on a Vulkan device ('vulkan', or a device index or name) and compare them with the golden executor."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -303,8 +304,10 @@ def verify(
         model, pte, scheme=scheme, group_size=group_size, config=config, entry=entry, checkpoint=checkpoint,
         calibration=str(calibration) if calibration else None, inputs=inputs, seed=seed, samples=samples,
         min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, min_sqnr_layer=min_sqnr_layer,
-        warn=console.warn,
+        sample=sample, warn=console.warn,
     )
+    if sample and (device is not None or plot is not None):
+        raise typer.BadParameter("--sample checks layers alone: it cannot be combined with --device or --plot")
     if device is not None:
         from .vk.pte_layers import check_on_device, fused_calls
 
@@ -321,6 +324,10 @@ def verify(
         from .render import render_generate
 
         render_generate(report)
+    elif report.get("kind") == "sample":
+        from .verify import render_sample
+
+        render_sample(report)
     else:
         render_report(report, show_layers=layers)
         if device is not None:

@@ -126,6 +126,8 @@ class Pte:
     segments: list[tuple[int, int]] = field(default_factory=list)  # (offset, size) after the segment base
     program_size: int = 0  # bytes of the program flatbuffer
     segment_base: int = 0  # file offset of the first segment (0: no segments)
+    source: Path | None = None  # the file it was read from (named data dropped at decode is read from it when asked)
+    named_segments: dict[str, int] = field(default_factory=dict)  # named data key -> its segment
 
     @property
     def program(self):
@@ -139,7 +141,20 @@ class Pte:
         named = self.pte_file.named_data
         if named is None or key not in named.pte_data:
             raise PteError(f"constant {key!r} is missing from the file's named data", "the .pte is corrupted or needs an external data file")
-        return bytes(named.buffers[named.pte_data[key].buffer_index])
+        data = named.buffers[named.pte_data[key].buffer_index]
+        if not data and self.named_sizes.get(key) and self.source is not None:  # read_pte(constants=False)
+            return self._read_named(key)
+        return bytes(data)
+
+    def _read_named(self, key: str) -> bytes:
+        """One named constant read from the file alone (its segment)."""
+        offset, _ = self.segments[self.named_segments[key]]
+        with open(self.source, "rb") as f:
+            f.seek(self.segment_base + offset)
+            data = f.read(self.named_sizes[key])
+        if len(data) != self.named_sizes[key]:
+            raise PteError(f"constant {key!r} lies outside {self.source}", "the .pte is truncated")
+        return data
 
 
 # Decoding runs ExecuTorch's flatbuffer readers (and the flatc binary for VkGraphs)
@@ -159,7 +174,10 @@ def read_pte(source: str | Path | bytes, constants: bool = True) -> Pte:
     what the export summary reads of a multi-GB file, without holding its weights."""
     data = _read_bytes(source)
     program_size, segment_base = check_header(data)
-    return _run_bounded(_decode, data, program_size, segment_base, constants)
+    pte = _run_bounded(_decode, data, program_size, segment_base, constants)
+    if not isinstance(source, (bytes, bytearray)):
+        pte.source = Path(source)
+    return pte
 
 
 def check_header(data: bytes) -> tuple[int, int]:
@@ -220,6 +238,7 @@ def _decode(data: bytes, program_size: int, segment_base: int, constants: bool =
     except Exception as exc:
         raise PteError(f"cannot decode the .pte: {type(exc).__name__}: {first_line(exc)}", "the file is truncated or corrupted") from exc
     segments = [(s.offset, s.size) for s in program.segments or []]
+    named_segments = {n.key: n.segment_index for n in program.named_data or []}
     locations = {}
     for plan in program.execution_plan:
         for d in plan.delegates:
@@ -256,7 +275,8 @@ def _decode(data: bytes, program_size: int, segment_base: int, constants: bool =
         if not constants:
             named.buffers[:] = [b""] * len(named.buffers)
     steps = methods[0].steps if methods else []
-    return Pte(len(data), pte_file, delegates, steps, named_sizes, methods, segments, program_size, segment_base)
+    return Pte(len(data), pte_file, delegates, steps, named_sizes, methods, segments, program_size, segment_base,
+               named_segments=named_segments)
 
 
 def _plan_steps(plan) -> list[PlanStep]:

@@ -333,17 +333,13 @@ class Models:
     group_size: int | None
 
 
-def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, group_size: int | None = None,
-                config: str | Path | None = None, entry: str | None = None, checkpoint: str | Path | None = None,
-                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
-                warn: Callable[[str], None] = lambda message: None) -> Models:
-    """(a) and (b): the float model, and a copy quantized by export's own quantize stage."""
-    from .config import GROUPED_SCHEMES, make_options
-    from .llm.load import load_any
-    from .pipeline import quantize_model
+def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
+                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0):
+    """The export options the file was made with: given ones first, then the config, then read from the file."""
+    from .config import make_options
 
     inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
-    options = make_options(
+    return make_options(
         config,
         scheme=scheme or (None if config else inferred_scheme),
         group_size=group_size or (None if config else inferred_group),
@@ -352,6 +348,19 @@ def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, 
         seed=seed,
         kv_cache=False,
     )
+
+
+def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, group_size: int | None = None,
+                config: str | Path | None = None, entry: str | None = None, checkpoint: str | Path | None = None,
+                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
+                warn: Callable[[str], None] = lambda message: None) -> Models:
+    """(a) and (b): the float model, and a copy quantized by export's own quantize stage."""
+    from .config import GROUPED_SCHEMES
+    from .llm.load import load_any
+    from .pipeline import quantize_model
+
+    options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration,
+                          quantize_embeddings=quantize_embeddings, seed=seed)
     torch.manual_seed(options.seed)  # as export's load stage, for models that do not seed themselves
     loaded, _, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
     float_model = copy.deepcopy(loaded.module)
@@ -365,12 +374,24 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
            checkpoint: str | Path | None = None, calibration: str | None = None, inputs: str | Path | None = None,
            seed: int = 0, samples: int = 1, min_sqnr_float: float | None = None,
            min_sqnr_quantized: float | None = None, min_sqnr_layer: float | None = None,
+           sample: int | None = None, on_layer: Callable[[dict], None] | None = None,
            warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Verify ``pte_path`` against the model in ``model_path``; returns the report.
 
     ``report["passed"]`` is False when an output or a layer is below its
     threshold; ``report["failures"]`` says which, first failure first.
+    ``sample=N`` checks N fused int4 layers alone, one in memory at a time
+    (:mod:`qlower.verify_sample`; ``on_layer`` hears of each), instead of
+    running the whole model.
     """
+    if sample:
+        from .verify_sample import verify_sample
+
+        pte = read_pte(pte_path, constants=False)
+        options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration, seed=seed)
+        return verify_sample(model_path, pte_path, sample, options=options, entry=entry, checkpoint=checkpoint, seed=seed,
+                             min_sqnr_layer=min_sqnr_layer if min_sqnr_layer is not None else THRESHOLDS[options.scheme].layer,
+                             on_layer=on_layer)
     pte = read_pte(pte_path)
     if is_decode_file(pte):
         return verify_decode(model_path, pte, str(pte_path) if not isinstance(pte_path, (bytes, bytearray)) else "<bytes>",
@@ -588,6 +609,28 @@ def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
         console.out.print(layers)
     elif report["unmatched_layers"]:
         console.out.print(f"{report['unmatched_layers']} layer(s) of the .pte had no eager counterpart (see --layers)")
+    if report["passed"]:
+        console.out.print("[green]passed[/]")
+    else:
+        for failure in report["failures"]:
+            console.out.print(f"[red]FAIL[/] {failure}")
+
+
+def render_sample(report: dict[str, Any]) -> None:
+    """verify --sample: the sampled layers as a Rich table on stdout."""
+    from rich.table import Table
+
+    from . import console
+
+    table = Table(title=f"verify {report['pte']} ({report['scheme']}): {report['sampled']} of {report['fused_layers']} fused layers, "
+                        "each alone vs the same layer quantized from the checkpoint", title_justify="left")
+    for column in ("#", "layer", "op", "N", "K", "SQNR", "max err"):
+        table.add_column(column, justify="left" if column in ("layer", "op") else "right")
+    for layer in report["layers"]:
+        table.add_row(str(layer["index"]), layer["name"], layer["op"], str(layer["n"]), str(layer["k"]),
+                      _db(layer["sqnr_db"], report["min_sqnr_layer"]), f"{layer['max_abs_error']:.3g}")
+    console.out.print(table)
+    console.out.print(f"threshold: ≥ {report['min_sqnr_layer']:g} dB per layer")
     if report["passed"]:
         console.out.print("[green]passed[/]")
     else:

@@ -116,3 +116,77 @@ def test_int4_embedding_matches_embedding_4bit_and_the_fused_op(vocab, dim, grou
     assert torch.equal(ours, stock)
     assert torch.equal(embedding_int4(emb.packed, emb.scales, group_size, indices), ours)
     assert torch.equal(references.embedding_q4gsw(emb.packed, emb.scales, group_size, indices, True), ours)
+
+
+# --- verify --sample: layers of a big file checked alone -------------------------------------------
+
+
+def test_spread_takes_first_and_last():
+    from qlower.verify_sample import spread
+
+    assert spread(3, 10) == [0, 4, 9] and spread(1, 10) == [9] and spread(20, 4) == [0, 1, 2, 3]
+    assert spread(5, 113) == [0, 28, 56, 84, 112]
+
+
+@pytest.fixture(scope="module")
+def sampled_export(tmp_path_factory):
+    """A sharded bf16 folder (GQA, tied embeddings) and its KV-cache export with int4 embeddings."""
+    from .test_stream import llama_config, write_folder
+
+    root = tmp_path_factory.mktemp("sample")
+    folder = write_folder(root / "llama", llama_config())
+    pte = root / "llama.pte"
+    import qlower
+
+    qlower.export(folder, pte, group_size=32, quantize_embeddings=True, max_seq_len=64)
+    return folder, pte
+
+
+def test_verify_sample_checks_layers_alone(sampled_export):
+    from qlower.verify import verify
+
+    folder, pte = sampled_export
+    seen = []
+    report = verify(folder, pte, sample=4, on_layer=seen.append)
+    assert report["passed"] and report["kind"] == "sample" and report["sampled"] == 4 == len(seen)
+    layers = report["layers"]
+    assert layers[0]["op"] == "embedding_q4gsw" and layers[-1]["name"].endswith("lm_head")
+    assert layers[-1]["index"] == report["fused_layers"] - 1
+    assert all(layer["sqnr_db"] > 100 for layer in layers)  # the same integers and scales on both sides
+
+
+def test_verify_sample_catches_a_damaged_layer(sampled_export, tmp_path):
+    """Flipping bytes of one packed weight in the file fails that layer and only it."""
+    from qlower.pte import read_pte
+    from qlower.verify import verify
+    from qlower.verify_sample import file_layers
+
+    folder, pte = sampled_export
+    data = bytearray(pte.read_bytes())
+    decoded = read_pte(pte)
+    last = file_layers(decoded)[-1]  # the LM head
+    graph = last["delegate"].graph
+    key = graph.constants[graph.values[last["args"][3]].value.constant_id].named_key
+    packed = decoded.named_bytes(key)
+    at = bytes(data).find(packed)
+    assert at > 0 and bytes(data).find(packed, at + 1) < 0
+    for i in range(at, at + len(packed) // 4, 7):
+        data[i] ^= 0x33
+    damaged = tmp_path / "damaged.pte"
+    damaged.write_bytes(bytes(data))
+    report = verify(folder, damaged, sample=3)
+    assert not report["passed"] and len(report["failures"]) == 1 and "lm_head" in report["failures"][0]
+
+
+def test_verify_sample_needs_a_checkpoint_it_can_stream(tmp_path):
+    from typer.testing import CliRunner
+
+    from qlower.cli import app
+
+    model = MODELS["llama"]
+    pte = tmp_path / "m.pte"
+    import qlower
+
+    qlower.export(model, pte, group_size=32)
+    result = CliRunner().invoke(app, ["verify", str(model), str(pte), "--sample", "2"])
+    assert result.exit_code == 1 and "--sample needs weights" in result.output and "Traceback" not in result.output
