@@ -69,13 +69,20 @@ def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero_point: torch.Tensor, block_size: list[int], weight_bits: int,
                      dynamic_activations: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``weight``: the int values, or (uint8) int4 values packed two per byte along K (``pack.pack_int4``)."""
+    """``weight``: the int values, or (uint8) int4 values packed two per byte along K (``pack.pack_int4``).
+
+    A dynamic-activation linear on one row computes weight-only, as ET-VK's
+    runtime does for a GEMV (:func:`qlower.references.is_gemv`), so the eager
+    quantized model computes what the file computes on the device.
+    """
+    from .references import is_gemv
+
     if weight.dtype == torch.uint8:
         from .pack import unpack_int4
 
         weight = unpack_int4(weight, x.shape[-1])
     return torchao_linear(x, weight, weight_scale, weight_zero_point, block_size, weight_bits,
-                          dynamic_activations, bias, dtype)
+                          dynamic_activations and not (weight_bits == 4 and is_gemv(x)), bias, dtype)
 
 
 @quantized_linear.register_fake
