@@ -74,13 +74,20 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
     ``weight_sums``: the per-group sums of the int values in the fused op's layout
     (``pack.group_sums``), computed when the weight was quantized so that the fuse
-    stage never unpacks a weight; not needed to compute the output."""
+    stage never unpacks a weight; not needed to compute the output.
+
+    A dynamic-activation linear on one row computes weight-only, as ET-VK's
+    runtime does for a GEMV (:func:`qlower.references.is_gemv`), so the eager
+    quantized model computes what the file computes on the device.
+    """
+    from .references import is_gemv
+
     if weight.dtype == torch.uint8:
         from .pack import unpack_int4
 
         weight = unpack_int4(weight, x.shape[-1])
     return torchao_linear(x, weight, weight_scale, weight_zero_point, block_size, weight_bits,
-                          dynamic_activations, bias, dtype)
+                          dynamic_activations and not (weight_bits == 4 and is_gemv(x)), bias, dtype)
 
 
 @quantized_linear.register_fake

@@ -178,7 +178,22 @@ def _tokens(x: torch.Tensor) -> tuple[torch.Size, int]:
     return x.shape[:-1], x.shape[-1]
 
 
+def is_gemv(x: torch.Tensor) -> bool:
+    """Whether ET-VK runs a linear on ``x`` as a GEMV: one row (size 1 at dim -2), as ``is_gemv`` in its runtime.
+
+    ET-VK's ``linear_dq8ca_q4gsw`` then skips the activation quantization and
+    computes weight-only in float (``linear_dq8ca_q4gsw_coop``, the same math
+    as ``linear_q4gsw``; ``QuantizeDequantize.cpp`` dispatches no quantize
+    node for it): a decode step's linears and an LLM's output projection,
+    which sees only the last token.
+    """
+    return x.dim() >= 2 and x.shape[-2] == 1
+
+
 def linear_dq8ca_q4gsw(x, input_scales, input_zp, weights, weight_sums, weight_scales, group_size, bias=None):
+    """As ET-VK computes it: int8 activations × int4 weights, or weight-only in float for one row (:func:`is_gemv`)."""
+    if is_gemv(x):
+        return linear_q4gsw(x, weights, weight_scales, group_size, bias)
     lead, k = _tokens(x)
     n = weights.shape[0]
     w = unpack_int4(weights, k)

@@ -26,7 +26,7 @@ from qlower.pipeline import quantize_model
 from qlower.pte import read_pte
 from qlower.verify import THRESHOLDS, sqnr_db
 
-from .conftest import EXAMPLES, MODELS
+from .conftest import EXAMPLES, MODELS, ROOT
 
 STEP_RUNNER = os.environ.get("QLOWER_ET_STEP_RUNNER")
 pytestmark = pytest.mark.skipif(not STEP_RUNNER, reason="set QLOWER_ET_STEP_RUNNER to llm_step_runner built with Vulkan")
@@ -51,15 +51,16 @@ def hf_family_folder(family: str, root: Path) -> Path:
     return folder
 
 
-def step(pte: Path, workdir: Path, feed: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+def step(pte: Path, workdir: Path, feed: list[int] | None = None, prompt: list[int] = PROMPT,
+         steps: int = STEPS) -> tuple[list[int], torch.Tensor]:
     out = workdir / "logits.bin"
-    cmd = [STEP_RUNNER, "--model", str(pte), "--prompt", ",".join(map(str, PROMPT)), "--steps", str(STEPS), "--out", str(out)]
+    cmd = [STEP_RUNNER, "--model", str(pte), "--prompt", ",".join(map(str, prompt)), "--steps", str(steps), "--out", str(out)]
     if feed:
         cmd += ["--feed", ",".join(map(str, feed))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
-    logits = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(STEPS + 1, doc["vocab"])
+    logits = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(steps + 1, doc["vocab"])
     return doc["tokens"], logits
 
 
@@ -100,3 +101,49 @@ def test_hf_family_steps_on_runtime(family, tmp_path):
 
 def test_fp32_decoder_is_exact_on_runtime(tmp_path):
     check_decoder(MODELS["llama"], tmp_path, scheme="fp32")
+
+
+# A Llama-3.2-1B-shaped decoder (dim 2048, 16 layers, 32/8 heads, FFN 8192, vocab 128256, tied
+# embeddings; random bf16 N(0, 0.02) weights in a sharded folder): written, exported (g64, int4
+# embeddings), prefilled with 16 tokens and stepped twice on the runtime. Minutes and GBs of RAM,
+# so it also needs QLOWER_BIG_TESTS=1 (4.5 min, 8.3 GB peak RSS on 2 cores).
+LLAMA_1B_PROMPT = [(i * 7919 + 13) % 128256 for i in range(16)]
+# Bars per call (prefill, then each decode step), from measurements on this model:
+# * qga4w (float activations): runtime vs golden 104-107 dB; the float math of every layer, the
+#   128256-wide embedding and output projection included, is the same on both sides.
+# * qta8a_qga4w: int8 activations are quantized per token from float values that differ between the
+#   runtime and the golden run in the last bit; a value on a rounding boundary flips by one step and
+#   the difference compounds over 16 layers. Nudging every quantized activation of the golden run
+#   alone by half an ulp puts it 22.7 dB from itself; the runtime's prefill is 24.3 dB from it.
+#   Decode steps (one row: the runtime computes those linears weight-only, as the golden run
+#   does) inherit the prefill's cache: 34 dB, and 22 dB when the golden run quantized them.
+LLAMA_1B_BARS = {"qga4w": (80.0, 80.0), "qta8a_qga4w": (18.0, 28.0)}
+
+
+@pytest.fixture(scope="module")
+def llama_1b_folder(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llm_bench", ROOT / "benchmarks" / "llm_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder, _, _ = bench.write_checkpoints(bench.SHAPES["1b"], tmp_path_factory.mktemp("llama_1b"), zero=False, meta=False)
+    return folder
+
+
+@pytest.mark.skipif(os.environ.get("QLOWER_BIG_TESTS") != "1", reason="set QLOWER_BIG_TESTS=1 (minutes, ~8 GB RAM)")
+@pytest.mark.parametrize("scheme", ["qga4w", "qta8a_qga4w"])
+def test_llama_1b_shape_prefills_and_decodes_on_runtime(scheme, llama_1b_folder, tmp_path):
+    pytest.importorskip("transformers")
+    pte = tmp_path / "llama_1b.pte"
+    summary = qlower.export(llama_1b_folder, pte, scheme=scheme, kv_cache=True, max_seq_len=MAX_SEQ_LEN, group_size=64,
+                            quantize_embeddings=True)
+    assert summary["vulkan_partitions"] == 1 and summary["cpu_ops"] == {}
+    steps = 2
+    tokens, runtime = step(pte, tmp_path, prompt=LLAMA_1B_PROMPT, steps=steps)
+    golden = torch.stack(teacher_forced(GoldenDecoder(read_pte(pte)), LLAMA_1B_PROMPT, tokens[:-1]))
+    prefill_bar, decode_bar = LLAMA_1B_BARS[scheme]
+    for i in range(steps + 1):
+        assert torch.isfinite(runtime[i]).all()
+        db, bar = sqnr_db(golden[i], runtime[i]), prefill_bar if i == 0 else decode_bar
+        assert db >= bar, f"{scheme} call {i}: runtime vs golden {db:.1f} dB (bar {bar:g} dB)"

@@ -152,3 +152,31 @@ def test_input_of_the_wrong_shape_is_an_error(exported):
     _, pte_path = exported("mlp", "fp32")
     with pytest.raises(VerifyError, match=r"shape \[2, 256\].*\[4, 256\]"):
         run_pte(pte_path, (torch.randn(2, 256),))
+
+
+def test_dq8ca_linear_on_one_row_is_weight_only_as_on_the_runtime():
+    """ET-VK runs ``linear_dq8ca_q4gsw`` on one row (a decode step, an LLM's last-token head) as a GEMV
+    that skips the activation quantization (``linear_dq8ca_q4gsw_coop``); several rows go through int8."""
+    from qlower import pack, references
+    from qlower.quantized_linear import quantized_linear
+    from qlower.verify import sqnr_db
+
+    torch.manual_seed(0)
+    n, k, g = 12, 64, 32
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // g) * 0.01 + 0.001
+    args = (pack.pack_int4(w), pack.group_sums(w, g), pack.pack_group_scales(scales), g)
+
+    def qparams(x):
+        return torch.ops.torchao.choose_qparams_affine(x, "ASYMMETRIC", [1] * (x.dim() - 1) + [k], torch.int8, -128, 127,
+                                                       None, None, torch.int8)
+
+    for rows in (1, 3):
+        x = torch.randn(1, rows, k)
+        s, z = qparams(x)
+        got = references.linear_dq8ca_q4gsw(x, s, z, *args)
+        weight_only = references.linear_q4gsw(x, args[0], args[2], g)
+        eager = quantized_linear(x, w, scales, torch.zeros_like(scales, dtype=torch.int8), [1, g], 4, True, None,
+                                 torch.float32)
+        assert torch.equal(got, weight_only) == (rows == 1), rows
+        assert sqnr_db(eager, got) > 100, rows
