@@ -609,6 +609,12 @@ def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
         console.out.print(layers)
     elif report["unmatched_layers"]:
         console.out.print(f"{report['unmatched_layers']} layer(s) of the .pte had no eager counterpart (see --layers)")
+    _render_outcome(report)
+
+
+def _render_outcome(report: dict[str, Any]) -> None:
+    from . import console
+
     if report["passed"]:
         console.out.print("[green]passed[/]")
     else:
@@ -631,11 +637,7 @@ def render_sample(report: dict[str, Any]) -> None:
                       _db(layer["sqnr_db"], report["min_sqnr_layer"]), f"{layer['max_abs_error']:.3g}")
     console.out.print(table)
     console.out.print(f"threshold: ≥ {report['min_sqnr_layer']:g} dB per layer")
-    if report["passed"]:
-        console.out.print("[green]passed[/]")
-    else:
-        for failure in report["failures"]:
-            console.out.print(f"[red]FAIL[/] {failure}")
+    _render_outcome(report)
 
 
 def _db(value: float, threshold: float) -> str:
