@@ -92,6 +92,19 @@ def stage_quantize(job: ExportJob) -> None:
     job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer, store=job.store)
 
 
+def plan_model(module: torch.nn.Module, options: ExportOptions) -> tuple[set[str], list[LayerPlan]]:
+    """What the quantize stage will do to ``module`` (a skeleton is enough): GPT-2-style ``Conv1D``
+    projections become linears the quantizer takes (in place; their names are returned, their
+    checkpoint weights are stored transposed), and each layer gets its plan."""
+    from .hf import conv1d_layers, conv1d_to_linear
+
+    transposed = set()
+    if options.scheme not in FLOAT_SCHEMES:
+        transposed = set(conv1d_layers(module))
+        conv1d_to_linear(module)
+    return transposed, plan_layers(module, options)
+
+
 def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None],
                    on_layer: Callable | None = None, store=None) -> tuple[torch.nn.Module, list[LayerPlan]]:
     """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
@@ -104,16 +117,10 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     tensors move to files as soon as it is quantized, and the rest of the
     model's at the end.
     """
-    from .hf import conv1d_layers, conv1d_to_linear
-
     def stored(module: torch.nn.Module) -> torch.nn.Module:
         return store.adopt(module) if store is not None else module
 
-    transposed = set()
-    if options.scheme not in FLOAT_SCHEMES:
-        transposed = set(conv1d_layers(loaded.module))
-        conv1d_to_linear(loaded.module)  # GPT-2-style projections become linears the quantizer takes
-    plans = plan_layers(loaded.module, options)
+    transposed, plans = plan_model(loaded.module, options)
     check_strict(plans, options)
     eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
     if loaded.weights is not None:

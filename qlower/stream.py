@@ -171,15 +171,29 @@ def check_fits(module: nn.Module, weights: SafetensorsWeights, transposed: set[s
     """Why ``weights`` cannot fill ``module``'s parameters (a missing name, a wrong shape), or None."""
     groups = _param_groups(module)
     for names, param in groups:
-        found = [n for n in names if n in weights.entries]
-        if not found:
+        key = _checkpoint_key(names, weights)
+        if key is None:
             return f"the checkpoint has no tensor {names[0]}"
-        shape = weights.entries[found[0]].shape
-        if found[0].rpartition(".")[0] in transposed:
+        shape = weights.entries[key].shape
+        if key.rpartition(".")[0] in transposed:
             shape = shape[::-1]
         if tuple(shape) != tuple(param.shape):
-            return f"tensor {found[0]} is {list(shape)} in the checkpoint, the model's is {list(param.shape)}"
+            return f"tensor {key} is {list(shape)} in the checkpoint, the model's is {list(param.shape)}"
     return None
+
+
+def checkpoint_names(module: nn.Module, weights: SafetensorsWeights) -> dict[str, str]:
+    """Every parameter name with a tensor in ``weights`` -> that tensor's name (tied weights share one)."""
+    names = {}
+    for group, _ in _param_groups(module):
+        key = _checkpoint_key(group, weights)
+        names.update({n: key for n in group} if key is not None else {})
+    return names
+
+
+def _checkpoint_key(names: list[str], weights: SafetensorsWeights) -> str | None:
+    """The name under which the checkpoint stores a parameter known by ``names`` (tied: several), or None."""
+    return next((n for n in names if n in weights.entries), None)
 
 
 def _param_groups(module: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
@@ -231,7 +245,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
     ready: dict[str, torch.Tensor] = {}  # full parameter name -> tensor as read (checkpoint dtype)
     total, done, start = weights.nbytes, 0, time.perf_counter()
     for names, param in groups:
-        key = next(n for n in names if n in weights.entries)
+        key = _checkpoint_key(names, weights)
         entry = weights.entries[key]
         layers = {full.rpartition(".")[0] for full in names}
         lazy = (len(entry.shape) == 2 and entry.nbytes >= ROWS_READ_BYTES and layers <= set(quantize)
@@ -289,9 +303,6 @@ class RowReader:
 
     weights: SafetensorsWeights
     name: str
-
-    def dim(self) -> int:
-        return len(self.weights.entries[self.name].shape)
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         return self.weights.read_rows(self.name, start, end)

@@ -389,7 +389,7 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
 
         pte = read_pte(pte_path, constants=False)
         options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration, seed=seed)
-        return verify_sample(model_path, pte_path, sample, options=options, entry=entry, checkpoint=checkpoint, seed=seed,
+        return verify_sample(model_path, pte, pte_path, sample, options=options, entry=entry, checkpoint=checkpoint, seed=seed,
                              min_sqnr_layer=min_sqnr_layer if min_sqnr_layer is not None else THRESHOLDS[options.scheme].layer,
                              on_layer=on_layer)
     pte = read_pte(pte_path)

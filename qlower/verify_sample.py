@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import VerifyError
-from .pte import Pte, qualified_op_name, read_pte
+from .pte import Pte, qualified_op_name
 
 # fused op -> (position of the packed weight, of its scales) in the op's arguments
 FUSED_INT4 = {
@@ -70,9 +70,14 @@ def _constant(pte: Pte, delegate, vid: int) -> torch.Tensor:
 
 
 def _scalar(delegate, vid: int):
+    """An Int or Bool argument's value; None for an absent one (Null)."""
     value = delegate.graph.values[vid].value
     kind = type(value).__name__
     return {"Int": lambda: value.int_val, "Bool": lambda: value.bool_val, "Null": lambda: None}[kind]()
+
+
+def _optional_constant(pte: Pte, delegate, vid: int) -> torch.Tensor | None:
+    return None if type(delegate.graph.values[vid].value).__name__ == "Null" else _constant(pte, delegate, vid)
 
 
 def pair_layers(ops: list[dict], plans: list) -> list[tuple[dict, Any]]:
@@ -102,15 +107,15 @@ def spread(count: int, total: int) -> list[int]:
     return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
-def verify_sample(model_path: str | Path, pte_path: str | Path, count: int, *, options, entry: str | None = None,
+def verify_sample(model_path: str | Path, pte: Pte, pte_path: str | Path, count: int, *, options, entry: str | None = None,
                   checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_layer: float,
                   on_layer: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Check ``count`` fused layers of ``pte_path`` alone against the same layers of the model; the report."""
+    """Check ``count`` fused layers of ``pte`` (read from ``pte_path`` with ``constants=False``) alone
+    against the same layers of the model; the report."""
     from .llm.load import load_any
-    from .quantize import plan_layers
+    from .pipeline import plan_model
     from .verify import compare
 
-    pte = read_pte(pte_path, constants=False)
     ops = file_layers(pte)
     if not ops:
         raise VerifyError("the file has no fused int4 layer to sample", "verify it without --sample")
@@ -118,16 +123,16 @@ def verify_sample(model_path: str | Path, pte_path: str | Path, count: int, *, o
     if loaded.weights is None:
         raise VerifyError("--sample needs weights it can read a layer at a time: a Hugging Face folder or --checkpoint x.safetensors",
                           "verify a model file without --sample")
-    from .hf import conv1d_layers, conv1d_to_linear
+    from .stream import checkpoint_names
 
-    transposed = set(conv1d_layers(loaded.module))
-    conv1d_to_linear(loaded.module)
-    pairs = pair_layers(ops, plan_layers(loaded.module, options))
+    transposed, plans = plan_model(loaded.module, options)
+    pairs = pair_layers(ops, plans)
+    names = checkpoint_names(loaded.module, loaded.weights)
     layers, failures = [], []
     gen = torch.Generator().manual_seed(seed)
     for i in spread(count, len(pairs)):
         op, plan = pairs[i]
-        result = _check(pte, op, plan, loaded, transposed, gen)
+        result = _check(pte, op, plan, _streamed_layer(loaded, plan.name, transposed, names), gen)
         result.update(compare(result.pop("reference"), result.pop("test")))
         result.update(index=i, passed=result["sqnr_db"] >= min_sqnr_layer)
         layers.append(result)
@@ -140,12 +145,11 @@ def verify_sample(model_path: str | Path, pte_path: str | Path, count: int, *, o
             "passed": not failures, "failures": failures}
 
 
-def _check(pte: Pte, op: dict, plan, loaded, transposed: set[str], gen: torch.Generator) -> dict[str, Any]:
+def _check(pte: Pte, op: dict, plan, layer: nn.Module, gen: torch.Generator) -> dict[str, Any]:
     from . import references
     from .quantize import quantize_layer
     from .quantized_linear import per_token_qparams_args
 
-    layer = _streamed_layer(loaded, plan.name, transposed)
     eager = quantize_layer(layer, plan, layer.rows)
     delegate, args = op["delegate"], op["args"]
     if plan.kind == "embedding":
@@ -161,7 +165,7 @@ def _check(pte: Pte, op: dict, plan, loaded, transposed: set[str], gen: torch.Ge
         weight, scales = _constant(pte, delegate, args[w_at]), _constant(pte, delegate, args[s_at])
         dynamic = op["op"].endswith("dq8ca_q4gsw.default")
         bias_id = args[w_at + (4 if dynamic else 3)]
-        bias = None if _scalar_or_none(delegate, bias_id) else _constant(pte, delegate, bias_id)
+        bias = _optional_constant(pte, delegate, bias_id)
         sums = _constant(pte, delegate, args[4]) if dynamic else None
         group_size = _scalar(delegate, args[6] if dynamic else args[3])
         x_scale, x_zp = torch.ops.torchao.choose_qparams_affine(*per_token_qparams_args(x, x)) if dynamic else (None, None)
@@ -196,22 +200,17 @@ def _rows_of(layer, n0: int, n1: int) -> nn.Module:
                            in_features=layer.in_features)
 
 
-def _scalar_or_none(delegate, vid: int) -> bool:
-    """Is argument ``vid`` absent (a Null value)?"""
-    return type(delegate.graph.values[vid].value).__name__ == "Null"
-
-
-def _streamed_layer(loaded, name: str, transposed: set[str]) -> nn.Module:
-    """A skeleton layer with its checkpoint tensors: small ones read, a 2-D weight by rows (``layer.rows``)."""
+def _streamed_layer(loaded, name: str, transposed: set[str], names: dict[str, str]) -> nn.Module:
+    """A skeleton layer with its checkpoint tensors (``names``: ``stream.checkpoint_names``): small
+    ones read, a 2-D weight by rows (``layer.rows``)."""
     from .stream import RowReader
 
     weights = loaded.weights
     skeleton = loaded.module.get_submodule(name)
-    tied = _checkpoint_names(loaded.module, weights)
     layer = nn.Module()
     layer.rows = None
     for attr, param in skeleton.named_parameters(recurse=False):
-        key = tied.get(f"{name}.{attr}")
+        key = names.get(f"{name}.{attr}")
         if key is None:
             raise VerifyError(f"the checkpoint has no tensor for {name}.{attr}", "pass the checkpoint the file was exported from")
         if attr == "weight" and name not in transposed and param.dim() == 2:
@@ -221,19 +220,7 @@ def _streamed_layer(loaded, name: str, transposed: set[str]) -> nn.Module:
             value = weights.read(key)
             value = value.t() if attr == "weight" and name in transposed else value
             setattr(layer, attr, nn.Parameter(value.contiguous(), requires_grad=False))
-    if not hasattr(layer, "bias") or "bias" not in layer._parameters:
+    if "bias" not in layer._parameters:
         layer.bias = None
     return layer
 
-
-def _checkpoint_names(module: nn.Module, weights) -> dict[str, str]:
-    """Every parameter name -> the name its tensor has in the checkpoint (tied weights share one)."""
-    from .stream import _param_groups
-
-    names = {}
-    for group, _ in _param_groups(module):
-        key = next((n for n in group if n in weights.entries), None)
-        for n in group:
-            if key is not None:
-                names[n] = key
-    return names

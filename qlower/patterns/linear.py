@@ -142,11 +142,12 @@ def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.
     return cur, seen
 
 
-def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tensor) -> str | None:
-    """The first guard a per-group int4 weight [N, K] fails for the 4-bit fused ops, or None."""
+def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tensor | None) -> str | None:
+    """The first guard a per-group int4 weight [N, K] fails for the 4-bit fused ops, or None
+    (``w_int`` None: its values are not checked)."""
     if not group_size or k % group_size != 0:
         return f"group size {group_size} does not divide K={k}"
-    if not pack.is_int4_range(w_int):
+    if w_int is not None and not pack.is_int4_range(w_int):
         return "weights outside the int4 range"
     if n % Q4_N_ALIGN:
         return q4_n_reason(n)
@@ -166,7 +167,7 @@ def q4_fusion_problem(w_int: torch.Tensor, group_size: int, rows: int | None = N
 
 def q4_shape_fusable(n: int, k: int, group_size: int | None) -> bool:
     """Do a per-group int4 weight's shape and group size pass the fused ops' guards (its values aside)?"""
-    return k % K_ALIGN == 0 and bool(group_size) and k % group_size == 0 and n % Q4_N_ALIGN == 0
+    return k % K_ALIGN == 0 and q4_weight_problem(n, k, group_size, None) is None
 
 
 def q4_fusable(w_int: torch.Tensor, block_size, rows: int | None = None) -> bool:
