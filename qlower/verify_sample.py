@@ -80,21 +80,33 @@ def _optional_constant(pte: Pte, delegate, vid: int) -> torch.Tensor | None:
     return None if type(delegate.graph.values[vid].value).__name__ == "Null" else _constant(pte, delegate, vid)
 
 
+def _shape_key(kind: str, rows: int, k: int) -> tuple[str, int, int]:
+    """(kind, rows, K as packed: rounded up to 8 values) — a file's op and a model's layer alike."""
+    return kind, rows, -(-k // 8) * 8
+
+
 def pair_layers(ops: list[dict], plans: list) -> list[tuple[dict, Any]]:
-    """Each fused op with the model layer it came from: the quantized layers in the model's order,
-    matched in the file's order, kind and shape checked."""
+    """Each fused op with the model layer it came from.
+
+    The file's ops come in execution order, the model's layers in the order they are
+    registered, which may differ (Phi-3 registers ``o_proj`` before ``qkv_proj``): ops are
+    matched within each kind and shape, in order, so only layers of the same shape rely on
+    the two orders agreeing."""
     quantized = [p for p in plans if p.quantized and p.kind in ("linear", "embedding")]
     if len(quantized) != len(ops):
         raise VerifyError(f"the file has {len(ops)} fused int4 layers, the model quantizes {len(quantized)}",
                           "pass the export's --scheme, --group-size and --quantize-embeddings (or --config), or verify without --sample")
+    by_shape: dict[tuple, list] = {}
+    for plan in quantized:  # plans: an embedding's n is its dim, its k the vocab
+        rows, k = (plan.k, plan.n) if plan.kind == "embedding" else (plan.n, plan.k)
+        by_shape.setdefault(_shape_key(plan.kind, rows, k), []).append(plan)
     pairs = []
-    for op, plan in zip(ops, quantized):
-        n, k = (plan.k, plan.n) if plan.kind == "embedding" else (plan.n, plan.k)  # plans: embedding n = dim, k = vocab
-        if op["kind"] != plan.kind or op["n"] != n or op["k"] < k or op["k"] - k >= 8:
-            raise VerifyError(f"layer {plan.name} ({plan.kind} {n}x{k}) does not match the file's "
-                              f"{op['op'].split('.')[1]} {op['n']}x{op['k']} in the same place",
+    for op in ops:
+        layers = by_shape.get(_shape_key(op["kind"], op["n"], op["k"]))
+        if not layers:
+            raise VerifyError(f"the file's {op['op'].split('.')[1]} {op['n']}x{op['k']} matches no layer of the model left to pair",
                               "the file was not exported from this model with these options; verify without --sample")
-        pairs.append((op, plan))
+        pairs.append((op, layers.pop(0)))
     return pairs
 
 

@@ -190,3 +190,20 @@ def test_verify_sample_needs_a_checkpoint_it_can_stream(tmp_path):
     qlower.export(model, pte, group_size=32)
     result = CliRunner().invoke(app, ["verify", str(model), str(pte), "--sample", "2"])
     assert result.exit_code == 1 and "--sample needs weights" in result.output and "Traceback" not in result.output
+
+
+def test_verify_sample_pairs_layers_registered_out_of_execution_order(tmp_path):
+    """Phi-3 registers ``o_proj`` before ``qkv_proj`` but runs it after: layers pair by shape."""
+    import qlower
+    from qlower.verify import verify
+
+    from .test_llm import FAMILIES
+
+    torch.manual_seed(0)
+    folder = tmp_path / "phi3"
+    FAMILIES["phi3"]().save_pretrained(str(folder))
+    pte = tmp_path / "phi3.pte"
+    qlower.export(folder, pte, group_size=32, quantize_embeddings=True, max_seq_len=32)
+    report = verify(folder, pte, sample=20)
+    assert report["passed"] and report["sampled"] == report["fused_layers"]
+    assert all(layer["sqnr_db"] > 100 for layer in report["layers"])
