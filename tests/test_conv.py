@@ -18,7 +18,7 @@ from qlower.pte import read_pte
 from qlower.verify import THRESHOLDS, sqnr_db
 
 from .conftest import EXAMPLES
-from .test_fuse import fused_ops, lower_stock, vk_graphs
+from .test_fuse import fused_ops, lower_stock, quantize_pt2e_static, vk_graphs
 
 VISION = ["resnet", "mobilenet_v2"]
 # Golden q8ta conv (integer accumulation) vs the PT2E graph's dq → conv → q in
@@ -99,20 +99,6 @@ def test_relu6_folds_only_when_int8_saturation_is_the_clamp():
 # -- references vs the PT2E graph ------------------------------------------------------------
 
 
-def _quantize_pt2e(model: nn.Module, x: torch.Tensor):
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    gm = prepare_pt2e(torch.export.export(model, (x,)).module(), q)
-    gm(x)
-    gm(x * 0.5)
-    return convert_pt2e(gm)
-
-
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(5, 7, 3, padding=1),  # odd channels
     nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
@@ -125,7 +111,7 @@ def test_reference_matches_the_quantized_graph(conv):
     torch.manual_seed(0)
     model = nn.Sequential(conv, nn.ReLU()).eval()
     x = torch.randn(1, conv.in_channels, 9, 11)
-    gm = _quantize_pt2e(model, x)
+    gm = quantize_pt2e_static(model, x)
     ep = torch.export.export(gm, (x,))
     from executorch.exir import to_edge
 
@@ -186,7 +172,7 @@ def _lower_ours(ep):
 def lowered_residual():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 13, 15)
-    ep = torch.export.export(_quantize_pt2e(Residual().eval(), x), (x,))
+    ep = torch.export.export(quantize_pt2e_static(Residual().eval(), x), (x,))
     stock, _ = lower_stock(ep)
     (ours, _), report = _lower_ours(ep)
     return stock, ours, report

@@ -89,6 +89,11 @@ def quantize(model, scheme, x):
             )
             quantize_(model, cfg, filter_fn=lambda m, fqn, n=name: fqn == n)
         return model
+    return quantize_pt2e_static(model, x)
+
+
+def quantize_pt2e_static(model: torch.nn.Module, x: torch.Tensor):
+    """The stock static int8 flow's quantization (XNNPACK's symmetric per-channel config), calibrated on x and x / 2."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
