@@ -1,0 +1,152 @@
+"""What quantization costs on real text: perplexity per scheme × group size × weight algorithm.
+
+For a Hugging Face folder of a model with learned weights (the shipped ones are in examples/trained/),
+exports one KV-cache file per row with qlower and measures it with ``qlower eval`` on held-out text:
+the float model, the model quantized as export quantizes it, and the file itself (the golden executor,
+or the real runtime with ``--runner``), plus export time and file size. Rows run one after another in
+this process's machine; every number of a table comes from the same run.
+
+    python benchmarks/quality_bench.py examples/trained/py-llama
+    python benchmarks/quality_bench.py examples/trained/py-llama --group-sizes 32,128 --algorithms rtn,hqq,gptq \\
+        --runner /path/to/llm_step_runner --json benchmarks/results/quality_py_llama.json
+
+The evaluation text defaults to ``heldout.txt`` in the folder and the calibration text (for
+calibrated algorithms) to ``calibration.txt``: different files of the same source, never the same
+passages. The table ends with, per scheme and group size, the share of round-to-nearest's
+perplexity gap to float that each algorithm closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CALIBRATED = {"gptq", "awq"}
+
+
+def qlower(*args: str) -> dict:
+    """Run a qlower command with --json; its document (also when it reports a failure)."""
+    cmd = [sys.executable, "-m", "qlower", *args, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    if not doc.get("ok", False) and "error" in doc:
+        raise SystemExit(f"{' '.join(cmd)}: {doc['error']}")
+    return doc
+
+
+def run_row(model: Path, scheme: str, group_size: int, algorithm: str, args, workdir: Path) -> dict:
+    pte = workdir / f"{scheme}_g{group_size}_{algorithm}.pte"
+    export_args = ["export", str(model), "-o", str(pte), "--scheme", scheme, "--group-size", str(group_size),
+                   "--max-seq-len", str(max(args.tokens, 64))]
+    if algorithm != "rtn":
+        export_args += ["--weight-algorithm", algorithm]
+    if algorithm in CALIBRATED:
+        export_args += ["--calibration-text", str(args.calibration_text), "--calibration-tokens", str(args.calibration_tokens)]
+    if args.quantize_embeddings:
+        export_args.append("--quantize-embeddings")
+    start = time.perf_counter()
+    summary = qlower(*export_args)
+    export_s = time.perf_counter() - start
+    eval_args = ["eval", str(model), str(pte), "--text", str(args.text), "--windows", str(args.windows),
+                 "--tokens", str(args.tokens)]
+    if algorithm != "rtn":
+        eval_args += ["--weight-algorithm", algorithm]
+    if algorithm in CALIBRATED:
+        eval_args += ["--calibration-text", str(args.calibration_text), "--calibration-tokens", str(args.calibration_tokens)]
+    if args.runner:
+        eval_args += ["--runner", args.runner]
+    start = time.perf_counter()
+    report = qlower(*eval_args)
+    eval_s = time.perf_counter() - start
+    ppl = report["perplexity"]
+    row = {"scheme": scheme, "group_size": group_size, "algorithm": algorithm,
+           "ppl_float": ppl["float"], "ppl_quantized": ppl["quantized"], "ppl_file": ppl["file"],
+           "file_on": "runtime" if args.runner else "golden",
+           "delta_pct_quantized": report["delta_pct"]["quantized"], "delta_pct_file": report["delta_pct"]["file"],
+           "windows": report["windows"], "scored": report["scored"],
+           "export_s": round(export_s, 1), "eval_s": round(eval_s, 1), "pte_bytes": pte.stat().st_size}
+    for key in ("window_perplexity", "spread"):
+        if key in report:
+            row[key] = report[key]
+    pte.unlink()
+    return row
+
+
+def gap_closed(rows: list[dict]) -> list[dict]:
+    """Per (scheme, group size): the share of RTN's perplexity gap to float each algorithm closes."""
+    out = []
+    for row in rows:
+        rtn = next((r for r in rows if r["algorithm"] == "rtn" and r["scheme"] == row["scheme"]
+                    and r["group_size"] == row["group_size"]), None)
+        if rtn is None or row["algorithm"] == "rtn":
+            continue
+        for which in ("quantized", "file"):
+            gap = rtn[f"ppl_{which}"] - rtn["ppl_float"]
+            if gap > 0:
+                out.append({"scheme": row["scheme"], "group_size": row["group_size"], "algorithm": row["algorithm"],
+                            "measured_on": which, "gap_closed_pct": round(100 * (rtn[f"ppl_{which}"] - row[f"ppl_{which}"]) / gap, 1)})
+    return out
+
+
+def render(rows: list[dict], closed: list[dict]) -> str:
+    lines = ["| scheme | g | algorithm | float | quantized (eager) | file | Δ file vs float | export s | .pte KB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['group_size']} | {r['algorithm']} | {r['ppl_float']:.3f} | {r['ppl_quantized']:.3f} "
+                     f"| {r['ppl_file']:.3f} ({r['file_on']}) | {r['delta_pct_file']:+.2f}% | {r['export_s']:.1f} "
+                     f"| {r['pte_bytes'] / 1024:.0f} |")
+    if closed:
+        lines += ["", "| scheme | g | algorithm | RTN gap closed (eager) | RTN gap closed (file) |", "|---|---|---|---|---|"]
+        keys = sorted({(c["scheme"], c["group_size"], c["algorithm"]) for c in closed})
+        for key in keys:
+            vals = {c["measured_on"]: c["gap_closed_pct"] for c in closed if (c["scheme"], c["group_size"], c["algorithm"]) == key}
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {vals.get('quantized', '–')}% | {vals.get('file', '–')}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="a Hugging Face folder with a tokenizer")
+    ap.add_argument("--schemes", default="qta8a_qga4w")
+    ap.add_argument("--group-sizes", default="32,64,128")
+    ap.add_argument("--algorithms", default="rtn,hqq,gptq")
+    ap.add_argument("--text", type=Path, help="evaluation text [default: MODEL/heldout.txt]")
+    ap.add_argument("--calibration-text", type=Path, help="[default: MODEL/calibration.txt]")
+    ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--quantize-embeddings", action="store_true")
+    ap.add_argument("--runner", help="llm_step_runner: the file's perplexity on the real runtime")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    args.text = args.text or args.model / "heldout.txt"
+    args.calibration_text = args.calibration_text or args.model / "calibration.txt"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="quality_bench") as tmp:
+        for scheme in args.schemes.split(","):
+            for g in map(int, args.group_sizes.split(",")):
+                for algorithm in args.algorithms.split(","):
+                    row = run_row(args.model, scheme, g, algorithm, args, Path(tmp))
+                    rows.append(row)
+                    print(f"{scheme} g{g} {algorithm}: float {row['ppl_float']:.3f} quantized {row['ppl_quantized']:.3f} "
+                          f"file {row['ppl_file']:.3f} ({row['export_s']}s export, {row['eval_s']}s eval)", file=sys.stderr, flush=True)
+    closed = gap_closed(rows)
+    print(render(rows, closed))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(args.model), "text": str(args.text), "windows": args.windows,
+                                         "tokens": args.tokens, "file_on": "runtime" if args.runner else "golden",
+                                         "rows": rows, "gap_closed": closed}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
