@@ -355,7 +355,7 @@ def _parse_ids(value: Optional[str]) -> Optional[list[int]]:
     epilog=(
         "Examples:\n\n"
         "  qlower generate ./my-hf-model model.pte --prompt-ids 1,2,3\n\n"
-        "  qlower generate ./my-hf-model model.pte --prompt 'Once upon a time' --max-new-tokens 16\n\n"
+        "  qlower generate ./my-hf-model model.pte --prompt 'Once upon a time' --bos --max-new-tokens 16\n\n"
         "  qlower generate examples/llama.py llama.pte --prompt-ids 5,6,7 --json"
     )
 )
@@ -365,6 +365,7 @@ def generate(
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", callback=_parse_ids, help="Prompt token ids, comma-separated."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (needs a tokenizer in the Hugging Face folder)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (fewer if an end-of-sequence id comes first)."),
+    bos: bool = typer.Option(False, "--bos", help="Prepend the file's get_bos_id to the prompt, as ExecuTorch's llama_main --num_bos 1 does."),
     config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
@@ -382,7 +383,7 @@ def generate(
 
     report = run_generate(model, pte, prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens, config=config, entry=entry,
                           checkpoint=checkpoint, seed=seed, min_sqnr_float=min_sqnr_float,
-                          min_sqnr_quantized=min_sqnr_quantized, warn=console.warn)
+                          min_sqnr_quantized=min_sqnr_quantized, bos=bos, warn=console.warn)
     if as_json:
         print_json(report, ok=report["ok"])
     else:

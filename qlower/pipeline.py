@@ -53,6 +53,7 @@ class ExportJob:
     decode_info: dict[str, Any] | None = None  # KV cache shape and bytes, for the summary
     decode_source_name: Callable[[str], str] = lambda name: name  # decoder module name → loaded model's
     written: list[Path] = field(default_factory=list)  # files written beside the .pte (tokenizer)
+    tokenizer: Any = None  # llm.runner_tokenizer.RunnerTokenizer: the tokenizer written for the runner
     plans: list[LayerPlan] = field(default_factory=list)
     quantized: torch.nn.Module | None = None
     exported: Any = None  # torch.export.ExportedProgram
@@ -245,11 +246,26 @@ def stage_serialize(job: ExportJob) -> None:
     del program
     release_memory()
     if job.kv_cache and job.hf_folder is not None:
-        # The runner's --tokenizer_path: written next to the .pte under the .pte's stem.
-        for source in job.hf_folder.tokenizer_files:
-            target = job.output.with_name(f"{job.output.stem}.{source.name}")
-            write_atomic(target, source.read_bytes())
-            job.written.append(target)
+        write_runner_tokenizer(job)
+
+
+def write_runner_tokenizer(job: ExportJob) -> None:
+    """The runner's --tokenizer_path, beside the .pte under its stem (llm/runner_tokenizer.py says how)."""
+    from .llm.runner_tokenizer import runner_tokenizer
+
+    try:
+        job.tokenizer = runner_tokenizer(job.hf_folder.tokenizer_files, job.metadata, job.output)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        job.warn(f"the tokenizer was not written: cannot read it from {job.hf_folder.path}: {type(exc).__name__}: {exc}")
+        return
+    if job.tokenizer is None:
+        return
+    for target, data in job.tokenizer.files.items():
+        target.parent.mkdir(exist_ok=True)
+        write_atomic(target, data)
+        job.written.append(target)
+    for problem in job.tokenizer.problems:
+        job.warn(f"ExecuTorch's LLM runner cannot use {job.tokenizer.path.name} as written: {problem}")
 
 
 STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [

@@ -45,6 +45,8 @@ def render_export(summary: dict[str, Any]) -> None:
         out.print(f"decode: forward(tokens[1, 1..{decode['max_seq_len']}], input_pos[1]) → logits; KV cache {decode['layers']} layers × K/V, "
                   f"{human_bytes(decode['kv_cache_bytes'])} of GPU memory at max_seq_len {decode['max_seq_len']}")
         out.print("runner metadata: " + ", ".join(f"{k}={v}" for k, v in decode["metadata"].items()))
+        if decode.get("runner_command"):
+            out.print("run with ExecuTorch's LLM runner: " + " ".join(decode["runner_command"]) + " --prompt TEXT", markup=False)
     for path in summary.get("written", []):
         out.print(f"wrote {path}")
     size = summary["size"]

@@ -45,11 +45,22 @@ def export_summary(job) -> dict[str, Any]:
         "runtime_problems": [{"node_id": p.node_id, "op": p.op, "message": p.message}
                              for d in pte.vulkan_delegates for p in load_problems(d.graph)],
         **counts,
-        "decode": dict(job.decode_info, metadata=job.metadata) if job.kv_cache and job.decode_info else None,
+        "decode": decode_summary(job) if job.kv_cache and job.decode_info else None,
         "written": [str(p) for p in job.written],
         "verification": job.verification,
         "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
     }
+
+
+def decode_summary(job) -> dict[str, Any]:
+    from .llm.runner_tokenizer import llama_main_command
+
+    decode = dict(job.decode_info, metadata=job.metadata, tokenizer=None, runner_command=None)
+    if job.tokenizer is not None and job.output is not None:
+        decode["tokenizer"] = job.tokenizer.summary()
+        data = [p for p in job.written if p.suffix == ".ptd"]
+        decode["runner_command"] = llama_main_command(job.output, job.tokenizer, data)
+    return decode
 
 
 def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, int]) -> list[dict[str, Any]]:

@@ -101,8 +101,16 @@ def test_hf_folder_exports_one_partition_with_kv_cache_and_metadata(hf_folder, d
         "use_kv_cache": True, "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
         "get_bos_id": 1, "get_eos_ids": [2],
     }
-    # The tokenizer travels with the file, under its stem.
-    assert (out.parent / f"{out.stem}.tokenizer.json").read_bytes() == (hf_folder("llama") / "tokenizer.json").read_bytes()
+    # The tokenizer travels with the file, under its stem, as a folder whose config names the file's BOS/EOS.
+    folder = out.parent / f"{out.stem}.tokenizer"
+    written = json.loads((folder / "tokenizer.json").read_text())
+    assert written["model"] == json.loads((hf_folder("llama") / "tokenizer.json").read_text())["model"]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"]) == ("w1", "w2")
+    tokenizer = decode["tokenizer"]
+    assert tokenizer["path"] == str(folder) and (tokenizer["bos"], tokenizer["eos"]) == (1, 2)
+    assert any("WordLevel" in p for p in tokenizer["problems"])  # ExecuTorch's loader reads BPE only
+    assert decode["runner_command"][:5] == ["llama_main", "--model_path", str(out), "--tokenizer_path", f"{folder}/"]
 
 
 def test_inspect_reads_decode_file(decode_file):

@@ -112,9 +112,12 @@ def teacher_forced(step: Callable[[torch.Tensor, int], torch.Tensor], prompt: li
 def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = None, *, prompt: str | None = None,
              max_new_tokens: int = 8, config: str | Path | None = None, entry: str | None = None,
              checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_float: float | None = None,
-             min_sqnr_quantized: float | None = None, options: ExportOptions | None = None,
+             min_sqnr_quantized: float | None = None, options: ExportOptions | None = None, bos: bool = False,
              warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Greedy decoding of the file beside the eager models; ``report["ok"]`` is False below the scheme's bars.
+
+    A text ``prompt`` is encoded as ExecuTorch's LLM runner encodes it: the tokenizer adds no
+    special tokens; ``bos`` prepends the file's ``get_bos_id`` (the runner's ``--num_bos 1``).
 
     The eager models are quantized with ``options`` (an export's own), else as
     read from the file (scheme, group size, embeddings) and ``config``.
@@ -134,7 +137,11 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     if prompt is not None:
         if tokenizer is None:
             raise VerifyError("--prompt needs a tokenizer; the model has none", "pass --prompt-ids 1,2,3")
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if bos:
+        if decode.metadata.get("get_bos_id") is None:
+            raise VerifyError("--bos: the file has no get_bos_id", "put the BOS id first in --prompt-ids, or export with --metadata '{\"get_bos_id\": 1}'")
+        prompt_ids = [int(decode.metadata["get_bos_id"])] + list(prompt_ids or [])
     if not prompt_ids:
         raise VerifyError("the prompt is empty", "pass --prompt-ids 1,2,3 (or --prompt TEXT with a tokenizer)")
     vocab = int(decode.metadata.get("get_vocab_size", 0)) or None
