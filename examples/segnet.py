@@ -15,12 +15,13 @@ from torch import nn
 
 
 class SegNet(nn.Module):
-    def __init__(self, num_classes: int = 5, width: int = 16):
+    def __init__(self, num_classes: int = 5, width: int = 16, up_kernel: int = 2):
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1)
         self.down1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
         self.down2 = nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1)
-        self.up = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        # Doubles H and W for an even kernel: (H − 1)·2 − 2p + k with p = k/2 − 1.
+        self.up = nn.ConvTranspose2d(4 * width, 2 * width, up_kernel, stride=2, padding=up_kernel // 2 - 1)
         self.fuse = nn.Conv2d(4 * width, 2 * width, 3, padding=1)
         self.head = nn.Conv2d(2 * width, num_classes, 1)
         self.relu = nn.ReLU()
@@ -34,14 +35,15 @@ class SegNet(nn.Module):
         return self.head(x)
 
 
-def make_model() -> nn.Module:
+def make_model(**kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return SegNet().eval()
+    return SegNet(**kwargs).eval()
 
 
-example_inputs = (torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)),)
+SIZE = 64
+example_inputs = (torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)),)
 
 
-def calibration_inputs():
+def calibration_inputs(size: int = SIZE):
     gen = torch.Generator().manual_seed(3)
-    return [(torch.randn(1, 3, 64, 64, generator=gen),) for _ in range(4)]
+    return [(torch.randn(1, 3, size, size, generator=gen),) for _ in range(4)]
