@@ -277,3 +277,26 @@ def test_segnet_verifies(segnet):
     by_name = {l["name"]: l for l in report["layers"]}
     assert len(by_name) == 6 and by_name["up"]["op"] == OP
     assert all(l["sqnr_db"] >= MIN_LAYER_SQNR_DB for l in report["layers"]), by_name
+
+
+@pytest.mark.parametrize("layer, planned", [
+    (nn.ConvTranspose2d(4, 8, 2, stride=2), True),
+    (nn.ConvTranspose2d(4, 8, 2, stride=2, groups=2), False),
+    (nn.Conv1d(4, 8, 3), False),
+    (nn.ConvTranspose1d(4, 8, 2, stride=2), False),
+], ids=["transposed_2d", "transposed_grouped", "conv_1d", "transposed_1d"])
+def test_only_planned_convs_get_quantized_weights(layer, planned):
+    """The static quantizer annotates exactly the convs the plan quantizes (a 1-D or grouped transposed conv
+    left float must not be quantized behind the report's back)."""
+    from qlower.config import ExportOptions
+    from qlower.quantize import plan_layers, quantize_static
+
+    model = nn.Sequential(layer, nn.ReLU()).eval()
+    x = torch.randn(1, 4, 6) if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)) else torch.randn(1, 4, 5, 6)
+    plans = plan_layers(model, ExportOptions(scheme="q8ta_q8csw"))
+    assert [p.quantized for p in plans] == [planned]
+    gm = quantize_static(model, (x,), plans, [(x,)])
+    per_channel = [n for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(per_channel) == int(planned)
+    if planned:  # output channels: axis 1 of the [IC, OC, KH, KW] weight
+        assert per_channel[0].args[3] == 1
