@@ -1,6 +1,6 @@
 """Static int8 CNNs: qlower against the stock ExecuTorch flow, same models, same run.
 
-    python benchmarks/vision_bench.py                         # both bundled vision models
+    python benchmarks/vision_bench.py                         # the bundled vision models
     python benchmarks/vision_bench.py --model examples/resnet.py --repeat 3 --json
 
 For each model, each flow runs in its own subprocess (fresh imports and
@@ -32,7 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODELS = [os.path.join(ROOT, "examples", name) for name in ("resnet.py", "mobilenet_v2.py")]
+MODELS = [os.path.join(ROOT, "examples", name) for name in ("resnet.py", "mobilenet_v2.py", "segnet.py")]
 
 
 def stock_flow(path: str) -> tuple[bytes, float]:

@@ -30,7 +30,7 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     fused linears' int4 layout) → ``et_vk.embedding_q4gsw``.
 ``fuse_q8ta_conv``
     Static int8 ``q → dq → convolution [→ relu | ReLU6] → q`` → ``et_vk.q8ta_conv2d``,
-    ``_dw`` or ``_pw`` (:mod:`qlower.patterns.conv`), int8 in and int8 out; every
+    ``_dw``, ``_pw`` or ``_transposed`` (:mod:`qlower.patterns.conv`), int8 in and int8 out; every
     convolution gets a report entry (C_out, C_in, kernel, stride, groups).
 ``fuse_q8ta_add``
     ``dq + dq [→ relu] → q`` → ``et_vk.q8ta_add``, so residual connections stay int8.

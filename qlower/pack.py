@@ -20,6 +20,9 @@ int8 conv weight (q8ta_conv  int8 [OC, ceil4(KH·KW·ICg)] K → 4 (zeros)
   2d, _pw)                     K ordered (kh, kw, ic)
 int8 depthwise weight        int8 [KH, KW, ceil4(OC)]    OC → 4 (zeros)
   (q8ta_conv2d_dw)
+int8 transposed conv weight  as the conv weight, from    K → 4 (zeros)
+  (q8ta_conv2d_transposed)     [IC, OCg, KH, KW]: the
+                               kernel is not flipped
 int8 channel scales          [ceil4(N)]                  N → 4 (zeros)
 int8 channel sums            int32 [ceil4(N)]            N → 4 (zeros)
 bias (every quantized op)    [ceil4(N)]                  N → 4 (zeros)
@@ -213,6 +216,38 @@ def unpack_conv_weight(packed: torch.Tensor, ic_per_group: int, kernel: tuple[in
     kh, kw = kernel
     oc = packed.shape[0]
     return packed[:, : kh * kw * ic_per_group].reshape(oc, kh, kw, ic_per_group).permute(0, 3, 1, 2).contiguous()
+
+
+def transposed_to_conv_layout(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A transposed conv's int8 weight [IC, OCg, KH, KW] → [OC, ICg, KH, KW], the kernel not flipped.
+
+    ``q8ta_conv2d_transposed`` reads ``w[oc, ic, kh, kw]`` for the input at
+    ``(oy + p − kh) / s`` (no flip, unlike the equivalent direct conv), so
+    only the channel axes move: group ``g`` holds input channels
+    ``g·ICg … (g+1)·ICg − 1`` and output channels ``g·OCg …``.
+    """
+    if w.dim() != 4 or w.shape[0] % groups:
+        raise ValueError(f"expected a 4-D [IC, OC/groups, KH, KW] weight with IC divisible by {groups}, got {tuple(w.shape)}")
+    ic, ocg, kh, kw = w.shape
+    icg = ic // groups
+    return w.reshape(groups, icg, ocg, kh, kw).transpose(1, 2).reshape(groups * ocg, icg, kh, kw).contiguous()
+
+
+def conv_layout_to_transposed(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`transposed_to_conv_layout`: [OC, ICg, KH, KW] → [IC, OCg, KH, KW]."""
+    oc, icg, kh, kw = w.shape
+    ocg = oc // groups
+    return w.reshape(groups, ocg, icg, kh, kw).transpose(1, 2).reshape(groups * icg, ocg, kh, kw).contiguous()
+
+
+def pack_conv_transposed_weight(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """int8 [IC, OCg, KH, KW] → int8 [OC, ceil4(KH*KW*ICg)] (q8ta_conv2d_transposed): the conv matrix layout."""
+    return pack_conv_weight(transposed_to_conv_layout(w, groups))
+
+
+def unpack_conv_transposed_weight(packed: torch.Tensor, ic_per_group: int, kernel: tuple[int, int], groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_conv_transposed_weight`: back to [IC, OCg, KH, KW]."""
+    return conv_layout_to_transposed(unpack_conv_weight(packed, ic_per_group, kernel), groups)
 
 
 def pack_dw_weight(w: torch.Tensor) -> torch.Tensor:

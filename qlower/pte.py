@@ -615,7 +615,8 @@ FUSED_OP_ARGS = {
     "q8ta_linear": {"weights": (3,), "scales": (4, 5)},
     "q8ta_linear_gemv": {"weights": (3,), "scales": (4, 5)},
     "embedding_q4gsw": {"weights": (0,), "scales": (1,)},
-    **{op: {"weights": (3,), "scales": (4, 5)} for op in ("q8ta_conv2d", "q8ta_conv2d_pw", "q8ta_conv2d_dw")},
+    **{op: {"weights": (3,), "scales": (4, 5)}
+       for op in ("q8ta_conv2d", "q8ta_conv2d_pw", "q8ta_conv2d_dw", "q8ta_conv2d_transposed")},
 }
 FLOAT_DTYPES = {"FLOAT16", "FLOAT32", "FLOAT64"}
 

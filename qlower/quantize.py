@@ -6,7 +6,8 @@ module. Every linear and embedding layer gets a ``LayerPlan`` saying what it
 will become, or why it stays float: a shape the scheme cannot take is reported,
 never a crash (``--strict`` makes it an error). Under the static scheme every
 convolution gets one too: ``q8ta_q8csw`` quantizes Conv2d layers (BatchNorm
-folded by PT2E) for the ET-VK q8ta convolutions; other schemes leave convs float.
+folded by PT2E) and ConvTranspose2d layers for the ET-VK q8ta convolutions;
+other schemes leave convs float.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torchao.quantization.pt2e.quantizer import Quantizer
 from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
-from .patterns.conv import conv_shape_problem
+from .patterns.conv import PT2E_CONV_TARGETS, conv_shape_problem
 from . import pack
 from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason, q4_shape_fusable
 from .quantized_linear import QuantizedLinear
@@ -82,7 +83,7 @@ def _plan_conv(name: str, layer: nn.Module, options: ExportOptions) -> LayerPlan
         plan.reason = f"padding mode {layer.padding_mode!r} (the q8ta convolutions pad with zeros)"
     else:
         plan.reason = conv_shape_problem(layer.out_channels, layer.in_channels, layer.groups,
-                                         dims=len(layer.kernel_size), transposed=transposed)
+                                         dims=len(layer.kernel_size), transposed=transposed, dilation=layer.dilation)
         plan.quantized = plan.reason is None
     return plan
 
@@ -326,8 +327,10 @@ class StaticInt8Quantizer(Quantizer):
     XNNPACK's own ``annotate`` would take every op it knows (and turn add/mul
     scalars into float tensors, which made integer position ids float); this
     one annotates only: the planned linears (``linear_relu``, ``linear``), the
-    planned convs followed by a clamp (relu: XNNPACK's ``conv_relu``;
-    hardtanh/ReLU6: here) or not (``conv``), and adds whose two inputs are
+    planned convs and transposed convs followed by a clamp (relu: XNNPACK's
+    ``conv_relu``/``conv_transpose_relu``; hardtanh/ReLU6: here) or not
+    (``conv``/``conv_transpose``: weights per output channel, which is axis 1
+    of a transposed conv's weight), and adds whose two inputs are
     int8 (``add_relu``, ``add``). Ops that only move or pool values (view,
     flatten, max pool, mean) then share their input's quantization
     (XNNPACK's ``propagate_annotation``).
@@ -343,12 +346,14 @@ class StaticInt8Quantizer(Quantizer):
 
         config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
         linear_filter = _module_filter(self.linears, {torch.ops.aten.linear.default})
-        conv_filter = _module_filter(self.convs, _CONV_OPS)
+        conv_filter = _module_filter(self.convs, PT2E_CONV_TARGETS)
         OP_TO_ANNOTATOR["linear_relu"](model, config, linear_filter)
         OP_TO_ANNOTATOR["linear"](model, config, linear_filter)
         OP_TO_ANNOTATOR["conv_relu"](model, config, conv_filter)
+        OP_TO_ANNOTATOR["conv_transpose_relu"](model, config, conv_filter)
         _annotate_conv_hardtanh(model, config, conv_filter)
         OP_TO_ANNOTATOR["conv"](model, config, conv_filter)
+        OP_TO_ANNOTATOR["conv_transpose"](model, config, conv_filter)
         OP_TO_ANNOTATOR["add_relu"](model, config, _int8_inputs)
         OP_TO_ANNOTATOR["add"](model, config, _int8_inputs)
         propagate_annotation(model)
@@ -358,8 +363,9 @@ class StaticInt8Quantizer(Quantizer):
         pass
 
 
-_CONV_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
 _HARDTANH_OPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+_CONV_TRANSPOSE_TARGETS = {torch.ops.aten.conv_transpose1d.default, torch.ops.aten.conv_transpose2d.input,
+                           torch.ops.aten.conv_transpose3d.input}
 
 
 def _innermost_module(node: torch.fx.Node) -> str:
@@ -407,6 +413,7 @@ def _annotate_conv_hardtanh(model: torch.fx.GraphModule, config, filter_fn) -> N
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
         _is_annotated,
         _mark_nodes_as_annotated,
+        change_quantization_config,
         get_bias_qspec,
         get_input_act_qspec,
         get_output_act_qspec,
@@ -419,14 +426,17 @@ def _annotate_conv_hardtanh(model: torch.fx.GraphModule, config, filter_fn) -> N
         if clamp.op != "call_function" or clamp.target not in _HARDTANH_OPS:
             continue
         conv = clamp.args[0]
-        if not isinstance(conv, torch.fx.Node) or conv.target not in _CONV_OPS or len(conv.users) != 1:
+        if not isinstance(conv, torch.fx.Node) or conv.target not in PT2E_CONV_TARGETS or len(conv.users) != 1:
             continue
         x, weight = conv.args[0], conv.args[1]
         bias = conv.args[2] if len(conv.args) > 2 and isinstance(conv.args[2], torch.fx.Node) else None
         partition = [clamp, conv, weight] + ([bias] if bias is not None else [])
         if _is_annotated(partition) or not all(filter_fn(n) for n in partition):
             continue
-        qspecs = {x: get_input_act_qspec(config), weight: get_weight_qspec(config)}
+        weight_qspec = get_weight_qspec(config)
+        if conv.target in _CONV_TRANSPOSE_TARGETS:  # [IC, OC, KH, KW]: output channels on axis 1
+            weight_qspec = change_quantization_config(weight_qspec, ch_axis=1)
+        qspecs = {x: get_input_act_qspec(config), weight: weight_qspec}
         if bias is not None:
             qspecs[bias] = get_bias_qspec(config)
         conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)

@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from .pack import unpack_conv_weight, unpack_dw_weight, unpack_group_scales, unpack_int4, unpad
+from .pack import (unpack_conv_transposed_weight, unpack_conv_weight, unpack_dw_weight,
+                   unpack_group_scales, unpack_int4, unpad)
 
 INT8_MIN = -128
 INT8_MAX = 127
@@ -162,6 +163,50 @@ def conv2d_q8ta_q8csw_int(
     return y
 
 
+def conv_transpose2d_q8ta_q8csw_int(
+    xq: torch.Tensor,
+    x_scale: float,
+    x_zp: int,
+    w: torch.Tensor,
+    w_sums: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    padding,
+    output_padding,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Per-tensor int8 NCHW activations ⊛ᵀ per-channel int8 weights [IC, OCg, KH, KW] → float32 NCHW.
+
+    As ``q8ta_conv2d_transposed.glsl`` (dilation 1): every output position
+    visits every kernel tap and input channel, reading the input at
+    ``((y + p − kh) / s, (x + p − kw) / s)`` where that division is exact and
+    lands inside the input, and ``x_zp`` everywhere else::
+
+        acc[n, oc, y, x] = Σ_{kh, kw, ic} (xq[n, ic, iy, ix] or x_zp) · w[ic, oc, kh, kw]
+                           − x_zp · w_sums[oc]                                   (integer)
+        out              = acc · (x_scale · w_scales[oc]) + bias[oc]
+
+    The raw sum is the transposed convolution of ``xq − x_zp`` plus
+    ``x_zp · Σ w`` (every tap reads ``x_zp`` or ``x_zp + (xq − x_zp)``),
+    summed here in float64 on integers (exact); the stored ``w_sums`` then
+    take ``x_zp · Σ w`` back, as on the GPU, so wrong sums show.
+    ``output_padding`` only adds output rows and columns, computed the same way.
+    """
+    xc = xq.to(torch.float64) - float(int(x_zp))
+    centred = torch.nn.functional.conv_transpose2d(xc, w.to(torch.float64), None, list(stride), list(padding),
+                                                   list(output_padding), int(groups), 1)
+    ocg = w.shape[1]
+    taps = w.to(torch.int64).reshape(int(groups), -1, ocg, w.shape[2] * w.shape[3]).sum(dim=(1, 3)).reshape(-1)
+    raw = centred.round().to(torch.int64) + int(x_zp) * taps.reshape(1, -1, 1, 1)
+    acc = raw - int(x_zp) * w_sums.to(torch.int64).reshape(1, -1, 1, 1)
+    scale = torch.tensor(float(x_scale), dtype=torch.float32) * w_scales.to(torch.float32)
+    y = acc.to(torch.float32) * scale.reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
+    return y
+
+
 def requantize(y: torch.Tensor, output_scale: float, output_zp: int, activation: str = "none") -> torch.Tensor:
     """Float accumulator → int8 output of the q8ta family, with the fused activation."""
     if activation == "relu":
@@ -247,6 +292,20 @@ def q8ta_conv2d_dw(x, input_scale, input_zero_point, weights, weight_sums, weigh
     w = unpack_dw_weight(weights, c)
     return _q8ta_conv(x, input_scale, input_zero_point, w, weight_sums, weight_scales, output_scale, output_zero_point,
                       bias, stride, padding, dilation, groups, activation, c)
+
+
+def q8ta_conv2d_transposed(x, input_scale, input_zero_point, weights, weight_sums, weight_scales, output_scale,
+                           output_zero_point, bias, kernel_size, stride, padding, output_padding, dilation, groups,
+                           activation):
+    """q8ta_conv2d_transposed: weights as the conv matrix [OC, ceil4(KH·KW·ICg)] of the unflipped kernel."""
+    if any(int(d) != 1 for d in dilation):
+        raise ValueError(f"q8ta_conv2d_transposed takes dilation 1 only, got {list(dilation)}")
+    oc = weights.shape[0]
+    w = unpack_conv_transposed_weight(weights, x.shape[1] // int(groups), tuple(kernel_size), int(groups))
+    y = conv_transpose2d_q8ta_q8csw_int(x, input_scale, input_zero_point, w, unpad(weight_sums, oc),
+                                        unpad(weight_scales, oc), unpad(bias, oc) if bias is not None else None,
+                                        stride, padding, output_padding, groups)
+    return requantize(y, output_scale, output_zero_point, activation or "none")
 
 
 def _q8ta_conv(x, input_scale, input_zero_point, w, weight_sums, weight_scales, output_scale, output_zero_point,
@@ -352,6 +411,7 @@ OPS: dict[str, Callable] = {
     "et_vk.q8ta_conv2d.default": q8ta_conv2d,
     "et_vk.q8ta_conv2d_pw.default": q8ta_conv2d,
     "et_vk.q8ta_conv2d_dw.default": q8ta_conv2d_dw,
+    "et_vk.q8ta_conv2d_transposed.default": q8ta_conv2d_transposed,
     "et_vk.q8ta_relu.default": q8ta_relu,
     "et_vk.q8ta_add.default": q8ta_add,
     "et_vk.embedding_q4gsw.default": embedding_q4gsw,
@@ -384,7 +444,16 @@ CONV_OPS = frozenset({
     "et_vk.q8ta_conv2d.default",
     "et_vk.q8ta_conv2d_pw.default",
     "et_vk.q8ta_conv2d_dw.default",
+    "et_vk.q8ta_conv2d_transposed.default",
 })
+
+# Where the q8ta layer ops with int8 in and out keep their fused activation string.
+ACTIVATION_ARG = {
+    "et_vk.q8ta_linear.default": 9,
+    "et_vk.q8ta_linear_gemv.default": 9,
+    **{op: 14 for op in CONV_OPS},
+    "et_vk.q8ta_conv2d_transposed.default": 15,  # output_padding comes before dilation
+}
 
 # Every op verify compares layer by layer.
 LAYER_OPS = LINEAR_OPS | CONV_OPS

@@ -35,6 +35,7 @@ from torch import nn
 from . import references
 from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
+from .patterns.conv import PT2E_CONV_TARGETS
 from .loader import describe_tensor, random_like, read_input_batches
 from .pte import Pte, fused_op_histogram, read_pte
 from .quantized_linear import LINEAR_LAYERS
@@ -212,7 +213,6 @@ def run_eager_with_layers(module: nn.Module, inputs: tuple) -> tuple[list[torch.
 
 
 _PT2E_LINEARS = (torch.ops.aten.linear.default, torch.nn.functional.linear)
-_PT2E_CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 
 
 class _LinearRecorder(torch.fx.Interpreter):
@@ -226,7 +226,7 @@ class _LinearRecorder(torch.fx.Interpreter):
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n.op == "call_function" and (n.target in _PT2E_LINEARS or (n.target in _PT2E_CONVS and _dequantized(n.args[1]))):
+        if n.op == "call_function" and (n.target in _PT2E_LINEARS or (n.target in PT2E_CONV_TARGETS and _dequantized(n.args[1]))):
             stack = n.meta.get("nn_module_stack") or {}
             name = list(stack.values())[-1][0] if stack else n.name
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -293,7 +293,7 @@ def eager_counterpart(record: OpRecord, eager: torch.Tensor) -> torch.Tensor:
     """The eager layer output as the fused op produces it (fused relu, int8 requantization)."""
     eager = eager.float()
     if record.name in INT8_LAYER_OPS:
-        position = 14 if record.name in references.CONV_OPS else 9
+        position = references.ACTIVATION_ARG[record.name]
         activation = record.args[position] if len(record.args) > position else "none"
         q = references.requantize(eager, record.args[6], record.args[7], activation or "none")
         eager = references.dequantize_per_tensor(q, record.args[6], record.args[7])

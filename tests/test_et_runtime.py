@@ -137,3 +137,19 @@ def test_static_int8_vision_file_runs_and_matches_golden_and_stock(name, tmp_pat
     stock.write_bytes(stock_pte(path))
     got_stock = _runtime_outputs(stock, inputs, tmp_path / "stock", golden)
     assert sqnr_db(want_float, got[0]) >= sqnr_db(want_float, got_stock[0]) - VS_STOCK_MARGIN_DB
+
+
+# Transposed convs (et_vk.q8ta_conv2d_transposed) between int8 convs: the seg-style CNN, and odd
+# channels (3, 5, 7), kernels 3 and 2, output padding, no bias, an odd input size.
+TRANSPOSED = [EXAMPLES.parent / "tests" / "models" / "tiny_segnet.py", EXAMPLES.parent / "tests" / "models" / "odd_upsample.py"]
+
+
+@pytest.mark.parametrize("path", TRANSPOSED, ids=lambda p: p.stem)
+def test_transposed_conv_file_runs_and_matches_golden(path, tmp_path):
+    pte = tmp_path / f"{path.stem}.pte"
+    summary = qlower.export(path, pte, config=str(EXAMPLES.parent / "configs" / "vision.toml"))
+    assert summary["fused_ops"].get("q8ta_conv2d_transposed")
+    inputs = tuple(load_model(path).example_inputs)
+    golden = GoldenExecutor(read_pte(pte)).run(inputs)
+    got = _runtime_outputs(pte, inputs, tmp_path / "run", golden)
+    assert sqnr_db(golden[0].float(), got[0]) >= THRESHOLDS["q8ta_q8csw"].vs_quantized

@@ -1,10 +1,11 @@
 """The q8ta convolution family and the int8 residual add: detectors and builders.
 
-Anchors: ``aten.convolution`` (2-D, not transposed) and ``aten.add.Tensor`` of
-the edge dialect, in the static int8 graph that PT2E leaves::
+Anchors: ``aten.convolution`` (2-D, regular or transposed) and
+``aten.add.Tensor`` of the edge dialect, in the static int8 graph that PT2E
+leaves::
 
-    q → dq → convolution [→ relu | hardtanh] → q        ⇒  et_vk.q8ta_conv2d / _dw / _pw
-          (weight: dq_per_channel(int8 constant))
+    q → dq → convolution [→ relu | hardtanh] → q        ⇒  et_vk.q8ta_conv2d / _dw / _pw / _transposed
+          (weight: dq_per_channel(int8 constant), axis 0; transposed: axis 1)
     q → dq ┐
     q → dq ┴ add [→ relu] → q                            ⇒  et_vk.q8ta_add
 
@@ -17,6 +18,7 @@ pattern, where that choice is right for the runtime):
 =========================================  ==========================
 conv                                       fused op
 =========================================  ==========================
+transposed                                 ``et_vk.q8ta_conv2d_transposed``
 groups == C_out == C_in (depthwise)        ``et_vk.q8ta_conv2d_dw``
 1×1, stride 1, padding 0, dilation 1,      ``et_vk.q8ta_conv2d_pw``
   groups 1
@@ -24,7 +26,15 @@ anything else                              ``et_vk.q8ta_conv2d``
 =========================================  ==========================
 
 Guards (:func:`conv_shape_problem`, also asked by the quantize stage so that a
-conv that cannot fuse is never quantized): 2-D, not transposed; a depthwise
+conv that cannot fuse is never quantized): 2-D; a transposed conv has
+dilation 1 (the runtime's ``q8ta_conv2d_transposed`` checks it) and groups 1
+(the weight's per-channel axis 1 holds one group's output channels, so its
+scales would cover one group; XNNPACK's quantizer leaves such convs float too);
+its padding, output padding (only the output size: the shader computes every
+output position the same way), stride, kernel and channel counts are free
+(channels pad to 4 with zero weights, and input positions that are out of
+range or off the stride grid read the input zero point, which the weight sums
+cancel). A depthwise
 conv has C_out a multiple of 4 (its weights are packed 4 channels to a texel;
 ExecuTorch's pass asserts); a grouped conv has C_in and C_out per group
 multiples of 4 (the runtime's grouped shader checks C_in per group and reads
@@ -73,6 +83,16 @@ INT8_MIN, INT8_MAX = -128, 127
 
 FMT_CONV_WEIGHT = "q8ta conv2d weight matrix"
 FMT_DW_WEIGHT = "q8ta depthwise weight"
+FMT_TRANSPOSED_WEIGHT = "q8ta transposed conv weight matrix"
+
+# The aten targets of a convolution in the graph that PT2E annotates (before
+# the edge dialect turns them all into ``aten.convolution``).
+PT2E_CONV_TARGETS = frozenset({
+    torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+    torch.ops.aten.conv1d.padding, torch.ops.aten.conv2d.padding, torch.ops.aten.conv3d.padding,
+    torch.ops.aten.conv_transpose1d.default, torch.ops.aten.conv_transpose2d.input,
+    torch.ops.aten.conv_transpose3d.input, torch.ops.aten.convolution.default,
+})
 
 CONV_ANCHOR = EDGE.aten.convolution.default
 ADD_ANCHORS = {EDGE.aten.add.Tensor}
@@ -122,6 +142,8 @@ class ConvMatch:
     activation: str
     padding: list[int]
     dilation: list[int]
+    output_padding: list[int] = field(default_factory=lambda: [0, 0])
+    transposed: bool = False
     orphans: list[torch.fx.Node] = field(default_factory=list)
 
 
@@ -132,8 +154,10 @@ def is_depthwise(c_out: int, c_in: int, groups: int) -> bool:
     return groups > 1 and groups == c_out == c_in
 
 
-def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: int) -> str:
+def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: int, transposed: bool = False) -> str:
     """The q8ta op for a conv that passed :func:`conv_shape_problem`."""
+    if transposed:
+        return "q8ta_conv2d_transposed"
     if is_depthwise(c_out, c_in, groups):
         return "q8ta_conv2d_dw"
     if list(kernel) == [1, 1] and list(stride) == [1, 1] and list(padding) == [0, 0] and list(dilation) == [1, 1] and groups == 1:
@@ -141,12 +165,19 @@ def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: in
     return "q8ta_conv2d"
 
 
-def conv_shape_problem(c_out: int, c_in: int, groups: int, *, dims: int = 2, transposed: bool = False) -> str | None:
+def conv_shape_problem(c_out: int, c_in: int, groups: int, *, dims: int = 2, transposed: bool = False,
+                       dilation=None) -> str | None:
     """The first guard a conv of this shape fails for the q8ta family, or None."""
-    if transposed:
-        return "transposed convolutions stay float (qlower does not fuse q8ta_conv2d_transposed yet)"
     if dims != 2:
-        return f"{dims}-D convolution: the q8ta family has 2-D convolutions only"
+        kind = "transposed convolution" if transposed else "convolution"
+        return f"{dims}-D {kind}: the q8ta family has 2-D convolutions only"
+    if transposed:
+        if groups != 1:
+            return (f"grouped transposed convolution (groups={groups}): its per-channel weight scales cover one "
+                    "group's output channels; q8ta_conv2d_transposed is fused for groups=1")
+        if dilation is not None and any(int(d) != 1 for d in dilation):
+            return f"transposed convolution with dilation {list(dilation)}: q8ta_conv2d_transposed takes dilation 1 only"
+        return None
     if is_depthwise(c_out, c_in, groups):
         if c_out % C_ALIGN:
             return f"depthwise conv with {c_out} channels, not a multiple of {C_ALIGN}"
@@ -187,7 +218,7 @@ def detect_conv(ep: ExportedProgram, node: torch.fx.Node) -> tuple[ConvMatch | N
     if node.op != "call_function" or node.target != CONV_ANCHOR:
         return None, None
     args = list(node.args) + [None] * (9 - len(node.args))
-    x_arg, w_arg, b_arg, stride, padding, dilation, transposed, _out_pad, groups = args[:9]
+    x_arg, w_arg, b_arg, stride, padding, dilation, transposed, output_padding, groups = args[:9]
     info = ConvInfo(node=node.name, module=module_fqn(node))
     wval = w_arg.meta["val"] if isinstance(w_arg, torch.fx.Node) else None
     xval = x_arg.meta["val"] if isinstance(x_arg, torch.fx.Node) else None
@@ -200,6 +231,8 @@ def detect_conv(ep: ExportedProgram, node: torch.fx.Node) -> tuple[ConvMatch | N
     info.kernel = [int(d) for d in wval.shape[2:]]
     info.stride = _ints(stride, [1] * len(info.kernel))
     padding, dilation = _ints(padding, [0, 0]), _ints(dilation, [1, 1])
+    output_padding = _ints(output_padding, [0, 0])
+    transposed = bool(transposed)
     info.has_bias = b_arg is not None
 
     weight, w_chain = trace_to_placeholder(w_arg)
@@ -208,13 +241,15 @@ def detect_conv(ep: ExportedProgram, node: torch.fx.Node) -> tuple[ConvMatch | N
     w_dq = next((n for n in w_chain if is_dq(n)), None)
     if w_dq is None:
         return _reject(info, "weights are not quantized")
-    if op_name(w_dq) != "dequantize_per_channel.default" or int(w_dq.args[3]) != 0:
+    # Output channels: axis 0 of [OC, ICg, KH, KW]; axis 1 of a transposed conv's [IC, OCg, KH, KW].
+    out_axis = 1 if transposed else 0
+    if op_name(w_dq) != "dequantize_per_channel.default" or int(w_dq.args[3]) != out_axis:
         return _reject(info, "weights are not quantized per output channel")
     w_scales, _ = trace_to_placeholder(w_dq.args[1])
     w_zeros, _ = trace_to_placeholder(w_dq.args[2])
     if w_scales is None:
         return _reject(info, "weight scales are not constants")
-    reason = conv_shape_problem(info.n, info.k, groups, dims=len(info.kernel), transposed=bool(transposed))
+    reason = conv_shape_problem(info.n, info.k, groups, dims=len(info.kernel), transposed=transposed, dilation=dilation)
     if reason:
         return _reject(info, reason)
     if not is_dq(x_arg) or not isinstance(x_arg.args[1], float):
@@ -230,10 +265,11 @@ def detect_conv(ep: ExportedProgram, node: torch.fx.Node) -> tuple[ConvMatch | N
     out, activation, reason = _output_quant(node)
     if reason:
         return _reject(info, reason)
-    op = conv_op(info.n, info.k, info.kernel, info.stride, padding, dilation, groups)
+    op = conv_op(info.n, info.k, info.kernel, info.stride, padding, dilation, groups, transposed)
     m = ConvMatch(anchor=node, info=info, op=op, x=x_arg.args[0], input_scale=x_arg.args[1], input_zp=x_arg.args[2],
                   weight=weight, weight_scales=w_scales, bias=bias, output=out, out_scale=out.args[1],
-                  out_zp=out.args[2], activation=activation, padding=padding, dilation=dilation)
+                  out_zp=out.args[2], activation=activation, padding=padding, dilation=dilation,
+                  output_padding=output_padding, transposed=transposed)
     m.orphans = [n for n in (w_zeros, w_scales, weight) if n is not None]
     if activation == "relu" and _clamp_of(node) is not None:
         info.note = "ReLU6 folded into the output quantization"
@@ -278,9 +314,13 @@ def _reject(info: ConvInfo, reason: str) -> tuple[None, ConvInfo]:
 def replace_conv(ep: ExportedProgram, m: ConvMatch, packer: ConstantPacker) -> torch.fx.Node:
     """Insert the q8ta conv for ``m``, pack its constants, redirect the quantize node's uses."""
     graph = m.anchor.graph
-    w = get_param_tensor(ep, m.weight)  # int8 [OC, ICg, KH, KW], read before packing
+    w = get_param_tensor(ep, m.weight)  # int8 [OC, ICg, KH, KW] ([IC, OCg, KH, KW] transposed), read before packing
+    if m.transposed:
+        w = pack.transposed_to_conv_layout(w, m.info.groups)
     sums = pack.conv_channel_sums(w)
-    if m.op == "q8ta_conv2d_dw":
+    if m.transposed:
+        packer.rewrite(m.weight, FMT_TRANSPOSED_WEIGHT, lambda t: pack.pack_conv_transposed_weight(t, m.info.groups))
+    elif m.op == "q8ta_conv2d_dw":
         packer.rewrite(m.weight, FMT_DW_WEIGHT, pack.pack_dw_weight)
     else:
         packer.rewrite(m.weight, FMT_CONV_WEIGHT, pack.pack_conv_weight)
@@ -289,8 +329,11 @@ def replace_conv(ep: ExportedProgram, m: ConvMatch, packer: ConstantPacker) -> t
         packer.pad(m.bias, pack.pad_bias)
     sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), sums)
     info = m.info
+    geometry = [list(info.kernel), list(info.stride), list(m.padding)]
+    if m.transposed:  # the transposed op's schema has output_padding before dilation
+        geometry.append(list(m.output_padding))
     args = (m.x, m.input_scale, m.input_zp, m.weight, sums_node, m.weight_scales, m.out_scale, m.out_zp, m.bias,
-            list(info.kernel), list(info.stride), list(m.padding), list(m.dilation), info.groups, m.activation)
+            *geometry, list(m.dilation), info.groups, m.activation)
     return _insert(ep, m.output, getattr(EDGE.et_vk, m.op).default, args, m.op)
 
 
