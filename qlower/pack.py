@@ -159,6 +159,28 @@ def pack_group_scales(scales: torch.Tensor) -> torch.Tensor:
     return pad_to(scales.t().contiguous(), 1, GROUP_SCALES_N_ALIGN).contiguous()
 
 
+def split_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
+    """Per-group scales [N, G] → [N, G * factor]: each group split in ``factor`` equal groups.
+
+    Column ``g * factor + j`` is column ``g``: weights stored at group size
+    ``gs / factor`` with these scales dequantize to the same values as at ``gs``.
+    """
+    if scales.dim() != 2 or factor < 1:
+        raise ValueError(f"expected [N, num_groups] scales and a factor >= 1, got {tuple(scales.shape)}, {factor}")
+    return scales.repeat_interleave(factor, dim=1).contiguous()
+
+
+def merge_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`split_groups`: [N, G * factor] → [N, G]; the ``factor`` columns of a group must agree."""
+    n, g = scales.shape
+    if factor < 1 or g % factor:
+        raise ValueError(f"{g} groups cannot merge by {factor}")
+    grouped = scales.reshape(n, g // factor, factor)
+    if not torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)):
+        raise ValueError("scales differ within a merged group")
+    return grouped[:, :, 0].contiguous()
+
+
 def unpack_group_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_group_scales`: [num_groups, ceil4(n)] → [n, num_groups]."""
     return packed[:, :n].t().contiguous()
