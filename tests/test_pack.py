@@ -88,6 +88,29 @@ def test_group_scales_round_trip(n, groups, seed, dtype):
 
 
 @SETTINGS
+@given(n=DIMS, groups=st.sampled_from([1, 2, 3, 5]), factor=st.sampled_from([1, 2, 3, 4, 8]), seed=SEEDS)
+def test_split_groups_round_trip_and_same_dequantized_weights(n, groups, factor, seed):
+    """Weights stored at group size gs/factor with split scales dequantize exactly as at gs."""
+    gs = 8 * factor
+    s = torch.rand(n, groups, generator=torch.Generator().manual_seed(seed))
+    split = pack.split_groups(s, factor)
+    assert split.shape == (n, groups * factor)
+    assert torch.equal(pack.merge_groups(split, factor), s)
+    w = _int4(n, groups * gs, seed).to(torch.float32)
+    at_gs = (w.reshape(n, groups, gs) * s.reshape(n, groups, 1)).reshape(n, -1)
+    stored = gs // factor
+    at_stored = (w.reshape(n, groups * factor, stored) * split.reshape(n, groups * factor, 1)).reshape(n, -1)
+    assert torch.equal(at_gs, at_stored)
+
+
+def test_merge_groups_rejects_scales_that_differ_within_a_group():
+    with pytest.raises(ValueError, match="differ"):
+        pack.merge_groups(torch.tensor([[1.0, 2.0]]), 2)
+    with pytest.raises(ValueError, match="cannot merge"):
+        pack.merge_groups(torch.ones(1, 3), 2)
+
+
+@SETTINGS
 @given(n=DIMS, k=DIMS, seed=SEEDS)
 def test_channel_sums(n, k, seed):
     w = _int8(n, k, seed)

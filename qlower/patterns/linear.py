@@ -599,8 +599,7 @@ def stored_int4_group_size(op: str, group_size: int, module: str) -> int:
             f"the ET-VK runtime computes {op} wrong at group size {group_size} "
             "(quantize_and_pack_4h4w_with_group_sums counts a worker's running sum twice)")
         raise ExportError(f"layer {module or '<top>'}: {problem}",
-                          f"use a multiple of {runtime_caps.INT4_GROUP_ALIGN} such as 32, 64 or 128 (the runtime is "
-                          f"right at {runtime_caps.DQ8CA_PREFILL_SAFE_GROUP_SIZES}; other multiples are stored as one of those)")
+                          f"use a multiple of {runtime_caps.INT4_GROUP_ALIGN} such as 32, 64 or 128")
     return stored
 
 
