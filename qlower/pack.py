@@ -25,6 +25,10 @@ int8 channel sums            int32 [ceil4(N)]            N → 4 (zeros)
 bias (every quantized op)    [ceil4(N)]                  N → 4 (zeros)
 ===========================  ==========================  =================
 
+A layer ET-VK computes wrong at its group size is stored at a divisor of it
+(``runtime_caps.stored_group_size``): :func:`split_groups` repeats its scales
+and its group sums are computed at the stored size.
+
 Padding only ever appends zeros at the end of the last dimension, and a
 tensor already aligned is returned unchanged (values and dtype), so applying
 a pad twice is harmless; packing int4 twice is not, which is why the fusion

@@ -605,8 +605,8 @@ def stored_int4_group_size(op: str, group_size: int, module: str) -> int:
 
 def restated_note(group_size: int, stored: int) -> str:
     """The report's line for a layer stored at a smaller group size than asked."""
-    return (f"stored as group size {stored}, each scale repeated {group_size // stored}x "
-            f"(ET-VK is wrong at {group_size} on multi-row inputs)")
+    return (f"stored as group size {stored}, each scale repeated {group_size // stored}x; "
+            f"ET-VK is wrong at {group_size} on multi-row inputs")
 
 
 def _rename_output(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
