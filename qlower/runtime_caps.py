@@ -344,6 +344,12 @@ def summarize_pte(buf: bytes) -> PteSummary:
 # the barrier but measured right. One-row inputs skip this shader
 # (QuantizeDequantize.cpp:101, `is_gemv`) and run the GEMV per block of 4.
 #
+# linear_dq8ca_q4gsw's prefill reads group g's weight sums at `g * N4 + n4`
+# (linear_int_weight_sums_load.glslh, N4 = ceil(N / 4)); ExecuTorch's pattern
+# pass pads the sums to 8 along N, which shifts every group after the first
+# when N = 4 mod 8 (measured -5 dB at N=20): qlower pads them to 4
+# (pack.GROUP_SUMS_N_ALIGN).
+#
 # Other limits of the fused ops, all already guards in qlower:
 # - K % 4 == 0: QuantizedLinear.cpp:720 (linear_dq8ca_q4gsw, linear_q8ta_q8csw),
 #   Q4gswLinear.cpp:343, Q8taLinear.cpp:188, Q8taLinearGemv.cpp:164
