@@ -25,7 +25,10 @@ q(static) → dq → linear, float output  ``et_vk.linear_q8ta_q8csw``
 Guards (each rejection says why, in user words): the weight is a quantized
 constant; ``bmm`` has batch 1; K is a multiple of 4 (the kernels load
 activations in 4-wide texels); per-group weights have a group size dividing
-K; 4-bit ops get weights in [-8, 7].
+K; 4-bit ops get weights in [-8, 7]; an int4 group size is a multiple of 4
+(refused otherwise: no ET-VK int4 kernel reads it). A ``linear_dq8ca_q4gsw`` at
+a group size the runtime computes wrong on multi-row inputs is stored at the
+largest one it computes right that divides it (``runtime_caps.stored_group_size``).
 """
 
 from __future__ import annotations
