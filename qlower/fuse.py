@@ -189,6 +189,7 @@ def fuse_quantized_embedding(ep: ExportedProgram, ctx: FusionContext) -> int:
         if node.op != "call_function" or node.target != target:
             continue
         packed, scales, group_size, indices = node.args
+        linear_family.stored_int4_group_size("embedding_q4gsw", group_size, linear_family.module_fqn(node))
         with graph.inserting_before(node):
             new = graph.create_node("call_function", linear_family.EDGE.et_vk.embedding_q4gsw.default,
                                     args=(packed, scales, group_size, indices, True))

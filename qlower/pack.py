@@ -7,14 +7,14 @@ input, so that a ``.pte`` lowered by qlower and one lowered the stock way hold
 identical constants. Each pack function that loses shape information has an
 inverse that takes the original size back.
 
-Padding rules (ET-VK 1.5.1, checked against its source):
+Padding rules (ET-VK 1.5.1, checked against its source; one exception below):
 
 ===========================  ==========================  =================
 constant                     layout                      padded dim → mult.
 ===========================  ==========================  =================
 int4 weight (q4gsw, dq8ca)   uint8 [N, ceil8(K)/2]       K → 8 (zeros)
 int4 group scales            [num_groups, ceil4(N)]      N → 4 (zeros)
-int4 group sums (dq8ca)      int32 [num_groups, ceil8(N)] N → 8 (zeros)
+int4 group sums (dq8ca)      int32 [num_groups, ceil4(N)] N → 4 (zeros)
 int8 weight (q8ta linears)   int8 [N, K]                 none
 int8 conv weight (q8ta_conv  int8 [OC, ceil4(KH·KW·ICg)] K → 4 (zeros)
   2d, _pw)                     K ordered (kh, kw, ic)
@@ -27,6 +27,17 @@ int8 channel scales          [ceil4(N)]                  N → 4 (zeros)
 int8 channel sums            int32 [ceil4(N)]            N → 4 (zeros)
 bias (every quantized op)    [ceil4(N)]                  N → 4 (zeros)
 ===========================  ==========================  =================
+
+The exception: ExecuTorch's pattern pass pads the group sums to 8 along N, but
+the runtime reads group ``g`` at ``g * ceil4(N)`` (``linear_int_weight_sums_load.glslh``,
+``t_weight_sums[quant_group_idx * N4 + n4]``), so with N = 4 mod 8 every group
+after the first read the wrong sums on multi-row inputs (measured -5 dB at
+N=20). qlower pads them to 4, the stride the runtime reads; for N a multiple of
+8 the bytes are ExecuTorch's.
+
+A layer ET-VK computes wrong at its group size is stored at a divisor of it
+(``runtime_caps.stored_group_size``): :func:`split_groups` repeats its scales
+and its group sums are computed at the stored size.
 
 Padding only ever appends zeros at the end of the last dimension, and a
 tensor already aligned is returned unchanged (values and dtype), so applying
@@ -46,7 +57,7 @@ INT4_OFFSET = 8
 
 INT4_K_ALIGN = 8  # packed int4 weight: K padded to a multiple of this
 GROUP_SCALES_N_ALIGN = 4  # transposed group scales: N padded to this
-GROUP_SUMS_N_ALIGN = 8  # per-group weight sums: N padded to this
+GROUP_SUMS_N_ALIGN = 4  # per-group weight sums: N padded to this (the runtime's row stride)
 CHANNEL_N_ALIGN = 4  # per-channel scales / sums and every bias: N padded to this
 
 
@@ -132,7 +143,7 @@ def group_sums(w: torch.Tensor, group_size: int) -> torch.Tensor:
     ``sums[g, n] = sum(w[n, g*group_size : (g+1)*group_size])``, so the kernel
     can subtract ``input_zp * sums`` after integer accumulation.
 
-    Returns int32 [K / group_size, ceil8(N)], padded columns zero.
+    Returns int32 [K / group_size, ceil4(N)], padded columns zero.
     """
     return pack_group_sums(row_group_sums(w, group_size))
 
@@ -148,7 +159,7 @@ def row_group_sums(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def pack_group_sums(sums: torch.Tensor) -> torch.Tensor:
-    """Per-row group sums [N, num_groups] → the fused op's layout [num_groups, ceil8(N)] (padding zero)."""
+    """Per-row group sums [N, num_groups] → the fused op's layout [num_groups, ceil4(N)] (padding zero)."""
     return pad_to(sums.t().contiguous(), 1, GROUP_SUMS_N_ALIGN).contiguous()
 
 
@@ -160,6 +171,28 @@ def pack_group_scales(scales: torch.Tensor) -> torch.Tensor:
     if scales.dim() != 2:
         raise ValueError(f"expected [N, num_groups] scales, got {tuple(scales.shape)}")
     return pad_to(scales.t().contiguous(), 1, GROUP_SCALES_N_ALIGN).contiguous()
+
+
+def split_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
+    """Per-group scales [N, G] → [N, G * factor]: each group split in ``factor`` equal groups.
+
+    Column ``g * factor + j`` is column ``g``: weights stored at group size
+    ``gs / factor`` with these scales dequantize to the same values as at ``gs``.
+    """
+    if scales.dim() != 2 or factor < 1:
+        raise ValueError(f"expected [N, num_groups] scales and a factor >= 1, got {tuple(scales.shape)}, {factor}")
+    return scales.repeat_interleave(factor, dim=1).contiguous()
+
+
+def merge_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`split_groups`: [N, G * factor] → [N, G]; the ``factor`` columns of a group must agree."""
+    n, g = scales.shape
+    if factor < 1 or g % factor:
+        raise ValueError(f"{g} groups cannot merge by {factor}")
+    grouped = scales.reshape(n, g // factor, factor)
+    if not torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)):
+        raise ValueError("scales differ within a merged group")
+    return grouped[:, :, 0].contiguous()
 
 
 def unpack_group_scales(packed: torch.Tensor, n: int) -> torch.Tensor:

@@ -32,6 +32,8 @@ def render_export(summary: dict[str, Any]) -> None:
     render_layer_table(summary["layer_report"])
     out.print(f"fused ops: {_counts(summary['fused_ops'])}")
     out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {_counts(summary['cpu_ops'])}")
+    for note in summary.get("notes", []):
+        out.print(f"note: {note}")
     for note in summary["cpu_notes"]:
         out.print(f"[yellow]stays on the CPU[/]: {note['node']} ({note['op']}): {note['reason']}")
     for problem in summary["runtime_problems"]:

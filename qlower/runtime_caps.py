@@ -14,6 +14,10 @@ Variant names are built by the runtime as ``<kernel>`` + suffixes, with
 ``_half``, ``_int32``, ``_uint8`` (bool too), ``_int8`` for a dtype; the order
 of the suffixes differs per operator, which :data:`_SHADER_RULES` records.
 Operators whose naming is not modelled are only checked for registration.
+
+It also records which shapes and group sizes the fused quantized operators
+compute right (:func:`int4_group_problem`, :func:`stored_group_size` and the
+constants beside them): a file the runtime loads can still compute garbage.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ from typing import Callable, Iterable, Optional
 from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk
 
 __all__ = [
+    "DQ8CA_PREFILL_SAFE_GROUP_SIZES",
+    "INT4_GROUP_ALIGN",
     "LoadProblem",
     "ShaderLookup",
     "PteSummary",
+    "dq8ca_prefill_group_size_ok",
+    "int4_group_problem",
     "load_problems",
     "op_supported",
     "predict_shaders",
     "runtime_ops",
     "runtime_shaders",
     "shader_exists",
+    "stored_group_size",
     "summarize_pte",
 ]
 
@@ -301,3 +310,106 @@ def summarize_pte(buf: bytes) -> PteSummary:
     partitions = sum(1 for s in pte.steps if s.kind == "delegate")
     problems = [p for d in pte.vulkan_delegates for p in load_problems(d.graph)]
     return PteSummary(partitions, dict(cpu_operators(pte)), problems)
+
+
+# -- what the quantized operators compute right --------------------------------
+#
+# Read from the runtime's source, github.com/pytorch/executorch at cff6f4dd,
+# backends/vulkan/runtime/graph/ops/ (impl/ for C++, glsl/ for shaders), and
+# checked on that runtime (lavapipe; tests/test_et_group_size_runtime.py).
+#
+# Every int4 operator walks K in blocks of 4 values and gives a block one
+# group: linear_q4gsw (Q4gswLinear.cpp, registered for et_vk.linear_q4gsw:
+# q4gsw_linear_gemm__w_4x8.glsl:148 `K4_per_group = group_size / 4`,
+# q4gsw_linear_gemv_coop__w_4x8.glsl:186 `blocks_per_group = group_size / 4`),
+# linear_dq8ca_q4gsw (QuantizedLinear.cpp:654 `K4_per_group = div_up(group_size, 4)`,
+# linear_dq8ca_q4gsw_tiled.glsl:116, linear_q4gsw_coop.glsl:107 for its one-row
+# GEMV) and embedding_q4gsw (embedding_q4gsw.glsl:154: one scale per 4 values,
+# `dim / group_size`). A group size that is not a multiple of 4 is wrong in all.
+#
+# linear_dq8ca_q4gsw with more than one row (prefill) first quantizes the
+# input with quantize_and_pack_4h4w_with_group_sums.glsl, one workgroup slice
+# of NUM_WORKERS_PER_GROUP workers per group, each worker taking every
+# NUM_WORKERS_PER_GROUP-th block of 4 (lines 75-101). Its per-worker sum is
+# `local_sum[m] += dotPacked4x8AccSatEXT(a, ones, local_sum[m])` (lines 97-98):
+# the accumulator is added twice, so the sum is right only while each worker
+# takes at most one block, i.e. group_size / 4 <= workers. The dispatch
+# (QuantizeDequantize.cpp:75-79 picks `_o2w32` for group_size >= 128, else
+# `_o4w16`; :138-145 the local size {2, 1, 32} or {4, 1, 16}) gives 32 workers
+# from 128 up and 16 below: right for 4..64 and for 128, wrong for every
+# other size (96, 192, 256, 512, ...; measured -44 to -70 dB vs eager). K
+# plays no part beyond K being a multiple of the group size (the shader's
+# `num_groups = K4 / K4_per_group`, line 69); a group count that does not
+# fill the last workgroup (K=384 at 128, K=160 at 32) returns early before
+# the barrier but measured right. One-row inputs skip this shader
+# (QuantizeDequantize.cpp:101, `is_gemv`) and run the GEMV per block of 4.
+#
+# linear_dq8ca_q4gsw's prefill reads group g's weight sums at `g * N4 + n4`
+# (linear_int_weight_sums_load.glslh, N4 = ceil(N / 4)); ExecuTorch's pattern
+# pass pads the sums to 8 along N, which shifts every group after the first
+# when N = 4 mod 8 (measured -5 dB at N=20): qlower pads them to 4
+# (pack.GROUP_SUMS_N_ALIGN).
+#
+# Other limits of the fused ops, all already guards in qlower:
+# - K % 4 == 0: QuantizedLinear.cpp:720 (linear_dq8ca_q4gsw, linear_q8ta_q8csw),
+#   Q4gswLinear.cpp:343, Q8taLinear.cpp:188, Q8taLinearGemv.cpp:164
+#   (patterns.linear.K_ALIGN). int4 weights are prepacked with K padded to 8
+#   (pack.INT4_K_ALIGN), which QuantizedLinear.cpp:362's `K % 8` then sees.
+# - linear_q4gsw: N % 4 == 0, Q4gswLinear.cpp:342 (patterns.linear.Q4_N_ALIGN).
+# - embedding_q4gsw: the embedding dim % 32 == 0, EmbeddingQ4gsw.cpp:73
+#   (quantize.EMBEDDING_DIM_MULTIPLE); any group size that is a multiple of 4.
+# - q8ta_linear, q8ta_linear_gemv, linear_q8ta_q8csw: per-channel int8, no
+#   group size; q8ta_linear_gemv.glsl accumulates with `out = dotPacked4x8AccSat(
+#   in, w, out)` (no double count); N is bounds-checked on store, M too.
+# - linear_q4gsw's fp16 path (q4gsw_linear_gemm__tin__w_4x8) sizes a temporary
+#   by the M the graph is built with (Q4gswLinear.cpp, add_q4gsw_linear_tin_w_4x8_node);
+#   qlower's int4 schemes run in fp32, which does not take that path.
+
+INT4_GROUP_ALIGN = 4  # every int4 op: a group is a whole number of 4-value blocks
+DQ8CA_WIDE_GROUP_MIN = 128  # QuantizeDequantize.cpp:75: from here on, the 32-worker variant
+DQ8CA_WIDE_WORKERS = 32  # quantize_and_pack_4h4w_with_group_sums.yaml: _o2w32
+DQ8CA_NARROW_WORKERS = 16  # ... _o4w16
+DQ8CA_PREFILL_SAFE_GROUP_SIZES = "multiples of 4 up to 64, and 128"
+
+# The int4 operators, as the VkGraph and qlower's fused nodes name them (namespace dropped).
+INT4_OPS = ("linear_q4gsw", "linear_dq8ca_q4gsw", "embedding_q4gsw")
+# Those that quantize a multi-row input with quantize_and_pack_4h4w_with_group_sums.
+DQ8CA_OPS = ("linear_dq8ca_q4gsw",)
+
+
+def dq8ca_prefill_workers(group_size: int) -> int:
+    """Workers per group of quantize_and_pack_4h4w_with_group_sums at this group size."""
+    return DQ8CA_WIDE_WORKERS if group_size >= DQ8CA_WIDE_GROUP_MIN else DQ8CA_NARROW_WORKERS
+
+
+def dq8ca_prefill_group_size_ok(group_size: int) -> bool:
+    """Does linear_dq8ca_q4gsw compute a multi-row input right at this group size?"""
+    return (
+        group_size > 0
+        and group_size % INT4_GROUP_ALIGN == 0
+        and group_size // INT4_GROUP_ALIGN <= dq8ca_prefill_workers(group_size)
+    )
+
+
+def int4_group_problem(group_size: int) -> str | None:
+    """Why no int4 operator computes this group size right, or None."""
+    if group_size <= 0 or group_size % INT4_GROUP_ALIGN:
+        return (f"group size {group_size} is not a multiple of {INT4_GROUP_ALIGN} "
+                f"(the ET-VK int4 kernels give each block of {INT4_GROUP_ALIGN} values one scale)")
+    return None
+
+
+def stored_group_size(op: str, group_size: int) -> int | None:
+    """The group size to store ``op``'s weights at so the runtime computes ``group_size``'s math.
+
+    ``group_size`` itself where the runtime is right at it; else the largest
+    size it is right at that divides ``group_size`` (each scale then repeated:
+    the same int4 values, the same math); None when there is none. ``op``
+    without namespace (``linear_dq8ca_q4gsw``).
+    """
+    if int4_group_problem(group_size) is not None:
+        return None
+    if op not in DQ8CA_OPS or dq8ca_prefill_group_size_ok(group_size):
+        return group_size
+    return next((d for d in range(group_size - 1, 0, -1)
+                 if group_size % d == 0 and dq8ca_prefill_group_size_ok(d)), None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .pte import read_pte, summarize
-from .runtime_caps import load_problems
+from .runtime_caps import DQ8CA_OPS, DQ8CA_PREFILL_SAFE_GROUP_SIZES, load_problems
 from .quantize import LayerPlan
 
 EMBEDDING_FUSED_OP = "embedding_q4gsw"
@@ -39,6 +39,7 @@ def export_summary(job) -> dict[str, Any]:
             "other_matmuls_fused": sum(bool(r["fused_op"]) for r in matmuls),
         },
         "layer_report": rows,
+        "notes": group_size_notes(rows),
         "fusion_passes": job.fusion.passes if job.fusion else [],
         "delegation_passes": list(job.delegation_passes),
         "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.cpu_notes],
@@ -77,17 +78,20 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
     rows = []
     for plan in plans:
         row = {"name": plan.name, "kind": plan.kind, "n": plan.n, "k": plan.k, "group_size": plan.group_size,
-               "scheme": plan.scheme, "quantized": plan.quantized, "fused_op": None, "reason": plan.reason}
+               "stored_group_size": None, "scheme": plan.scheme, "quantized": plan.quantized, "fused_op": None,
+               "reason": plan.reason}
         if plan.kind == "conv":
             row.update(kernel=plan.kernel, stride=plan.stride, groups=plan.groups)
         if plan.kind == "embedding":
             if plan.quantized and fused_ops.get(EMBEDDING_FUSED_OP):
                 row["fused_op"] = EMBEDDING_FUSED_OP
+                row["stored_group_size"] = plan.group_size
         else:
             infos = by_module.pop(plan.name, [])
             fused = next((i for i in infos if i.fused_op), None)
             if fused is not None:
                 row["fused_op"] = short_op(fused.fused_op)
+                row["stored_group_size"] = _stored_group_size(fused)
                 if fused.note:
                     row["note"] = fused.note
             elif plan.quantized:
@@ -96,12 +100,31 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
     for module, infos in by_module.items():
         for info in infos:
             row = {"name": f"{module or '<top>'} ({info.anchor} {info.node})", "kind": info.anchor, "n": info.n, "k": info.k,
-                   "group_size": info.group_size, "scheme": info.scheme, "quantized": info.fused_op is not None,
+                   "group_size": info.group_size, "stored_group_size": _stored_group_size(info) if info.fused_op else None,
+                   "scheme": info.scheme, "quantized": info.fused_op is not None,
                    "fused_op": short_op(info.fused_op), "reason": info.reason}
             if info.anchor == "conv":
                 row.update(kernel=info.kernel, stride=info.stride, groups=info.groups)
+            if info.note and info.fused_op:
+                row["note"] = info.note
             rows.append(row)
     return rows
+
+
+def _stored_group_size(info) -> int | None:
+    """The group size the file holds for a fused layer: its own, or the one the runtime needed instead."""
+    return getattr(info, "stored_group_size", None) or getattr(info, "group_size", None)
+
+
+def group_size_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line when layers are stored at a smaller group size than asked (empty otherwise)."""
+    restated = [r for r in rows if r.get("stored_group_size") and r["stored_group_size"] != r["group_size"]]
+    if not restated:
+        return []
+    sizes = ", ".join(sorted({f"{r['group_size']} as {r['stored_group_size']}" for r in restated}))
+    return [f"{len(restated)} layer(s) stored at a smaller group size ({sizes}), each scale repeated: the same "
+            f"int4 values and math; ET-VK's {', '.join(DQ8CA_OPS)} is wrong on multi-row inputs at group sizes other than "
+            f"{DQ8CA_PREFILL_SAFE_GROUP_SIZES}"]
 
 
 def short_op(name: str | None) -> str | None:

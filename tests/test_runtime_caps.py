@@ -91,3 +91,45 @@ def test_unmodelled_registered_op_is_not_flagged():
     g = graph([tensor(F32), tensor(F32)], [("et_vk.rms_norm.default", [0, 1])])
     assert rc.predict_shaders(g) == []
     assert rc.load_problems(g) == []
+
+
+# -- group sizes the int4 ops compute right ---------------------------------------
+
+def _prefill_quantize_right(group_size: int) -> bool:
+    """quantize_and_pack_4h4w_with_group_sums, simulated: each worker adds its running sum twice."""
+    workers = 32 if group_size >= 128 else 16
+    blocks = group_size // 4
+    for worker in range(workers):
+        mine = list(range(worker, blocks, workers))
+        doubled = 0
+        for block_sum in (1 << i for i in range(len(mine))):  # distinct per-block sums
+            doubled += doubled + block_sum  # local_sum += dot(a, ones, local_sum)
+        if doubled != sum(1 << i for i in range(len(mine))):
+            return False
+    return True
+
+
+def test_dq8ca_prefill_rule_follows_the_shader():
+    for g in range(4, 1025, 4):
+        assert rc.dq8ca_prefill_group_size_ok(g) == _prefill_quantize_right(g), g
+    assert [g for g in range(4, 1025, 4) if rc.dq8ca_prefill_group_size_ok(g)] == [*range(4, 65, 4), 128]
+
+
+@pytest.mark.parametrize("group_size,stored", [
+    (32, 32), (64, 64), (128, 128), (20, 20), (12, 12),   # right as they are
+    (256, 128), (512, 128), (1024, 128), (384, 128),      # multiples of 128
+    (96, 48), (192, 64), (160, 40), (80, 40), (320, 64),  # others: the largest safe divisor
+])
+def test_stored_group_size(group_size, stored):
+    assert rc.stored_group_size("linear_dq8ca_q4gsw", group_size) == stored
+    assert group_size % stored == 0 and rc.dq8ca_prefill_group_size_ok(stored)
+    # The other int4 ops read every group size that is a multiple of 4 right.
+    assert rc.stored_group_size("linear_q4gsw", group_size) == group_size
+    assert rc.stored_group_size("embedding_q4gsw", group_size) == group_size
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 6, 10, 30, 0])
+def test_group_sizes_no_int4_op_computes(group_size):
+    assert "not a multiple of 4" in rc.int4_group_problem(group_size)
+    for op in rc.INT4_OPS:
+        assert rc.stored_group_size(op, group_size) is None

@@ -25,7 +25,10 @@ q(static) → dq → linear, float output  ``et_vk.linear_q8ta_q8csw``
 Guards (each rejection says why, in user words): the weight is a quantized
 constant; ``bmm`` has batch 1; K is a multiple of 4 (the kernels load
 activations in 4-wide texels); per-group weights have a group size dividing
-K; 4-bit ops get weights in [-8, 7].
+K; 4-bit ops get weights in [-8, 7]; an int4 group size is a multiple of 4
+(refused otherwise: no ET-VK int4 kernel reads it). A ``linear_dq8ca_q4gsw`` at
+a group size the runtime computes wrong on multi-row inputs is stored at the
+largest one it computes right that divides it (``runtime_caps.stored_group_size``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from executorch.exir import ExportedProgram
 from executorch.exir.dialects._ops import ops as exir_ops
 from torch.export.graph_signature import InputKind, TensorArgument
 
-from qlower import pack
+from qlower import pack, runtime_caps
 from qlower.errors import ExportError
 from qlower.quantized_linear import per_token_qparams_args
 
@@ -212,6 +215,9 @@ class LinearInfo:
     fused_op: str | None = None
     reason: str | None = None
     note: str | None = None
+    # The group size the file stores when the runtime is wrong at ``group_size``
+    # (runtime_caps.stored_group_size); None when it stores ``group_size``.
+    stored_group_size: int | None = None
 
 
 @dataclass
@@ -535,15 +541,27 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
 
     if m.op in ("linear_q4gsw", "linear_dq8ca_q4gsw"):
         gs = m.info.k // int(m.weight_scales.meta["val"].shape[-1])
+        stored = stored_int4_group_size(m.op, gs, m.info.module)
         sums_node = m.weight_sums
+        if stored != gs:
+            m.info.stored_group_size = stored
+            m.info.note = restated_note(gs, stored)
+            if sums_node is not None:  # computed at the user's group size
+                m.orphans.append(sums_node)
+                sums_node = None
         if m.op == "linear_dq8ca_q4gsw" and sums_node is None:
             w = get_param_tensor(ep, m.weight)
             w = pack.unpack_int4(w, m.info.k) if prepacked else w
-            sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.group_sums(w, gs))
+            sums_node = packer.new_constant(graph, _sums_name(ep, m.weight), pack.group_sums(w, stored))
             del w
         if not prepacked:
             packer.rewrite(m.weight, FMT_INT4, pack.pack_int4)
-        packer.rewrite(m.weight_scales, FMT_GROUP_SCALES, pack.pack_group_scales)
+        if stored == gs:
+            packer.rewrite(m.weight_scales, FMT_GROUP_SCALES, pack.pack_group_scales)
+        else:
+            packer.rewrite(m.weight_scales, f"{FMT_GROUP_SCALES}, each repeated {gs // stored} times",
+                           lambda s: pack.pack_group_scales(pack.split_groups(s, gs // stored)))
+        gs = stored
         if sums_node is None:
             args = (m.x, m.weight, m.weight_scales, gs, m.bias)
         else:
@@ -574,6 +592,24 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
             _rename_output(ep, user, fused)
             user.replace_all_uses_with(fused)
     return fused
+
+
+def stored_int4_group_size(op: str, group_size: int, module: str) -> int:
+    """The group size an int4 op's constants are stored at (runtime_caps.stored_group_size); refuses what none fixes."""
+    stored = runtime_caps.stored_group_size(op, group_size)
+    if stored is None:
+        problem = runtime_caps.int4_group_problem(group_size) or (
+            f"the ET-VK runtime computes {op} wrong at group size {group_size} "
+            "(quantize_and_pack_4h4w_with_group_sums counts a worker's running sum twice)")
+        raise ExportError(f"layer {module or '<top>'}: {problem}",
+                          f"use a multiple of {runtime_caps.INT4_GROUP_ALIGN} such as 32, 64 or 128")
+    return stored
+
+
+def restated_note(group_size: int, stored: int) -> str:
+    """The report's line for a layer stored at a smaller group size than asked."""
+    return (f"stored as group size {stored}, each scale repeated {group_size // stored}x; "
+            f"ET-VK is wrong at {group_size} on multi-row inputs")
 
 
 def _rename_output(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
