@@ -156,6 +156,33 @@ def test_generate_cli_with_prompt_text(decode_file, hf_folder):
     assert [set(s) for s in doc["steps"]] == [{"pos", "sqnr_vs_quantized", "sqnr_vs_float"}] * len(doc["tokens"])
 
 
+UNREACHABLE_SQNR_DB = 400.0  # above SQNR_IDENTICAL_DB: no file meets it
+
+
+def test_generate_names_quality_apart_from_defects(decode_file, hf_folder, monkeypatch):
+    """A faithful int4 file whose quantization is lossy against float warns (exit 0); a float bar the
+    user sets fails with exit 3; a vs-quantized bar missed is a defect (exit 1)."""
+    import dataclasses
+
+    from qlower import metrics
+
+    out, summary = decode_file("llama")
+    scheme = summary["scheme"]
+    args = ["generate", str(hf_folder("llama")), str(out), "--prompt-ids", "3,17,42", "--max-new-tokens", "3", "--json"]
+    monkeypatch.setitem(metrics.THRESHOLDS, scheme, dataclasses.replace(metrics.THRESHOLDS[scheme], vs_float=UNREACHABLE_SQNR_DB))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] and doc["defects"] == [] and doc["quality"]["below"] and not doc["quality"]["enforced"]
+    assert "warning: quantization costs" in result.stderr
+    result = runner.invoke(app, args + ["--min-sqnr-float", str(UNREACHABLE_SQNR_DB)])
+    assert result.exit_code == 3 and "error: quantization costs" in result.stderr
+    assert json.loads(result.stdout)["defects"] == []
+    result = runner.invoke(app, args + ["--min-sqnr-quantized", str(UNREACHABLE_SQNR_DB)])
+    assert result.exit_code == 1 and "does not decode as the model does" in result.stderr
+    assert json.loads(result.stdout)["defects"]
+
+
 def test_verify_runs_decode_steps(decode_file, hf_folder):
     out, _ = decode_file("llama")
     result = runner.invoke(app, ["verify", str(hf_folder("llama")), str(out), "--json"])
