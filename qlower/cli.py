@@ -33,14 +33,16 @@ class QlowerGroup(typer.core.TyperGroup):
         debug = os.environ.get("QLOWER_DEBUG") == "1"
         wants_json = "--json" in (sys.argv[1:] if args is None else args)
         _printed_json.clear()
+        native = None  # what the libraries print on fd 2, hidden (console.native_output_hidden)
         try:
-            # Without standalone mode, click returns a typer.Exit's code instead of raising it.
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with console.native_output_hidden() as native:
+                # Without standalone mode, click returns a typer.Exit's code instead of raising it.
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return code if isinstance(code, int) else 0
         except QlowerError as exc:
             if debug:
                 raise
-            return _report_error(exc.message, exc.hint, exc.exit_code, wants_json)
+            return _report_error(_with_native_line(exc, native), exc.hint, exc.exit_code, wants_json)
         except click_exc.NoArgsIsHelpError:
             return 0
         except click_exc.UsageError as exc:
@@ -53,6 +55,22 @@ class QlowerGroup(typer.core.TyperGroup):
         except typer.Abort:
             console.err.print("aborted")
             return 130
+        except Exception as exc:  # a bug: its traceback follows, with the last line the C++ side printed
+            line = native.last_line() if native is not None else None
+            if line:
+                exc.add_note(f"last native output: {line}")
+            raise
+        finally:
+            if native is not None:
+                native.close()
+
+
+def _with_native_line(exc: QlowerError, native) -> str:
+    """A failure of a library call (a QlowerError raised from another exception) with the last
+    meaningful line the C++ side printed, which is often the only account of what went wrong."""
+    cause = exc.__cause__
+    line = native.last_line() if native is not None and cause is not None and not isinstance(cause, QlowerError) else None
+    return f"{exc.message} [{line}]" if line and line not in exc.message else exc.message
 
 
 app = typer.Typer(
@@ -186,10 +204,10 @@ def export(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
+    console.import_heavy_libraries()
     from .api import export as run_export
 
     progress = StageProgress(enabled=not as_json)
-    console.import_heavy_libraries()
     try:
         summary = run_export(
             model,
@@ -255,8 +273,7 @@ def inspect(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
-    console.import_heavy_libraries()
-    from .inspect import inspect_pte
+    from .inspect import inspect_pte  # reads the file without torchao or ExecuTorch's compiler (qlower.et_modules)
     from .render import render_expectations, render_inspect
 
     report = inspect_pte(pte_path, expect=expect or [])
