@@ -263,6 +263,39 @@ def test_not_a_causal_lm_folder(tmp_path):
     assert "BertModel model, not a causal LM" in result.output
 
 
+def _drop_architectures(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_folder_without_architectures_loads_by_model_type(hf_folder, tmp_path):
+    """A config.json saved on its own (no "architectures"): the class AutoModelForCausalLM picks for its model_type."""
+    from qlower.llm.hf_folder import load_hf_model, read_hf_folder
+
+    import shutil
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_folder("llama"), folder)
+    _drop_architectures(folder)
+    read = read_hf_folder(folder)
+    assert read.architecture == "LlamaForCausalLM"
+    model = load_hf_model(read)
+    want = transformers.LlamaForCausalLM.from_pretrained(str(hf_folder("llama")), dtype=torch.float32)
+    assert type(model) is transformers.LlamaForCausalLM
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_encoder_folder_without_architectures_is_not_a_causal_lm(tmp_path):
+    folder = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64)).save_pretrained(str(folder))
+    _drop_architectures(folder)
+    result = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "b.pte")])
+    assert result.exit_code == 1
+    assert "holds a bert model, not a causal LM" in result.output and not (tmp_path / "b.pte").exists()
+
+
 def test_generate_rejects_a_file_without_kv_cache(tmp_path, exported):
     model, pte = exported("llama", "fp32")
     result = runner.invoke(app, ["generate", str(model), str(pte), "--prompt-ids", "1,2,3"])
