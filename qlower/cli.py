@@ -273,7 +273,10 @@ def inspect(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
-    from .inspect import inspect_pte  # reads the file without torchao or ExecuTorch's compiler (qlower.et_modules)
+    from .et_modules import read_without_compiler
+
+    read_without_compiler()  # no torchao or ExecuTorch compiler imports for reading a file
+    from .inspect import inspect_pte
     from .render import render_expectations, render_inspect
 
     report = inspect_pte(pte_path, expect=expect or [])

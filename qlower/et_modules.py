@@ -4,7 +4,8 @@ Reading a .pte takes a handful of light ExecuTorch modules (the program schema
 and its flatbuffer reader, the Vulkan graph schema), but importing them the
 usual way first runs ``executorch/exir/__init__.py`` (torch.export, the exir
 passes, torchao: most of ten seconds) and ``executorch/backends/vulkan/__init__.py``
-(the partitioner). :func:`load_serialization` puts those packages in
+(the partitioner). In a process that only reads files (:func:`read_without_compiler`:
+the inspect command), :func:`load_serialization` puts those packages in
 ``sys.modules`` with their ``__init__`` deferred: submodules import as usual,
 and the first access to any other attribute of the package (``from
 executorch.exir import to_edge``) runs the real ``__init__`` in the same module
@@ -47,9 +48,25 @@ def _run_init(package: types.ModuleType) -> None:
         package.__spec__.loader.exec_module(package)
 
 
+_deferring = False  # set by a process that reads files and never lowers (the inspect command)
+
+
+def read_without_compiler() -> None:
+    """From now on, load_serialization defers the heavy packages' ``__init__``. Only for a process
+    that never imports ExecuTorch's compiler modules directly (a submodule import such as
+    ``executorch.exir.pass_base`` under a deferred package can meet a half-run ``__init__``)."""
+    global _deferring
+    _deferring = True
+
+
 def load_serialization() -> None:
-    """Import SERIALIZATION_MODULES, deferring the ``__init__`` of heavy packages not imported yet."""
+    """Import SERIALIZATION_MODULES; after read_without_compiler, deferring the ``__init__`` of heavy
+    packages not imported yet."""
     if all(name in sys.modules for name in SERIALIZATION_MODULES):
+        return
+    if not _deferring:
+        for name in SERIALIZATION_MODULES:
+            importlib.import_module(name)
         return
     for name in HEAVY_PACKAGES:
         if name in sys.modules:
