@@ -80,7 +80,7 @@ def child(flow: str, path: str, keep: str | None = None) -> None:
     from qlower.loader import load_model
     from qlower.pte import fused_op_histogram, read_pte
     from qlower.runtime_caps import summarize_pte
-    from qlower.verify import sqnr_db
+    from qlower.metrics import sqnr_db
 
     data, seconds = (stock_flow if flow == "stock" else qlower_flow)(path)
     if keep:

@@ -1,13 +1,22 @@
-"""qlower: PyTorch model → quantized ExecuTorch .pte for the Vulkan GPU delegate."""
+"""qlower: PyTorch model → quantized ExecuTorch .pte for the Vulkan GPU delegate.
 
-from .console import import_heavy_libraries
+Importing the package is cheap: ``qlower.export`` loads torch, torchao and
+ExecuTorch (quietly, see console.import_heavy_libraries) on first use.
+"""
 
-# torch/torchao/ExecuTorch print optional-kernel notices at import; take them
-# quietly once, before any module below pulls them in.
-import_heavy_libraries()
-
-from .api import export  # noqa: E402
-from .errors import QlowerError  # noqa: E402
+from .errors import QlowerError
 
 __all__ = ["export", "QlowerError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "export":
+        from .console import import_heavy_libraries
+
+        import_heavy_libraries()
+        from .api import export
+
+        globals()["export"] = export
+        return export
+    raise AttributeError(f"module 'qlower' has no attribute {name!r}")

@@ -22,6 +22,7 @@ def export(
     log: Callable[[str], None] | None = None,
     dump_after: str | None = None,
     verify: int = 0,
+    verify_min_sqnr_float: float | None = None,
     on_layer: Callable[[Any], None] | None = None,
     external_weights: bool = False,
     **options: Any,
@@ -31,7 +32,10 @@ def export(
     ``options`` are ExportOptions fields (scheme, group_size, quantize_embeddings,
     calibration, calibration_batches, strict, seed, layers); they override ``config``.
     ``verify=N`` runs the golden executor on N input batches before writing,
-    and fails (nothing written) below the scheme's SQNR thresholds.
+    and fails (nothing written) when the file does not compute what the quantized
+    model computes (qlower.metrics: a defect); what quantization costs against
+    float is a warning, unless ``verify_min_sqnr_float`` sets a bar (then below
+    it fails, QualityError).
     ``dump_after`` names a fusion pass after which the graph goes to ``log``.
     With ``output=None`` nothing is written. ``on_layer`` hears of each layer the
     streaming load finished (``stream.Progress``: layer name, bytes read, ETA).
@@ -57,6 +61,7 @@ def export(
         log=log,
         dump_after=dump_after,
         verify_samples=verify,
+        verify_min_sqnr_float=verify_min_sqnr_float,
         on_layer=on_layer,
         external_weights=external_weights,
     )

@@ -1,7 +1,8 @@
 """The command line: parse arguments, call the library, render the result.
 
 Exit codes: 0 success, 1 a QlowerError (one ``error:`` line and a hint),
-2 a usage error. ``QLOWER_DEBUG=1`` shows tracebacks.
+2 a usage error, 3 a quality bar the user set (--min-sqnr-float) missed by a
+faithful file (qlower.metrics). ``QLOWER_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ class QlowerGroup(typer.core.TyperGroup):
         debug = os.environ.get("QLOWER_DEBUG") == "1"
         wants_json = "--json" in (sys.argv[1:] if args is None else args)
         _printed_json.clear()
+        native = None  # what the libraries print on fd 2, hidden (console.native_output_hidden)
         try:
-            # Without standalone mode, click returns a typer.Exit's code instead of raising it.
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with console.native_output_hidden() as native:
+                # Without standalone mode, click returns a typer.Exit's code instead of raising it.
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return code if isinstance(code, int) else 0
         except QlowerError as exc:
             if debug:
                 raise
-            return _report_error(exc.message, exc.hint, exc.exit_code, wants_json)
+            return _report_error(_with_native_line(exc, native), exc.hint, exc.exit_code, wants_json)
         except click_exc.NoArgsIsHelpError:
             return 0
         except click_exc.UsageError as exc:
@@ -52,6 +55,22 @@ class QlowerGroup(typer.core.TyperGroup):
         except typer.Abort:
             console.err.print("aborted")
             return 130
+        except Exception as exc:  # a bug: its traceback follows, with the last line the C++ side printed
+            line = native.last_line() if native is not None else None
+            if line:
+                exc.add_note(f"last native output: {line}")
+            raise
+        finally:
+            if native is not None:
+                native.close()
+
+
+def _with_native_line(exc: QlowerError, native) -> str:
+    """A failure of a library call (a QlowerError raised from another exception) with the last
+    meaningful line the C++ side printed, which is often the only account of what went wrong."""
+    cause = exc.__cause__
+    line = native.last_line() if native is not None and cause is not None and not isinstance(cause, QlowerError) else None
+    return f"{exc.message} [{line}]" if line and line not in exc.message else exc.message
 
 
 app = typer.Typer(
@@ -179,15 +198,16 @@ def export(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=2, help="--kv-cache: context length, prompt + generated [default: min(the model's max positions, 2048)]."),
     metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
-    verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; fail below the SQNR thresholds."),
+    verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
+    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
     external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
+    console.import_heavy_libraries()
     from .api import export as run_export
 
     progress = StageProgress(enabled=not as_json)
-    console.import_heavy_libraries()
     try:
         summary = run_export(
             model,
@@ -200,7 +220,8 @@ def export(
             warn=console.warn,
             log=lambda text: console.err.print(text, markup=False, highlight=False),
             dump_after=dump_after,
-            verify=VERIFY_SAMPLES if verify else 0,
+            verify=VERIFY_SAMPLES if verify or min_sqnr_float is not None else 0,
+            verify_min_sqnr_float=min_sqnr_float,
             external_weights=external_weights,
             scheme=scheme,
             group_size=group_size,
@@ -252,7 +273,9 @@ def inspect(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
-    console.import_heavy_libraries()
+    from .et_modules import read_without_compiler
+
+    read_without_compiler()  # no torchao or ExecuTorch compiler imports for reading a file
     from .inspect import inspect_pte
     from .render import render_expectations, render_inspect
 
@@ -286,7 +309,7 @@ def verify(
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="q8ta_q8csw: the calibration data the .pte was exported with."),
-    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Minimum SQNR (dB) of each output vs the float model [default: per scheme]."),
+    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Fail (exit 3) when an output is below this SQNR (dB) vs the float model. Without it, the scheme's bar only warns: that is what quantization costs, not a defect of the file."),
     min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each output vs the quantized eager model [default: per scheme]."),
     min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
     layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model."),
@@ -295,9 +318,9 @@ def verify(
     device: Optional[str] = typer.Option(None, "--device", help="Also compute the fused layers with qlower's kernels on a Vulkan device ('vulkan', or a device index or name) and compare them with the golden executor."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Run the .pte's serialized graph on the CPU (golden executor) and compare it with the eager model; exit 1 below the thresholds."""
+    """Run the .pte's serialized graph on the CPU (golden executor) and compare it with the eager models; exit 1 when it does not compute what the quantized model computes."""
     console.import_heavy_libraries()
-    from .errors import VerifyError
+    from .metrics import check_findings, conclude
     from .verify import plot_layers, render_report, verify as run_verify
 
     report = run_verify(
@@ -313,9 +336,9 @@ def verify(
 
         checks = check_on_device(fused_calls(pte, seed=seed), _vk_device(device))
         report["device_layers"] = checks
-        report["failures"] += [f"{c['op']} (delegate call {c['delegate_call']} op {c['op_index']}) on the device differs from the golden "
-                               f"executor by {c['max_abs_diff']:.3g} (tolerance {c['tolerance']:.3g})" for c in checks if not c["passed"]]
-        report["passed"] = not report["failures"]
+        report["defects"] += [f"{c['op']} (delegate call {c['delegate_call']} op {c['op_index']}) on the device differs from the golden "
+                              f"executor by {c['max_abs_diff']:.3g} (tolerance {c['tolerance']:.3g})" for c in checks if not c["passed"]]
+        conclude(report)
     if plot is not None:
         plot_layers(report, plot)
     if as_json:
@@ -334,9 +357,8 @@ def verify(
             from .render import render_device_checks
 
             render_device_checks(report["device_layers"])
-    if not report["passed"]:
-        raise VerifyError(f"verification failed: {report['failures'][0]}",
-                          "the .pte does not compute what the model does; re-export it, or see --layers for where it diverges")
+    check_findings(report, defect="verification failed", warn=console.warn, what="step" if report.get("kind") == "decode" else "output",
+                   defect_hint="the .pte does not compute what the model does; re-export it, or see --layers for where it diverges")
 
 
 def _parse_ids(value: Optional[str]) -> Optional[list[int]]:
@@ -370,16 +392,16 @@ def generate(
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
     seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
-    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Minimum SQNR (dB) of each step's logits vs the float model [default: per scheme]."),
+    min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Fail (exit 3) when a step's logits are below this SQNR (dB) vs the float model. Without it, the scheme's bar only warns: that is what quantization costs, not a defect of the file."),
     min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each step's logits vs the quantized eager model [default: per scheme]."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Greedy decoding with the .pte (golden executor, KV cache kept across calls) beside the quantized eager and float models; exit 1 below the thresholds."""
+    """Greedy decoding with the .pte (golden executor, KV cache kept across calls) beside the quantized eager and float models; exit 1 when it does not decode as the quantized model does."""
     if (prompt_ids is None) == (prompt is None):
         raise typer.BadParameter("give exactly one of --prompt-ids and --prompt")
     console.import_heavy_libraries()
-    from .errors import VerifyError
     from .llm.generate import generate as run_generate
+    from .metrics import check_findings
 
     report = run_generate(model, pte, prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens, config=config, entry=entry,
                           checkpoint=checkpoint, seed=seed, min_sqnr_float=min_sqnr_float,
@@ -390,9 +412,8 @@ def generate(
         from .render import render_generate
 
         render_generate(report)
-    if not report["ok"]:
-        raise VerifyError(f"generation check failed: {report['failures'][0]}",
-                          "the .pte does not decode as the model does; `qlower verify` shows where it diverges")
+    check_findings(report, defect="generation check failed", warn=console.warn, what="step",
+                   defect_hint="the .pte does not decode as the model does; `qlower verify` shows where it diverges")
 
 
 def _vk_device(choice: str | None):

@@ -1,7 +1,7 @@
 """The errors a user can act on.
 
 Each carries a one-line message saying what is wrong and a hint saying what to
-do. The CLI prints them as ``error: …`` / ``hint: …`` and exits 1; any other
+do. The CLI prints them as ``error: …`` / ``hint: …`` and exits 1 (QualityError: 3); any other
 exception is a bug and propagates.
 """
 
@@ -49,6 +49,13 @@ class PteError(QlowerError):
 
 class VerifyError(QlowerError):
     """Verification could not run (unknown op, mismatched inputs)."""
+
+
+class QualityError(QlowerError):
+    """The file computes what the quantized model computes, but quantization costs more
+    against float than the bar the user set (--min-sqnr-float): exit 3, apart from defects."""
+
+    exit_code = 3
 
 
 class DeviceError(QlowerError):

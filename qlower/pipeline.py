@@ -65,6 +65,7 @@ class ExportJob:
     program: Any = None  # ExecutorchProgramManager, written to disk by the serialize stage as it serializes
     external_weights: bool = False  # --external-weights: the constants go to <output stem>.ptd
     verify_samples: int = 0  # > 0: run the verify stage on that many input batches
+    verify_min_sqnr_float: float | None = None  # a float bar the user set: the verify stage fails below it
     verification: dict | None = None
     streamed: bool = False  # the weights were read layer by layer by the quantize stage
     on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
@@ -220,13 +221,14 @@ def stage_lower(job: ExportJob) -> None:
 
 def stage_verify(job: ExportJob) -> None:
     """--verify: the golden executor runs the bytes before they are written."""
-    from .errors import VerifyError
+    from .metrics import check_findings
     from .verify import verify_after_export
 
-    job.verification = verify_after_export(job, samples=job.verify_samples)
-    if not job.verification["passed"]:
-        raise VerifyError(f"verification failed: {job.verification['failures'][0]}; nothing was written",
-                          "run `qlower verify MODEL OUT.pte --layers` on an export without --verify to see where it diverges")
+    job.verification = verify_after_export(job, samples=job.verify_samples, min_sqnr_float=job.verify_min_sqnr_float)
+    # A defect (or a float bar the user set) refuses the file; what int4 costs against float is a warning.
+    check_findings(job.verification, defect="verification failed", consequence="nothing was written", warn=job.warn,
+                   what="step" if job.kv_cache else "output",
+                   defect_hint="run `qlower verify MODEL OUT.pte --layers` on an export without --verify to see where it diverges")
 
 
 def stage_serialize(job: ExportJob) -> None:

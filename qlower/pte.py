@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PteError, first_line
+from .et_modules import load_serialization
 
 VULKAN_BACKEND = "VulkanBackend"
 VK_HEADER_LENGTH = 30
@@ -229,6 +230,7 @@ def check_flatbuffer_root(buf: bytes, what: str) -> None:
 
 
 def _decode(data: bytes, program_size: int, segment_base: int, constants: bool = True) -> Pte:
+    load_serialization()  # without exir's and the Vulkan backend's package __init__
     from executorch.exir._serialize._program import PTEFile, _flatbuffer_to_program, _restore_segments
 
     try:
@@ -338,6 +340,7 @@ def _spec_text(value: bytes) -> str:
 
 
 def decode_vk_graph(blob: bytes, with_header: bool = False):
+    load_serialization()  # without exir's and the Vulkan backend's package __init__
     from executorch.backends.vulkan.serialization.vulkan_graph_serialize import VulkanDelegateHeader
 
     if len(blob) < VK_HEADER_LENGTH or blob[4:8] != VK_MAGIC:
@@ -371,6 +374,7 @@ INLINE_CONSTANT = (1 << 64) - 1  # VkBytes.offset of a constant kept in named da
 
 def check_vk_graph(graph, inline_bytes: int) -> None:
     """Every id the graph uses must name one of its values or constants."""
+    load_serialization()  # without exir's and the Vulkan backend's package __init__
     from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk
 
     def bad(what: str) -> PteError:
@@ -407,6 +411,7 @@ _NON_FINITE = re.compile(r'(?<=[\[:,\s])(-?)(inf|nan)(?=[\s,\]}])')
 
 
 def _flatbuffer_to_vk_graph(flatbuffer: bytes):
+    load_serialization()  # without exir's and the Vulkan backend's package __init__
     import executorch.backends.vulkan.serialization as serialization_package
     from executorch.backends.vulkan.serialization.vulkan_graph_schema import VkGraph
     from executorch.exir._serialize._dataclass import _json_to_dataclass
@@ -506,6 +511,7 @@ def _run_bounded(fn, data: bytes, *args):
     """
     if not hasattr(os, "fork") or os.environ.get("QLOWER_DECODE_INLINE") == "1":
         return fn(data, *args)
+    load_serialization()  # without exir's and the Vulkan backend's package __init__
     import executorch.exir._serialize._program  # noqa: F401  import once here, not in every child
     import executorch.backends.vulkan.serialization.vulkan_graph_schema  # noqa: F401
 

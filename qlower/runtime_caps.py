@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Iterable, Optional
 
-from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk
+from .et_modules import load_serialization
+
+load_serialization()  # the Vulkan graph schema, without the backend's package __init__
+from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk  # noqa: E402
 
 __all__ = [
     "DQ8CA_PREFILL_SAFE_GROUP_SIZES",

@@ -154,7 +154,7 @@ def verify_sample(model_path: str | Path, pte: Pte, pte_path: str | Path, count:
             on_layer(result)
     return {"kind": "sample", "model": str(model_path), "pte": str(pte_path), "scheme": options.scheme,
             "fused_layers": len(pairs), "sampled": len(layers), "layers": layers, "min_sqnr_layer": min_sqnr_layer,
-            "passed": not failures, "failures": failures}
+            "defects": failures, "quality": None, "passed": not failures, "failures": failures}
 
 
 def _check(pte: Pte, op: dict, plan, layer: nn.Module, gen: torch.Generator) -> dict[str, Any]:

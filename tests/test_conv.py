@@ -15,7 +15,7 @@ from qlower import fuse, pack, references
 from qlower.errors import StrictError
 from qlower.patterns import conv as conv_family
 from qlower.pte import read_pte
-from qlower.verify import THRESHOLDS, sqnr_db
+from qlower.metrics import THRESHOLDS, sqnr_db
 
 from .conftest import EXAMPLES
 from .test_fuse import fused_ops, lower_stock, quantize_pt2e_static, vk_graphs

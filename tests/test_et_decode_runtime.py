@@ -24,7 +24,7 @@ from qlower.llm.generate import GoldenDecoder, teacher_forced
 from qlower.llm.load import decoder_for, load_any
 from qlower.pipeline import quantize_model
 from qlower.pte import read_pte
-from qlower.verify import THRESHOLDS, sqnr_db
+from qlower.metrics import THRESHOLDS, sqnr_db
 
 from .conftest import EXAMPLES, MODELS, ROOT
 

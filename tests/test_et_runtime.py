@@ -24,7 +24,7 @@ from qlower.golden import GoldenExecutor
 from qlower.loader import load_model
 from qlower.pte import read_pte
 from qlower.runtime_caps import summarize_pte
-from qlower.verify import THRESHOLDS, sqnr_db
+from qlower.metrics import THRESHOLDS, sqnr_db
 
 from .conftest import EXAMPLES
 

@@ -235,13 +235,39 @@ def test_export_verify_passes_and_reports(tmp_path):
     assert "verify" in doc["timings_s"]
 
 
+UNREACHABLE_SQNR_DB = 400.0  # above SQNR_IDENTICAL_DB: no file meets it
+
+
 def test_export_verify_failure_writes_nothing(tmp_path, monkeypatch):
     import qlower.verify as verify_module
 
     real = verify_module.thresholds_for
-    monkeypatch.setattr(verify_module, "thresholds_for", lambda scheme, *a: real(scheme, 200.0))  # unreachable bar
+    # A vs-quantized bar no file meets: a defect of the file.
+    monkeypatch.setattr(verify_module, "thresholds_for", lambda scheme, *a: real(scheme, None, UNREACHABLE_SQNR_DB))
     out = tmp_path / "mlp.pte"
     result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--verify"])
     assert result.exit_code == 1
     assert "error: verification failed" in result.stderr and "nothing was written" in result.stderr
+    assert not out.exists()
+
+
+def test_export_verify_writes_despite_quality_unless_a_float_bar_is_given(tmp_path, monkeypatch):
+    """What quantization costs against float warns by default; --min-sqnr-float makes it refuse (exit 3)."""
+    import dataclasses
+
+    from qlower import metrics
+
+    scheme = "qta8a_qga4w"
+    monkeypatch.setitem(metrics.THRESHOLDS, scheme, dataclasses.replace(metrics.THRESHOLDS[scheme], vs_float=UNREACHABLE_SQNR_DB))
+    out = tmp_path / "mlp.pte"
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--scheme", scheme, "--verify", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verification"]["defects"] == [] and doc["verification"]["quality"]["below"] is True
+    assert "warning: quantization costs" in result.stderr and out.exists()
+    out.unlink()
+    result = runner.invoke(app, ["export", str(EXAMPLES / "mlp.py"), "-o", str(out), "--scheme", scheme,
+                                 "--min-sqnr-float", str(UNREACHABLE_SQNR_DB)])
+    assert result.exit_code == 3, result.output
+    assert "error: quantization costs" in result.stderr and "nothing was written" in result.stderr
     assert not out.exists()

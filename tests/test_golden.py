@@ -112,7 +112,7 @@ def test_program_with_cpu_kernels_between_partitions(exported):
     from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from qlower.verify import sqnr_db
+    from qlower.metrics import sqnr_db
 
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
@@ -159,7 +159,7 @@ def test_dq8ca_linear_on_one_row_is_weight_only_as_on_the_runtime():
     that skips the activation quantization (``linear_dq8ca_q4gsw_coop``); several rows go through int8."""
     from qlower import pack, references
     from qlower.quantized_linear import quantized_linear
-    from qlower.verify import sqnr_db
+    from qlower.metrics import sqnr_db
 
     torch.manual_seed(0)
     n, k, g = 12, 64, 32

@@ -164,6 +164,33 @@ def test_generate_cli_with_prompt_text(decode_file, hf_folder):
     assert [set(s) for s in doc["steps"]] == [{"pos", "sqnr_vs_quantized", "sqnr_vs_float"}] * len(doc["tokens"])
 
 
+UNREACHABLE_SQNR_DB = 400.0  # above SQNR_IDENTICAL_DB: no file meets it
+
+
+def test_generate_names_quality_apart_from_defects(decode_file, hf_folder, monkeypatch):
+    """A faithful int4 file whose quantization is lossy against float warns (exit 0); a float bar the
+    user sets fails with exit 3; a vs-quantized bar missed is a defect (exit 1)."""
+    import dataclasses
+
+    from qlower import metrics
+
+    out, summary = decode_file("llama")
+    scheme = summary["scheme"]
+    args = ["generate", str(hf_folder("llama")), str(out), "--prompt-ids", "3,17,42", "--max-new-tokens", "3", "--json"]
+    monkeypatch.setitem(metrics.THRESHOLDS, scheme, dataclasses.replace(metrics.THRESHOLDS[scheme], vs_float=UNREACHABLE_SQNR_DB))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] and doc["defects"] == [] and doc["quality"]["below"] and not doc["quality"]["enforced"]
+    assert "warning: quantization costs" in result.stderr
+    result = runner.invoke(app, args + ["--min-sqnr-float", str(UNREACHABLE_SQNR_DB)])
+    assert result.exit_code == 3 and "error: quantization costs" in result.stderr
+    assert json.loads(result.stdout)["defects"] == []
+    result = runner.invoke(app, args + ["--min-sqnr-quantized", str(UNREACHABLE_SQNR_DB)])
+    assert result.exit_code == 1 and "does not decode as the model does" in result.stderr
+    assert json.loads(result.stdout)["defects"]
+
+
 def test_verify_runs_decode_steps(decode_file, hf_folder):
     out, _ = decode_file("llama")
     result = runner.invoke(app, ["verify", str(hf_folder("llama")), str(out), "--json"])
@@ -242,6 +269,39 @@ def test_not_a_causal_lm_folder(tmp_path):
     result = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "b.pte")])
     assert result.exit_code == 1
     assert "BertModel model, not a causal LM" in result.output
+
+
+def _drop_architectures(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_folder_without_architectures_loads_by_model_type(hf_folder, tmp_path):
+    """A config.json saved on its own (no "architectures"): the class AutoModelForCausalLM picks for its model_type."""
+    from qlower.llm.hf_folder import load_hf_model, read_hf_folder
+
+    import shutil
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_folder("llama"), folder)
+    _drop_architectures(folder)
+    read = read_hf_folder(folder)
+    assert read.architecture == "LlamaForCausalLM"
+    model = load_hf_model(read)
+    want = transformers.LlamaForCausalLM.from_pretrained(str(hf_folder("llama")), dtype=torch.float32)
+    assert type(model) is transformers.LlamaForCausalLM
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_encoder_folder_without_architectures_is_not_a_causal_lm(tmp_path):
+    folder = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64)).save_pretrained(str(folder))
+    _drop_architectures(folder)
+    result = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "b.pte")])
+    assert result.exit_code == 1
+    assert "holds a bert model, not a causal LM" in result.output and not (tmp_path / "b.pte").exists()
 
 
 def test_generate_rejects_a_file_without_kv_cache(tmp_path, exported):

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from qlower.cli import app, main
 from qlower.pte import read_pte
-from qlower.verify import THRESHOLDS, verify
+from qlower.metrics import THRESHOLDS
+from qlower.verify import verify
 
 SCHEMES = ["qta8a_qga4w", "qga4w", "q8ta_q8csw", "fp16", "fp32"]
 # Every scheme on every bundled example (about two minutes on a 2-core machine).
@@ -96,13 +97,43 @@ def test_layers_plot_and_inputs_file(exported, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_threshold_override_fails_with_exit_1(exported):
+UNREACHABLE_SQNR_DB = 400.0  # above SQNR_IDENTICAL_DB: no file meets it
+
+
+def test_float_bar_given_fails_as_quality_with_exit_3(exported):
     model, pte = exported("mlp", "fp16")
     result = runner.invoke(app, ["verify", str(model), str(pte), "--min-sqnr-float", "200", "--json"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     report = json.loads(result.stdout)  # the report is the one document, not an error document
     assert report["ok"] is False and not report["passed"]
-    assert report["thresholds"]["vs_float"] == 200 and "vs the float model" in report["failures"][0]
+    assert report["defects"] == []  # the file computes what the quantized model computes
+    assert report["quality"]["below"] and report["quality"]["enforced"] and report["quality"]["threshold_db"] == 200
+    assert report["thresholds"]["vs_float"] == 200 and "against the float model" in report["failures"][0]
+    assert "error: quantization costs" in result.stderr
+
+
+def test_quality_below_the_default_bar_warns_and_passes(exported, monkeypatch):
+    import dataclasses
+
+    from qlower import metrics
+
+    model, pte = exported("mlp", "fp16")
+    monkeypatch.setitem(metrics.THRESHOLDS, "fp16", dataclasses.replace(metrics.THRESHOLDS["fp16"], vs_float=UNREACHABLE_SQNR_DB))
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["passed"] and report["defects"] == [] and report["failures"] == []
+    assert report["quality"]["below"] and not report["quality"]["enforced"]
+    assert "warning: quantization costs" in result.stderr and "error:" not in result.stderr
+
+
+def test_defect_fails_with_exit_1(exported):
+    model, pte = exported("mlp", "fp16")
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--min-sqnr-quantized", str(UNREACHABLE_SQNR_DB), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["defects"] and "vs the quantized eager model" in report["failures"][0]
+    assert "error: verification failed" in result.stderr and "does not compute what the model does" in result.stderr
 
 
 def test_inputs_of_the_wrong_shape_are_a_user_error(exported, tmp_path, capsys):

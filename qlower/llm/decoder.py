@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import DEFAULT_MAX_SEQ_LEN, ExportOptions, parse_metadata
 from ..errors import ModelLoadError
+from ..metrics import sqnr_db
 from .kv_cache import KVCacheLM
 
 # The float model behind a KV cache must reproduce its own (uncached) logits this
@@ -61,8 +62,6 @@ def check_cache_matches(model: nn.Module, prompt: int = 3, steps: int = 2, min_s
     float model: quantized, a per-token rounding tie that lands differently in
     a chunked prefill legitimately moves deep models' logits.
     """
-    from ..verify import sqnr_db
-
     lm = KVCacheLM(model, prompt + steps)
     vocab = _vocab_size(lm)
     gen = torch.Generator().manual_seed(0)

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ExportOptions, make_options
 from ..errors import VerifyError
+from ..metrics import conclude, quality_finding, sqnr_db, thresholds_for
 from ..golden import GoldenExecutor
 from ..pte import Pte, read_pte
 
@@ -62,12 +63,6 @@ def read_metadata(golden: GoldenExecutor) -> dict[str, Any]:
             values = golden.run((), method=plan.name)
             meta[plan.name] = values[0] if len(values) == 1 and not plan.name.endswith("_ids") else list(values)
     return meta
-
-
-def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
-    from ..verify import sqnr_db
-
-    return sqnr_db(reference, test)
 
 
 class GoldenDecoder:
@@ -114,7 +109,11 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
              checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_float: float | None = None,
              min_sqnr_quantized: float | None = None, options: ExportOptions | None = None, bos: bool = False,
              warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Greedy decoding of the file beside the eager models; ``report["ok"]`` is False below the scheme's bars.
+    """Greedy decoding of the file beside the eager models.
+
+    ``report["defects"]``: steps whose logits are below the vs-quantized bar (the file does not
+    decode as the quantized model does); ``report["quality"]``: the worst step vs float (see
+    :mod:`qlower.metrics`). ``report["ok"]`` is False on a defect, or below ``min_sqnr_float`` when given.
 
     A text ``prompt`` is encoded as ExecuTorch's LLM runner encodes it: the tokenizer adds no
     special tokens; ``bos`` prepends the file's ``get_bos_id`` (the runner's ``--num_bos 1``).
@@ -122,7 +121,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     The eager models are quantized with ``options`` (an export's own), else as
     read from the file (scheme, group size, embeddings) and ``config``.
     """
-    from ..verify import infer_scheme, thresholds_for
+    from ..verify import infer_scheme
     from .load import load_any
 
     decode = read_decode_file(pte_path)
@@ -177,16 +176,15 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     float_forced = [float_all[len(prompt_ids) - 1 + i] for i in range(len(tokens))]
 
     thresholds = thresholds_for(options.scheme, min_sqnr_float, min_sqnr_quantized)
-    steps, failures = [], []
+    steps, defects = [], []
     for i, (g, q, f) in enumerate(zip(golden_logits, quant_forced, float_forced)):
-        step = {"pos": len(prompt_ids) - 1 + i, "sqnr_vs_quantized": sqnr(q, g), "sqnr_vs_float": sqnr(f, g)}
+        step = {"pos": len(prompt_ids) - 1 + i, "sqnr_vs_quantized": sqnr_db(q, g), "sqnr_vs_float": sqnr_db(f, g)}
         steps.append(step)
         if step["sqnr_vs_quantized"] < thresholds.vs_quantized:
-            failures.append(f"step {i} logits {step['sqnr_vs_quantized']:.1f} dB vs quantized eager < {thresholds.vs_quantized} dB")
-        if step["sqnr_vs_float"] < thresholds.vs_float:
-            failures.append(f"step {i} logits {step['sqnr_vs_float']:.1f} dB vs float < {thresholds.vs_float} dB")
+            defects.append(f"step {i} logits {step['sqnr_vs_quantized']:.1f} dB vs quantized eager < {thresholds.vs_quantized:g} dB")
+    quality = quality_finding(min((s["sqnr_vs_float"] for s in steps), default=None), thresholds.vs_float,
+                              enforced=min_sqnr_float is not None)
     report = {
-        "ok": not failures,
         "model": str(model_path),
         "pte": str(pte_path) if isinstance(pte_path, (str, Path)) else "<bytes>",
         "scheme": options.scheme,
@@ -198,9 +196,11 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
         "agree_float": _leading_equal(tokens, float_tokens),
         "steps": steps,
         "thresholds": {"vs_quantized": thresholds.vs_quantized, "vs_float": thresholds.vs_float},
-        "failures": failures,
+        "defects": defects,
+        "quality": quality,
         "metadata": decode.metadata,
     }
+    conclude(report, ok_key="ok", what="step")
     if tokenizer is not None:
         report["prompt"] = prompt
         report["text"] = tokenizer.decode(tokens)

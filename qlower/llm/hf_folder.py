@@ -72,9 +72,12 @@ def read_hf_folder(path: str | Path) -> HfFolder:
                              "the folder must be written by save_pretrained of a transformers model") from exc
     architectures = getattr(config, "architectures", None) or []
     causal = [a for a in architectures if a.endswith("ForCausalLM") or a.endswith("LMHeadModel")]
+    if not architectures:  # a config saved on its own or written by hand: by model_type, as AutoModelForCausalLM does
+        causal = [name] if (name := causal_lm_class_name(config)) else []
     if not causal:
         raise ModelLoadError(f"{path} holds a {architectures[0] if architectures else config.model_type} model, not a causal LM",
-                             "qlower exports decoders whose config.json names a *ForCausalLM architecture")
+                             "qlower exports decoders: config.json names a *ForCausalLM architecture, or a model_type "
+                             "that transformers loads as a causal LM")
     generation = {}
     if (path / "generation_config.json").is_file():
         try:
@@ -83,6 +86,23 @@ def read_hf_folder(path: str | Path) -> HfFolder:
             raise ModelLoadError(f"cannot read {path / 'generation_config.json'}: {exc}", "fix or remove the file") from exc
     tokenizers = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     return HfFolder(path, config, causal[0], generation, tokenizers)
+
+
+def causal_lm_class_name(config) -> str | None:
+    """The class AutoModelForCausalLM builds for ``config.model_type``, or None.
+
+    Encoder families that transformers can also run as a decoder (BERT, RoBERTa: their
+    model_type has a masked-LM class too) count only when the config says ``is_decoder``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if isinstance(name, (tuple, list)):
+        name = name[0] if name else None
+    if name is None or (model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)):
+        return None
+    return name
 
 
 def _model_class(folder: HfFolder):
