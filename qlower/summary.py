@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .groups import group_rows
 from .pte import read_pte, summarize
 from .runtime_caps import load_problems
 from .quantize import LayerPlan
@@ -39,6 +40,7 @@ def export_summary(job) -> dict[str, Any]:
             "other_matmuls_fused": sum(bool(r["fused_op"]) for r in matmuls),
         },
         "layer_report": rows,
+        "layer_groups": group_rows(rows),
         "fusion_passes": job.fusion.passes if job.fusion else [],
         "delegation_passes": list(job.delegation_passes),
         "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.cpu_notes],
