@@ -657,8 +657,10 @@ def size_breakdown(pte: Pte) -> dict[str, Any]:
     equal named data once: a decoder's zero KV caches, equal norm weights). Bytes used
     by one tensor count in its role (packed weights, scales and sums, float weights,
     KV cache, other constants); bytes used by several count once under ``shared``,
-    each listed in ``shared_constants`` with its user count. Named data that no Vulkan
-    constant uses (other delegates', CPU operators') is ``other_constants``.
+    each listed in ``shared_constants`` with its user count. The CPU operators'
+    constants count as float weights or other constants by their dtype; named data
+    that no Vulkan constant uses (other delegates') and mutable buffers' initial
+    contents are ``other_constants``.
     ``program_and_headers`` is the rest: the program, the delegate graphs, headers
     and alignment padding. Constants kept outside the file (a .ptd) are ``external``,
     not part of the total.
@@ -702,9 +704,30 @@ def size_breakdown(pte: Pte) -> dict[str, Any]:
         if index not in seen_segments and name in pte.named_sizes:
             named_segments[index] = pte.named_sizes[name]
     parts["other_constants"] += sum(named_segments.values())
+    for kind, n in _program_constants(pte):
+        parts[kind] += n
     parts["program_and_headers"] = max(pte.size - sum(parts.values()), 0)
     shared.sort(key=lambda s: -s["bytes"] * s["users"])
     return {"total": pte.size, **parts, "shared_constants": shared, "external": external}
+
+
+def _program_constants(pte: Pte) -> list[tuple[str, int]]:
+    """(role, bytes) of the constants the program keeps for its CPU operators (the constant buffer),
+    each buffer once, and of its mutable buffers' initial contents."""
+    program = pte.program
+    dtypes: dict[int, str] = {}
+    for plan in program.execution_plan:
+        for value in plan.values:
+            t = value.val
+            if type(t).__name__ == "Tensor" and t.data_buffer_idx > 0:
+                dtypes.setdefault(t.data_buffer_idx, getattr(t.scalar_type, "name", ""))
+    out = []
+    for i, buffer in enumerate(program.constant_buffer or []):
+        if i and len(buffer.storage):  # buffer 0 is the reserved empty one
+            dtype = SCALAR_TYPE_NAMES.get(dtypes.get(i, ""), "")
+            out.append(("float_weights" if dtype.startswith(("float", "bfloat")) else "other_constants", len(buffer.storage)))
+    out += [("other_constants", len(b.storage)) for b in pte.pte_file.mutable_data or []]
+    return out
 
 
 def _value_roles(d: Delegate) -> dict[int, str]:
