@@ -32,6 +32,8 @@ def render_export(summary: dict[str, Any], all_layers: bool = False) -> None:
         + (f"; convolutions: {layers['conv']} found, {layers['conv_quantized']} quantized, {layers['conv_fused']} fused" if layers.get("conv") else "")
     )
     render_layer_table(summary["layer_report"] if all_layers else summary["layer_groups"])
+    if not all_layers and any(g["count"] > 1 for g in summary["layer_groups"]):
+        out.print("layers that differ only by their index share a row; --all-layers lists each")
     out.print(f"fused ops: {_counts(summary['fused_ops'])}")
     out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {_counts(summary['cpu_ops'])}")
     for note in summary["cpu_notes"]:

@@ -630,8 +630,7 @@ def render_report(report: dict[str, Any], show_layers: bool = False, all_layers:
                            f"call {layer['delegate_call']} op {layer['op_index']}", "×".join(map(str, layer["shape"])), sqnr)
         console.out.print(layers)
     elif show_layers:
-        layers = Table(title="layers (vs the same layer of the quantized eager model; repeated layers share a row, see --all-layers)",
-                       title_justify="left")
+        layers = Table(title="layers (vs the same layer of the quantized eager model)", title_justify="left")
         for column in ("layer", "op", "shape", "count", "SQNR min", "SQNR median"):
             layers.add_column(column, justify="right" if column in ("count", "SQNR min", "SQNR median") else "left")
         for g in report["layer_groups"]:
@@ -642,6 +641,8 @@ def render_report(report: dict[str, Any], show_layers: bool = False, all_layers:
             layers.add_row(g["name"] or "—", g["op"].removesuffix(".default"), "×".join(map(str, g["shape"])),
                            f"×{g['count']}", low, median)
         console.out.print(layers)
+        if any(g["count"] > 1 for g in report["layer_groups"]):
+            console.out.print("layers that differ only by their index share a row (least and median SQNR); --all-layers shows each")
     elif report["unmatched_layers"]:
         console.out.print(f"{report['unmatched_layers']} layer(s) of the .pte had no eager counterpart (see --layers)")
     _render_outcome(report)

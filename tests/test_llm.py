@@ -341,7 +341,8 @@ def test_deep_decoder_summary_fits_on_a_screen(decode_file, capsys):
     assert "model.layers.{0..8,10..31}.mlp.up_proj ×31" in text and "model.layers.9.mlp.up_proj " in text
     assert "skipped by a per-layer override" in text
     full = rendered_export(summary, capsys, all_layers=True)
-    assert len(full) - len(lines) == len(rows) - len(summary["layer_groups"])
+    assert "--all-layers lists each" in text
+    assert len(full) - len(lines) == len(rows) - len(summary["layer_groups"]) - 1  # one row per layer, no note
     assert all(f"model.layers.{i}.{p} " in "\n".join(full) for i in range(DEEP_LAYERS) for p in PROJECTIONS)
 
 
