@@ -112,8 +112,10 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
 
 
 def _grouped_name(row: dict[str, Any]) -> str:
+    """A layer's name (with its graph node when it is no module of its own), or a group's pattern and count."""
     count = row.get("count", 1)
-    return escape(row["name"]) + (f" ×{count}" if count > 1 else "")
+    node = f" ({row['node']})" if row.get("node") else ""
+    return escape(row["name"] + node) + (f" ×{count}" if count > 1 else "")
 
 
 def _cell(value) -> str:

@@ -322,9 +322,8 @@ def test_deep_decoder_summary_fits_on_a_screen(decode_file, capsys):
     """A 32-layer decoder's layer plans (one layer left float and one at another group size by
     overrides) in an export summary: repeated layers share a row, the odd ones stay visible."""
     from qlower.config import ExportOptions, LayerOverride
-    from qlower.groups import group_rows
     from qlower.quantize import plan_layers
-    from qlower.summary import layer_rows
+    from qlower.summary import layer_groups, layer_rows
 
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEEP))
     options = ExportOptions(group_size=32, layers=(LayerOverride("model.layers.5.mlp.down_proj", scheme="skip"),
@@ -332,7 +331,7 @@ def test_deep_decoder_summary_fits_on_a_screen(decode_file, capsys):
     rows = layer_rows(plan_layers(model, options), [], {})
     assert len(rows) == DEEP_LAYERS * len(PROJECTIONS) + 2  # + embedding, lm_head
     _, summary = decode_file("llama")
-    summary = dict(summary, layer_report=rows, layer_groups=group_rows(rows))
+    summary = dict(summary, layer_report=rows, layer_groups=layer_groups(rows))
     lines = rendered_export(summary, capsys)
     assert len(lines) <= SUMMARY_MAX_LINES, "\n".join(lines)
     text = "\n".join(lines)
