@@ -90,6 +90,7 @@ def _root() -> None:
 
 VERIFY_SAMPLES = 4  # example inputs + 3 random batches, as `qlower verify` does by default
 JSON_OPTION = typer.Option(False, "--json", help="Print exactly one JSON document on stdout, no progress.")
+ALL_LAYERS_OPTION = typer.Option(False, "--all-layers", help="One row per layer; by default layers that differ only by their index share a row (--json always lists every layer).")
 
 
 def _check_choice(value: str | None, legal) -> str | None:
@@ -201,6 +202,7 @@ def export(
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
     external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
+    all_layers: bool = ALL_LAYERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize MODEL and write a Vulkan-delegated .pte, with a summary of what was fused."""
@@ -241,7 +243,7 @@ def export(
     else:
         from .render import render_export
 
-        render_export(summary)
+        render_export(summary, all_layers=all_layers)
 
 
 def _parse_expectations(values: Optional[list[str]]) -> list:
@@ -270,6 +272,7 @@ def inspect(
     tensors: bool = typer.Option(False, "--tensors", help="Show every tensor: dtype[shape], storage/layout, memory object, users."),
     constants: bool = typer.Option(False, "--constants", help="Show the constants: size, tensor, where stored, users."),
     expect: Optional[list[str]] = typer.Option(None, "--expect", metavar="KEY OP N", callback=_parse_expectations, help="Fail (exit 1) unless KEY OP N holds, e.g. 'partitions==1'; OP is ==, !=, >=, <=, > or <. Repeatable."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="One row per fused node; by default nodes with equal parameters share a row (--json always lists every node)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what is inside a .pte: execution plan, delegates, the Vulkan graph, fused nodes, CPU fallbacks, sizes."""
@@ -283,7 +286,7 @@ def inspect(
     if as_json:
         print_json(report)
     else:
-        render_inspect(report, ops=ops, tensors=tensors, constants=constants)
+        render_inspect(report, ops=ops, tensors=tensors, constants=constants, all_layers=all_layers)
     render_expectations(report["expectations"])
     if not report["ok"]:
         raise typer.Exit(1)
@@ -312,7 +315,8 @@ def verify(
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Fail (exit 3) when an output is below this SQNR (dB) vs the float model. Without it, the scheme's bar only warns: that is what quantization costs, not a defect of the file."),
     min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each output vs the quantized eager model [default: per scheme]."),
     min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
-    layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model."),
+    layers: bool = typer.Option(False, "--layers", help="Show each fused layer's SQNR vs the same layer of the quantized eager model (repeated layers share a row: least and median SQNR)."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="With --layers (implied): one row per layer (--json always lists every layer)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer SQNR as a PNG bar chart."),
     sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Check N fused int4 layers alone (spread over the model, first and last included), each against the same layer read from the checkpoint and quantized as export does: one layer in memory at a time, for big models (a Hugging Face folder or --checkpoint x.safetensors)."),
     device: Optional[str] = typer.Option(None, "--device", help="Also compute the fused layers with qlower's kernels on a Vulkan device ('vulkan', or a device index or name) and compare them with the golden executor."),
@@ -352,7 +356,7 @@ def verify(
 
         render_sample(report)
     else:
-        render_report(report, show_layers=layers)
+        render_report(report, show_layers=layers or all_layers, all_layers=all_layers)
         if device is not None:
             from .render import render_device_checks
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .groups import group_rows
 from .pte import (FUSED_OP_ARGS, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
                   short_op_name, size_breakdown)
 
@@ -434,6 +435,7 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
         "outputs": [g.describe(i) for i in graph.output_ids],
         "fused_ops": fused_ops,
         "fused": {k: v for k, v in sorted(fused.items())},
+        "fused_groups": fused_groups(fused),
         "op_histogram": dict(sorted(histogram.items())),
         "non_fused_ops": {k: n for k, n in sorted(histogram.items()) if k not in fused_ops},
         "ops": ops,
@@ -446,6 +448,15 @@ def vulkan_report(pte: Pte, delegate: Delegate) -> dict[str, Any]:
             "tensor_placement": dict(sorted(placement.items())),
         },
     }
+
+
+def fused_groups(fused: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Fused nodes with equal parameters (op, N, K, group size, bytes, ...) as one entry with their node ids."""
+    rows = [{"op": op, **p} for op, nodes in sorted(fused.items()) for p in nodes]
+    groups = group_rows(rows, name_key=None, ignore=("node_id",))
+    for g in groups:
+        g["node_ids"] = [rows[i]["node_id"] for i in g.pop("rows")]
+    return groups
 
 
 def _fused_params(g: _Graph, short: str, node_id: int, args: dict[str, int], outputs: list[int]) -> dict[str, Any]:

@@ -640,33 +640,127 @@ def cpu_operators(pte: Pte) -> Counter:
     return Counter(s.name for s in pte.steps if s.kind == "kernel")
 
 
-def size_breakdown(pte: Pte) -> dict[str, int]:
-    """Bytes of packed weights, scales (and sums), float weights, and everything else."""
-    packed = scales = floats = 0
+# Ops that take a KV cache, and the argument positions that hold it (its initial contents are a constant).
+CACHE_ARGS = {"sdpa_with_kv_cache": (3, 4), "update_cache": (1,)}
+# The parts of a file's bytes, in the order they are shown; they add up to the file size.
+SIZE_PARTS = ("packed_weights", "scales", "float_weights", "kv_cache", "other_constants", "shared", "program_and_headers")
+
+
+@dataclass
+class _Stored:
+    """Bytes stored once in the file and the graph tensors that use them."""
+
+    bytes: int
+    role: str  # one of SIZE_PARTS' constant roles
+    dtype: str | None = None
+    shape: list[int] | None = None
+    users: int = 0
+
+
+def size_breakdown(pte: Pte) -> dict[str, Any]:
+    """The file's bytes by what they hold; every stored byte is counted once and the parts add up to ``total``.
+
+    A constant is stored once however many graph tensors use it (ExecuTorch stores
+    equal named data once: a decoder's zero KV caches, equal norm weights). Bytes used
+    by one tensor count in its role (packed weights, scales and sums, float weights,
+    KV cache, other constants); bytes used by several count once under ``shared``,
+    each listed in ``shared_constants`` with its user count. The CPU operators'
+    constants count as float weights or other constants by their dtype; named data
+    that no Vulkan constant uses (other delegates') and mutable buffers' initial
+    contents are ``other_constants``.
+    ``program_and_headers`` is the rest: the program, the delegate graphs, headers
+    and alignment padding. Constants kept outside the file (a .ptd) are ``external``,
+    not part of the total.
+    """
+    stored: dict[tuple, _Stored] = {}
+    external = 0
     for d in pte.vulkan_delegates:
         graph = d.graph
-        role: dict[int, str] = {}
-        for op in d.ops:
-            spec = FUSED_OP_ARGS.get(op.short_name)
-            if spec:
-                for kind in ("weights", "scales"):
-                    for pos in spec[kind]:
-                        if pos < len(op.args):
-                            role.setdefault(op.args[pos], kind)
+        role = _value_roles(d)
+        tensors_of: dict[int, list[Any]] = {}
         for vid, value in enumerate(graph.values):
             tensor = value.value
-            if type(tensor).__name__ != "VkTensor" or tensor.constant_id < 0:
+            if type(tensor).__name__ == "VkTensor" and tensor.constant_id >= 0:
+                tensors_of.setdefault(tensor.constant_id, []).append((vid, tensor))
+        for cid, c in enumerate(graph.constants):
+            key = _storage_key(pte, d, c)
+            if key is None:
+                external += c.length
                 continue
-            length = graph.constants[tensor.constant_id].length
-            kind = role.get(vid)
-            if kind == "weights":
-                packed += length
-            elif kind == "scales":
-                scales += length
-            elif tensor.datatype.name in FLOAT_DTYPES:
-                floats += length
-    other = max(pte.size - packed - scales - floats, 0)
-    return {"total": pte.size, "packed_weights": packed, "scales": scales, "float_weights": floats, "other": other}
+            users = tensors_of.get(cid, [])
+            entry = stored.get(key)
+            if entry is None:
+                first = users[0][1] if users else None
+                kind = next((role[vid] for vid, _ in users if vid in role), None)
+                if kind is None:
+                    kind = "float_weights" if first is not None and first.datatype.name in FLOAT_DTYPES else "other_constants"
+                dtype = first.datatype.name.lower() if first is not None else None
+                entry = stored[key] = _Stored(c.length, kind, dtype, list(first.dims) if first is not None else None)
+            entry.users += max(len(users), 1)
+    parts = dict.fromkeys(SIZE_PARTS, 0)
+    shared = []
+    for entry in stored.values():
+        if entry.users > 1:
+            parts["shared"] += entry.bytes
+            shared.append({"role": entry.role, "bytes": entry.bytes, "users": entry.users, "dtype": entry.dtype, "shape": entry.shape})
+        else:
+            parts[entry.role] += entry.bytes
+    seen_segments = {k[1] for k in stored if k[0] == "segment"}
+    named_segments = {}
+    for name, index in pte.named_segments.items():
+        if index not in seen_segments and name in pte.named_sizes:
+            named_segments[index] = pte.named_sizes[name]
+    parts["other_constants"] += sum(named_segments.values())
+    for kind, n in _program_constants(pte):
+        parts[kind] += n
+    parts["program_and_headers"] = max(pte.size - sum(parts.values()), 0)
+    shared.sort(key=lambda s: -s["bytes"] * s["users"])
+    return {"total": pte.size, **parts, "shared_constants": shared, "external": external}
+
+
+def _program_constants(pte: Pte) -> list[tuple[str, int]]:
+    """(role, bytes) of the constants the program keeps for its CPU operators (the constant buffer),
+    each buffer once, and of its mutable buffers' initial contents."""
+    program = pte.program
+    dtypes: dict[int, str] = {}
+    for plan in program.execution_plan:
+        for value in plan.values:
+            t = value.val
+            if type(t).__name__ == "Tensor" and t.data_buffer_idx > 0:
+                dtypes.setdefault(t.data_buffer_idx, getattr(t.scalar_type, "name", ""))
+    out = []
+    for i, buffer in enumerate(program.constant_buffer or []):
+        if i and len(buffer.storage):  # buffer 0 is the reserved empty one
+            dtype = SCALAR_TYPE_NAMES.get(dtypes.get(i, ""), "")
+            out.append(("float_weights" if dtype.startswith(("float", "bfloat")) else "other_constants", len(buffer.storage)))
+    out += [("other_constants", len(b.storage)) for b in pte.pte_file.mutable_data or []]
+    return out
+
+
+def _value_roles(d: Delegate) -> dict[int, str]:
+    """Value id → "packed_weights" / "scales" / "kv_cache" for the constant arguments of fused ops and caches."""
+    role: dict[int, str] = {}
+    for op in d.ops:
+        short = op.short_name
+        spec = FUSED_OP_ARGS.get(short, {})
+        positions = [(p, "packed_weights") for p in spec.get("weights", ())] + [(p, "scales") for p in spec.get("scales", ())]
+        positions += [(p, "kv_cache") for p in CACHE_ARGS.get(short, ())]
+        for pos, kind in positions:
+            if pos < len(op.args):
+                role.setdefault(op.args[pos], kind)
+    return role
+
+
+def _storage_key(pte: Pte, d: Delegate, c) -> tuple | None:
+    """Where a VkGraph constant's bytes lie in the file, as a key equal for equal storage; None outside the file."""
+    if c.offset != INLINE_CONSTANT:
+        return ("blob", d.index, c.offset, c.length)
+    key = c.named_key
+    if not key or key not in pte.named_sizes:
+        return None
+    if key in pte.named_segments:
+        return ("segment", pte.named_segments[key])
+    return ("named", pte.pte_file.named_data.pte_data[key].buffer_index)
 
 
 def summarize(pte: Pte) -> dict[str, Any]:

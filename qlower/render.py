@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .console import out
+from .groups import compact_numbers
 
 
 def human_bytes(n: int) -> str:
@@ -19,7 +20,8 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def render_export(summary: dict[str, Any]) -> None:
+def render_export(summary: dict[str, Any], all_layers: bool = False) -> None:
+    """The export summary; repeated layers as one row each (``layer_groups``) unless ``all_layers``."""
     layers = summary["layers"]
     out.print(f"[bold]{summary['model']}[/] → {summary['output'] or '(not written)'}  scheme {summary['scheme']}, group size {summary['group_size']}")
     out.print(
@@ -29,7 +31,9 @@ def render_export(summary: dict[str, Any]) -> None:
         + (f"; other matmuls: {layers['other_matmuls']} ({layers['other_matmuls_fused']} fused)" if layers["other_matmuls"] else "")
         + (f"; convolutions: {layers['conv']} found, {layers['conv_quantized']} quantized, {layers['conv_fused']} fused" if layers.get("conv") else "")
     )
-    render_layer_table(summary["layer_report"])
+    render_layer_table(summary["layer_report"] if all_layers else summary["layer_groups"])
+    if not all_layers and any(g["count"] > 1 for g in summary["layer_groups"]):
+        out.print("layers that differ only by their index share a row; --all-layers lists each")
     out.print(f"fused ops: {_counts(summary['fused_ops'])}")
     out.print(f"Vulkan partitions: {summary['vulkan_partitions']}   operators left on the CPU: {_counts(summary['cpu_ops'])}")
     for note in summary.get("notes", []):
@@ -51,17 +55,45 @@ def render_export(summary: dict[str, Any]) -> None:
             out.print("run with ExecuTorch's LLM runner: " + " ".join(decode["runner_command"]) + " --prompt TEXT", markup=False)
     for path in summary.get("written", []):
         out.print(f"wrote {path}")
-    size = summary["size"]
-    out.print(
-        f".pte size: {human_bytes(size['total'])} (packed weights {human_bytes(size['packed_weights'])}, "
-        f"scales {human_bytes(size['scales'])}, float weights {human_bytes(size['float_weights'])}, other {human_bytes(size['other'])})"
-    )
+    _render_size(".pte size", summary["size"])
     if summary.get("peak_rss_mb") is not None:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in summary.get("stage_peak_rss_mb", {}).items())
         out.print(f"peak memory (RSS): {summary['peak_rss_mb']:.0f} MB (per stage, MB: {stages})")
 
 
+SIZE_LABELS = {"packed_weights": "packed weights", "scales": "scales", "float_weights": "float weights", "kv_cache": "KV cache",
+               "other_constants": "other constants", "shared": "shared", "program_and_headers": "program and headers"}
+# Parts always shown, even when empty; the others only when the file has them.
+SIZE_PARTS_SHOWN = ("packed_weights", "scales", "float_weights", "program_and_headers")
+# Shared constants listed by name; the rest are summed up.
+SHARED_SHOWN = 3
+
+
+def _render_size(label: str, size: dict[str, Any]) -> None:
+    """The size split (its parts add up to the total), then the constants stored once for several users."""
+    parts = [f"{SIZE_LABELS.get(k, k.replace('_', ' '))} {human_bytes(size[k])}" for k in SIZE_LABELS
+             if k in size and (size[k] or k in SIZE_PARTS_SHOWN)]
+    out.print(f"{label}: {human_bytes(size['total'])} = " + " + ".join(parts)
+              + (f"; outside the file (.ptd): {human_bytes(size['external'])}" if size.get("external") else ""))
+    shared = size.get("shared_constants") or []
+    items = [f"{SIZE_LABELS.get(c['role'], c['role'])} {_tensor_text(c)} {human_bytes(c['bytes'])} ×{c['users']} users" for c in shared[:SHARED_SHOWN]]
+    if len(shared) > SHARED_SHOWN:
+        rest = shared[SHARED_SHOWN:]
+        items.append(f"{len(rest)} more {human_bytes(sum(c['bytes'] for c in rest))}")
+    if items:
+        out.print("  shared (stored once): " + ", ".join(items))
+
+
+def _tensor_text(c: dict[str, Any]) -> str:
+    from .inspect import SHORT_DTYPE
+
+    if c.get("shape") is None:
+        return "-"
+    return escape(f"{SHORT_DTYPE.get(c['dtype'], c['dtype'])}[{', '.join(map(str, c['shape']))}]")
+
+
 def render_layer_table(rows: list[dict[str, Any]]) -> None:
+    """Rows of the per-layer report, or its groups (a group's ``count`` follows its name)."""
     if not rows:
         return
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
@@ -79,8 +111,15 @@ def render_layer_table(rows: list[dict[str, Any]]) -> None:
         if row.get("note"):
             result += f" ({row['note']})"
         conv = (_dims(row.get("kernel")), _dims(row.get("stride")), _cell(row.get("groups"))) if convs else ()
-        table.add_row(row["name"], row["kind"], _cell(row["n"]), _cell(row["k"]), _cell(row["group_size"]), *conv, result)
+        table.add_row(_grouped_name(row), row["kind"], _cell(row["n"]), _cell(row["k"]), _cell(row["group_size"]), *conv, result)
     out.print(table)
+
+
+def _grouped_name(row: dict[str, Any]) -> str:
+    """A layer's name (with its graph node when it is no module of its own), or a group's pattern and count."""
+    count = row.get("count", 1)
+    node = f" ({row['node']})" if row.get("node") else ""
+    return escape(row["name"] + node) + (f" ×{count}" if count > 1 else "")
 
 
 def _cell(value) -> str:
@@ -116,7 +155,8 @@ def _plan_line(plan: list[dict[str, Any]], limit: int = 12) -> str:
     return " → ".join(names) or "(empty)"
 
 
-def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = False, constants: bool = False) -> None:
+def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = False, constants: bool = False,
+                   all_layers: bool = False) -> None:
     s = report["summary"]
     program = report["program"]
     out.print(f"[bold]{report['file'] or '.pte'}[/]  {human_bytes(report['size'])}, program v{program['version']}, {len(report['methods'])} method(s)")
@@ -132,12 +172,9 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
     for v in report["vulkan"]:
         non_fused.update(v["non_fused_ops"])
     out.print(f"other Vulkan ops: {_counts(dict(sorted(non_fused.items())))}")
-    size = s["size"]
-    out.print(
-        f"size: {human_bytes(size['total'])} (program {human_bytes(program['program_bytes'])}, "
-        f"segments {human_bytes(program['segment_bytes'])}, named data {human_bytes(program['named_data']['bytes'])} in {program['named_data']['count']}; "
-        f"packed weights {human_bytes(size['packed_weights'])}, scales {human_bytes(size['scales'])}, float weights {human_bytes(size['float_weights'])})"
-    )
+    _render_size("size", s["size"])
+    out.print(f"file layout: program {human_bytes(program['program_bytes'])}, segments {human_bytes(program['segment_bytes'])}, "
+              f"named data {human_bytes(program['named_data']['bytes'])} in {program['named_data']['count']} entries")
     decode = report.get("decode")
     if decode:
         caches = decode["kv_cache"]
@@ -162,7 +199,7 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
     else:
         out.print("runtime check: no load problems predicted")
     for v in report["vulkan"]:
-        _render_fused(v)
+        _render_fused(v, all_layers)
         if ops:
             _render_ops(v)
         if tensors:
@@ -171,20 +208,39 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
             _render_constants(v)
 
 
-def _render_fused(v: dict[str, Any]) -> None:
+def _render_fused(v: dict[str, Any], all_layers: bool = False) -> None:
+    """The fused nodes; nodes with equal parameters share a row (their count and node ids) unless ``all_layers``."""
     if not v["fused"]:
         return
+    if all_layers:
+        rows = [{"op": op, **p, "node_ids": [p["node_id"]]} for op, nodes in v["fused"].items() for p in nodes]
+    else:
+        rows = v["fused_groups"]
     table = Table(title=f"fused nodes, Vulkan delegate #{v['delegate']}", title_justify="left", show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("op", "node", "N", "K", "group", "weights", "scales", "bias", "activation"):
-        table.add_column(col, justify="right" if col in ("node", "N", "K", "group", "weights") else "left")
-    for op, nodes in v["fused"].items():
-        for p in nodes:
-            table.add_row(
-                op, str(p["node_id"]), str(p.get("n")), str(p.get("k")), str(p.get("group_size") or "-"),
-                human_bytes(p["packed_weight_bytes"]) if "packed_weight_bytes" in p else "-",
-                p.get("scale_dtype", "-"), "yes" if p.get("bias") else "no", str(p.get("activation") or "-"),
-            )
+    for col in ("op", "count", "nodes", "N", "K", "group", "weights", "scales", "bias", "activation"):
+        if col == "count" and all_layers:
+            continue
+        table.add_column(col, justify="right" if col in ("count", "N", "K", "group", "weights") else "left")
+    for p in rows:
+        cells = [p["op"]] + ([] if all_layers else [f"×{len(p['node_ids'])}"]) + [
+            _node_ids(p["node_ids"]), _cell(p.get("n")), _cell(p.get("k")), _cell(p.get("group_size")),
+            human_bytes(p["packed_weight_bytes"]) if "packed_weight_bytes" in p else "-",
+            p.get("scale_dtype", "-"), "yes" if p.get("bias") else "no", str(p.get("activation") or "-"),
+        ]
+        table.add_row(*cells)
     out.print(table)
+
+
+# Node-id lists longer than this are shortened to their first and last ids.
+NODE_IDS_SHOWN = 3
+
+
+def _node_ids(ids: list[int]) -> str:
+    text = compact_numbers(ids)
+    if text.count(",") < NODE_IDS_SHOWN:
+        return text
+    ordered = sorted(ids)
+    return ",".join(map(str, ordered[:NODE_IDS_SHOWN - 1])) + f",…,{ordered[-1]}"
 
 
 def _render_ops(v: dict[str, Any]) -> None:

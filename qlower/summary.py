@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .groups import group_rows
 from .pte import read_pte, summarize
 from .runtime_caps import DQ8CA_OPS, DQ8CA_PREFILL_SAFE_GROUP_SIZES, load_problems
 from .quantize import LayerPlan
@@ -40,6 +41,7 @@ def export_summary(job) -> dict[str, Any]:
         },
         "layer_report": rows,
         "notes": group_size_notes(rows),
+        "layer_groups": layer_groups(rows),
         "fusion_passes": job.fusion.passes if job.fusion else [],
         "delegation_passes": list(job.delegation_passes),
         "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.cpu_notes],
@@ -69,8 +71,9 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
 
     Linear and conv modules are matched to fusion entries by module name;
     linear-like nodes that belong to no nn.Linear (functional matmuls, attention
-    products) and functional convolutions get rows of their own, so every matmul
-    and conv in the graph is accounted for. Conv rows add kernel, stride, groups.
+    products) and functional convolutions get rows of their own, named by the module
+    they are called in, with the graph node under ``node``, so every matmul and conv
+    in the graph is accounted for. Conv rows add kernel, stride, groups.
     """
     by_module: dict[str, list] = {}
     for info in fused_layers:
@@ -99,7 +102,7 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
         rows.append(row)
     for module, infos in by_module.items():
         for info in infos:
-            row = {"name": f"{module or '<top>'} ({info.anchor} {info.node})", "kind": info.anchor, "n": info.n, "k": info.k,
+            row = {"name": module or "<top>", "node": info.node, "kind": info.anchor, "n": info.n, "k": info.k,
                    "group_size": info.group_size, "stored_group_size": _stored_group_size(info) if info.fused_op else None,
                    "scheme": info.scheme, "quantized": info.fused_op is not None,
                    "fused_op": short_op(info.fused_op), "reason": info.reason}
@@ -125,6 +128,12 @@ def group_size_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{len(restated)} layer(s) stored at a smaller group size ({sizes}), each scale repeated: the same "
             f"int4 values and math; ET-VK's {', '.join(DQ8CA_OPS)} is wrong on multi-row inputs at group sizes other than "
             f"{DQ8CA_PREFILL_SAFE_GROUP_SIZES}"]
+
+
+def layer_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-layer rows with layers that differ only by their index as one group (``count``,
+    ``rows``: positions in ``rows``); a graph node's own name does not keep its row apart."""
+    return group_rows(rows, ignore=("node",))
 
 
 def short_op(name: str | None) -> str | None:

@@ -34,6 +34,7 @@ from torch import nn
 from . import references
 from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
+from .groups import group_rows
 from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, conclude, quality_finding, sqnr_db, thresholds_for
 from .patterns.conv import PT2E_CONV_TARGETS
 from .loader import describe_tensor, random_like, read_input_batches
@@ -472,10 +473,31 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
         "thresholds": asdict(thresholds),
         "outputs": outputs,
         "layers": layer_info,
+        "layer_groups": layer_groups(layer_info),
         "unmatched_layers": sum(1 for info in layer_info if info["name"] is None),
         "defects": defects,
         "quality": quality,
     })
+
+
+# Fields of a verified layer that differ from layer to layer and do not keep layers apart.
+LAYER_POSITION_FIELDS = ("index", "delegate_call", "op_index", "sqnr_db")
+
+
+def layer_groups(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers that differ only by their index (same op, same shape) as one group, with the
+    least and the median SQNR of its members (None when none was matched)."""
+    groups = group_rows(layers, ignore=LAYER_POSITION_FIELDS)
+    for g in groups:
+        values = sorted(layers[i]["sqnr_db"] for i in g["rows"] if layers[i].get("sqnr_db") is not None)
+        g["sqnr_min_db"] = values[0] if values else None
+        g["sqnr_median_db"] = _median(values) if values else None
+    return groups
+
+
+def _median(values: list[float]) -> float:
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 2)
 
 
 # --- plot -----------------------------------------------------------------------------------
@@ -517,7 +539,7 @@ def plot_layers(report: dict[str, Any], path: str | Path) -> None:
 # --- text report ------------------------------------------------------------------------------
 
 
-def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
+def render_report(report: dict[str, Any], show_layers: bool = False, all_layers: bool = False) -> None:
     """The report as Rich tables on stdout."""
     from rich.table import Table
 
@@ -535,7 +557,7 @@ def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
                       _db(q["sqnr_db"], t["vs_quantized"]), f"{q['max_abs_error']:.3g}")
     console.out.print(table)
     console.out.print(f"thresholds: ≥ {t['vs_float']:g} dB vs float, ≥ {t['vs_quantized']:g} dB vs quantized eager, ≥ {t['layer']:g} dB per layer")
-    if show_layers:
+    if show_layers and all_layers:
         layers = Table(title="layers (vs the same layer of the quantized eager model)", title_justify="left")
         for column in ("#", "layer", "op", "at", "shape", "SQNR"):
             layers.add_column(column, justify="right" if column in ("#", "SQNR") else "left")
@@ -544,6 +566,20 @@ def render_report(report: dict[str, Any], show_layers: bool = False) -> None:
             layers.add_row(str(layer["index"]), layer["name"] or "—", layer["op"].removesuffix(".default"),
                            f"call {layer['delegate_call']} op {layer['op_index']}", "×".join(map(str, layer["shape"])), sqnr)
         console.out.print(layers)
+    elif show_layers:
+        layers = Table(title="layers (vs the same layer of the quantized eager model)", title_justify="left")
+        for column in ("layer", "op", "shape", "count", "SQNR min", "SQNR median"):
+            layers.add_column(column, justify="right" if column in ("count", "SQNR min", "SQNR median") else "left")
+        for g in report["layer_groups"]:
+            if g["sqnr_min_db"] is None:
+                low = median = "unmatched"
+            else:
+                low, median = _db(g["sqnr_min_db"], t["layer"]), _db(g["sqnr_median_db"], t["layer"])
+            layers.add_row(g["name"] or "—", g["op"].removesuffix(".default"), "×".join(map(str, g["shape"])),
+                           f"×{g['count']}", low, median)
+        console.out.print(layers)
+        if any(g["count"] > 1 for g in report["layer_groups"]):
+            console.out.print("layers that differ only by their index share a row (least and median SQNR); --all-layers shows each")
     elif report["unmatched_layers"]:
         console.out.print(f"{report['unmatched_layers']} layer(s) of the .pte had no eager counterpart (see --layers)")
     _render_outcome(report)

@@ -271,3 +271,47 @@ def test_export_verify_writes_despite_quality_unless_a_float_bar_is_given(tmp_pa
     assert result.exit_code == 3, result.output
     assert "error: quantization costs" in result.stderr and "nothing was written" in result.stderr
     assert not out.exists()
+
+
+STACKED_LAYERS = 3
+
+
+def test_repeated_layers_share_a_row(tmp_path, monkeypatch):
+    """examples/llama.py with three blocks: each projection and each attention product of the
+    blocks is one row, the block with another group size stays apart; --all-layers and --json list each."""
+    model = write_model(tmp_path, f"""
+        import importlib.util
+        _spec = importlib.util.spec_from_file_location("example_llama", {str(EXAMPLES / "llama.py")!r})
+        _llama = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_llama)
+        CONFIG = _llama.LlamaConfig(vocab_size=256, dim=64, n_layers={STACKED_LAYERS}, n_heads=2, hidden_dim=128, seq_len=8)
+
+        def make_model():
+            return _llama.make_model(CONFIG)
+
+        def make_example_inputs():
+            return _llama.make_example_inputs(CONFIG)
+    """)
+    config = tmp_path / "c.toml"
+    config.write_text('scheme = "qga4w"\ngroup_size = 32\n[layers]\n"layers.1.feed_forward.w2" = { group_size = 64 }\n')
+    out = tmp_path / "stack.pte"
+    result = runner.invoke(app, ["export", str(model), "-o", str(out), "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    rows, groups = doc["layer_report"], doc["layer_groups"]
+    assert sorted(i for g in groups for i in g["rows"]) == list(range(len(rows)))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["layers.{0..2}.attention.wq"]["count"] == STACKED_LAYERS
+    assert by_name["layers.{0,2}.feed_forward.w2"]["group_size"] == 32
+    assert by_name["layers.1.feed_forward.w2"]["group_size"] == 64 and by_name["layers.1.feed_forward.w2"]["count"] == 1
+    products = [g for g in groups if g["kind"] not in ("linear", "embedding")]
+    assert products and all(g["name"] == "layers.{0..2}.attention" and g["count"] == STACKED_LAYERS for g in products)
+    assert all(r.get("node") for r in rows if r["kind"] not in ("linear", "embedding"))  # each product keeps its graph node
+    # The human summary of the same export, grouped and with --all-layers (rendered from the summary, not exported again).
+    monkeypatch.setattr("qlower.api.export", lambda *args, **kwargs: doc)
+    grouped = runner.invoke(app, ["export", str(model), "-o", str(out)])
+    full = runner.invoke(app, ["export", str(model), "-o", str(out), "--all-layers"])
+    assert grouped.exit_code == full.exit_code == 0, grouped.output + full.output
+    assert f"layers.{{0..2}}.attention.wq ×{STACKED_LAYERS}" in grouped.stdout and "layers.1.feed_forward.w2 " in grouped.stdout
+    assert all(f"layers.{i}.attention.wq " in full.stdout for i in range(STACKED_LAYERS))
+    assert len(full.stdout.splitlines()) - len(grouped.stdout.splitlines()) == len(rows) - len(groups) - 1  # less the note

@@ -20,6 +20,7 @@ from qlower import inspect as qinspect
 from qlower.cli import main
 from qlower.errors import ConfigError, PteError
 from qlower.inspect import Expectation, evaluate, inspect_pte, parse_expectation
+from qlower.pte import SIZE_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,29 @@ def test_program_level(exported):
     assert report["delegates"][0]["backend"] == "VulkanBackend"
     assert report["size"] == path.stat().st_size
     assert report["program"]["named_data"]["count"] == len(report["vulkan"][0]["constants"])
+
+
+def assert_parts_add_up(size: dict, path: Path) -> None:
+    assert size["total"] == path.stat().st_size == sum(size[k] for k in SIZE_PARTS), size
+    assert all(size[k] >= 0 for k in SIZE_PARTS) and size["program_and_headers"] > 0
+
+
+def test_size_parts_add_up_to_the_file(exported, stock_split, xnnpack, undelegated):
+    path, summary = exported
+    size = inspect_pte(path)["summary"]["size"]
+    assert_parts_add_up(size, path)
+    linears = [r for r in summary["layer_report"] if r["kind"] == "linear"]
+    assert size["packed_weights"] == sum(r["n"] * r["k"] // 2 for r in linears)  # int4, K even
+    assert size["shared"] == 0 and size["shared_constants"] == [] and size["external"] == 0
+    assert_parts_add_up(inspect_pte(stock_split)["summary"]["size"], stock_split)
+    # Weights outside any Vulkan graph: the CPU operators' constants and XNNPACK's named data.
+    float_bytes = 4 * sum(p.numel() for p in TwoLinears().parameters())
+    plain = inspect_pte(undelegated)["summary"]["size"]
+    assert_parts_add_up(plain, undelegated)
+    assert plain["float_weights"] == float_bytes
+    other = inspect_pte(xnnpack)["summary"]["size"]
+    assert_parts_add_up(other, xnnpack)
+    assert other["other_constants"] == float_bytes
 
 
 def test_several_vulkan_partitions_stock_flow(stock_split, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from qlower.cli import app
 from qlower.errors import ConfigError, ModelLoadError, VerifyError
 from qlower.inspect import inspect_pte
 from qlower.llm.generate import generate
+from qlower.pte import SIZE_PARTS
 
 from .conftest import MODELS, write_model
 
@@ -364,3 +366,110 @@ def test_verify_gpt2_inside_a_user_wrapper(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["passed"]
     assert doc["layers"] and all(layer.get("eager_index") is not None or layer.get("matched", True) for layer in doc["layers"])
+
+
+# --- what a user sees at real sizes -------------------------------------------
+
+# The export summary of a 32-layer decoder fits on one screen.
+SUMMARY_MAX_LINES = 50
+DEEP_LAYERS = 32
+DEEP = dict(COMMON, num_hidden_layers=DEEP_LAYERS)
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def rendered_export(summary: dict, capsys, all_layers: bool = False) -> list[str]:
+    from qlower.render import render_export
+
+    capsys.readouterr()
+    render_export(summary, all_layers=all_layers)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_deep_decoder_summary_fits_on_a_screen(decode_file, capsys):
+    """A 32-layer decoder's layer plans (one layer left float and one at another group size by
+    overrides) in an export summary: repeated layers share a row, the odd ones stay visible."""
+    from qlower.config import ExportOptions, LayerOverride
+    from qlower.quantize import plan_layers
+    from qlower.summary import layer_groups, layer_rows
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEEP))
+    options = ExportOptions(group_size=32, layers=(LayerOverride("model.layers.5.mlp.down_proj", scheme="skip"),
+                                                    LayerOverride("model.layers.9.mlp.up_proj", group_size=64)))
+    rows = layer_rows(plan_layers(model, options), [], {})
+    assert len(rows) == DEEP_LAYERS * len(PROJECTIONS) + 2  # + embedding, lm_head
+    _, summary = decode_file("llama")
+    summary = dict(summary, layer_report=rows, layer_groups=layer_groups(rows))
+    lines = rendered_export(summary, capsys)
+    assert len(lines) <= SUMMARY_MAX_LINES, "\n".join(lines)
+    text = "\n".join(lines)
+    assert "model.layers.{0..31}.self_attn.q_proj ×32" in text
+    assert "model.layers.{0..4,6..31}.mlp.down_proj ×31" in text and "model.layers.5.mlp.down_proj " in text
+    assert "model.layers.{0..8,10..31}.mlp.up_proj ×31" in text and "model.layers.9.mlp.up_proj " in text
+    assert "skipped by a per-layer override" in text
+    full = rendered_export(summary, capsys, all_layers=True)
+    assert "--all-layers lists each" in text
+    assert len(full) - len(lines) == len(rows) - len(summary["layer_groups"]) - 1  # one row per layer, no note
+    assert all(f"model.layers.{i}.{p} " in "\n".join(full) for i in range(DEEP_LAYERS) for p in PROJECTIONS)
+
+
+@pytest.mark.skipif(os.environ.get("QLOWER_BIG_TESTS") != "1", reason="set QLOWER_BIG_TESTS=1 (minutes: a 32-layer decoder export)")
+def test_deep_decoder_export_cli(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "deep"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEEP)).save_pretrained(str(folder))
+    out = tmp_path / "deep.pte"
+    result = runner.invoke(app, ["export", str(folder), "-o", str(out), "--group-size", "32", "--max-seq-len", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    names = {r["name"] for r in doc["layer_report"]}
+    assert {f"model.layers.{i}.{p}" for i in range(DEEP_LAYERS) for p in PROJECTIONS} <= names
+    assert sum(g["count"] for g in doc["layer_groups"]) == len(doc["layer_report"])
+    assert sum(doc["size"][k] for k in SIZE_PARTS) == out.stat().st_size
+    from qlower.render import render_export
+    from qlower.console import out as console
+
+    with console.capture() as captured:
+        render_export(doc)
+    lines = captured.get().splitlines()
+    assert len(lines) <= SUMMARY_MAX_LINES, "\n".join(lines)
+    assert all(f"model.layers.{{0..31}}.{p} ×32" in captured.get() for p in PROJECTIONS)
+    inspected = runner.invoke(app, ["inspect", str(out)])
+    assert inspected.exit_code == 0 and len(inspected.stdout.splitlines()) <= 2 * SUMMARY_MAX_LINES, inspected.stdout
+
+
+def test_kv_cache_stored_once_and_sizes_add_up(decode_file):
+    """The layers' zero KV caches are one stored constant: counted once, with its users; the parts are the file."""
+    out, summary = decode_file("llama")
+    size = summary["size"]
+    assert size["total"] == out.stat().st_size == sum(size[k] for k in SIZE_PARTS)
+    assert all(size[k] >= 0 for k in SIZE_PARTS) and size["program_and_headers"] > 0
+    (cache,) = [c for c in size["shared_constants"] if c["role"] == "kv_cache"]
+    layers, kv_heads, head_dim = 2, 2, 16
+    assert cache["shape"] == [1, MAX_SEQ_LEN, kv_heads, head_dim] and cache["dtype"] == "float32"
+    assert cache["bytes"] == MAX_SEQ_LEN * kv_heads * head_dim * 4
+    assert cache["users"] == layers * 2  # K and V of every layer
+    assert size["kv_cache"] == 0 and size["shared"] == sum(c["bytes"] for c in size["shared_constants"])
+    report = inspect_pte(out)
+    assert report["summary"]["size"] == size
+    # Every packed weight is its own: the fused nodes' weights add up to the packed part.
+    assert size["packed_weights"] == sum(p["packed_weight_bytes"] for v in report["vulkan"] for nodes in v["fused"].values()
+                                         for p in nodes if "packed_weight_bytes" in p)
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"KV cache f32[1, {MAX_SEQ_LEN}, {kv_heads}, {head_dim}] 4.0 KiB ×{layers * 2} users" in result.stdout
+    assert "program and headers" in result.stdout
+
+
+def test_inspect_groups_repeated_fused_nodes(decode_file):
+    out, _ = decode_file("llama")
+    (vk,) = inspect_pte(out)["vulkan"]
+    groups = vk["fused_groups"]
+    assert sorted(i for g in groups for i in g["node_ids"]) == sorted(p["node_id"] for nodes in vk["fused"].values() for p in nodes)
+    linears = {(g["n"], g["k"]): len(g["node_ids"]) for g in groups if g["op"] == "linear_dq8ca_q4gsw"}
+    # q, o: 64x64; k, v: 32x64; gate, up: 128x64; down: 64x128; lm_head: 256x64 (2 layers)
+    assert linears == {(64, 64): 4, (32, 64): 4, (128, 64): 4, (64, 128): 2, (256, 64): 1}
+    grouped = runner.invoke(app, ["inspect", str(out)]).stdout
+    full = runner.invoke(app, ["inspect", str(out), "--all-layers"]).stdout
+    assert len(full.splitlines()) - len(grouped.splitlines()) == sum(len(g["node_ids"]) - 1 for g in groups)
+    assert "×4" in grouped and "×4" not in full.split("fused nodes")[1]

@@ -270,6 +270,13 @@ def test_external_weights_writes_a_ptd_beside_the_pte(tiny_llama, tmp_path):
     # the weights moved out: the .pte shrinks by about the .ptd's size
     shrink = (tmp_path / "one.pte").stat().st_size - (tmp_path / "split.pte").stat().st_size
     assert shrink > 0.9 * ptd.stat().st_size
+    # the size split counts what the .pte holds; the weights in the .ptd are apart, as external
+    from qlower.pte import SIZE_PARTS
+
+    size = split["size"]
+    assert size["total"] == (tmp_path / "split.pte").stat().st_size == sum(size[k] for k in SIZE_PARTS)
+    assert size["packed_weights"] == 0 and 0.9 * ptd.stat().st_size < size["external"] <= ptd.stat().st_size
+    assert one["size"]["external"] == 0 and one["size"]["packed_weights"] > 0
     with pytest.raises(OutputError, match="--verify"):
         qlower.export(tiny_llama, tmp_path / "v.pte", external_weights=True, verify=2)
 

@@ -179,3 +179,49 @@ def test_float_layers_are_compared_in_isolation():
     chain = QuantizedLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.int8),
                             [1, 8], 4, torch.float32, None, dynamic_activations=True, opaque=False)
     assert isolated_eager_layer(nn.Sequential(chain), "0", record) is None
+
+
+REPEATED_BLOCKS = 4
+
+
+def test_layers_report_groups_repeated_layers(tmp_path):
+    """verify --layers: repeated blocks share a row (least and median SQNR); --all-layers lists each one."""
+    from qlower.api import export
+
+    from .conftest import write_model
+
+    model = write_model(tmp_path, f"""
+        class Blocks(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range({REPEATED_BLOCKS}))
+                self.head = nn.Linear(64, 24)
+
+            def forward(self, x):
+                for block in self.blocks:
+                    x = torch.relu(block(x))
+                return self.head(x)
+
+        def make_model():
+            torch.manual_seed(0)
+            return Blocks()
+
+        def make_example_inputs():
+            return (torch.randn(3, 64),)
+    """)
+    pte = tmp_path / "blocks.pte"
+    export(model, pte, scheme="qga4w", group_size=32)
+    result = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (blocks,) = [g for g in report["layer_groups"] if g["count"] > 1]
+    assert blocks["name"] == f"blocks.{{0..{REPEATED_BLOCKS - 1}}}" and blocks["count"] == REPEATED_BLOCKS
+    values = sorted(report["layers"][i]["sqnr_db"] for i in blocks["rows"])
+    assert blocks["sqnr_min_db"] == values[0] and values[0] <= blocks["sqnr_median_db"] <= values[-1]
+    assert sum(g["count"] for g in report["layer_groups"]) == len(report["layers"])
+    grouped = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--layers"])
+    assert grouped.exit_code == 0, grouped.output
+    assert f"blocks.{{0..{REPEATED_BLOCKS - 1}}}" in grouped.stdout and f"×{REPEATED_BLOCKS}" in grouped.stdout
+    full = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--all-layers"])
+    assert full.exit_code == 0, full.output
+    assert all(f"blocks.{i} " in full.stdout for i in range(REPEATED_BLOCKS))
