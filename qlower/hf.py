@@ -35,7 +35,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
     GPT-2 keeps its attention and MLP projections in float. Returns how many
     modules were swapped; the model is changed in place.
     """
-    from .quantize import replace_module
+    from .modules import replace_module
 
     swaps = [(name, model.get_submodule(name)) for name in conv1d_layers(model)]
     for name, conv in swaps:

@@ -95,6 +95,28 @@ def sqnr_db(reference, test) -> float:
     return min(10.0 * math.log10(signal / noise), SQNR_IDENTICAL_DB)
 
 
+def cosine(reference, test) -> float:
+    """Cosine similarity of the two tensors' elements, in float64."""
+    import torch
+
+    a = reference.detach().to(torch.float64).flatten()
+    b = test.detach().to(torch.float64).flatten()
+    denom = a.norm().item() * b.norm().item()
+    if denom == 0.0:
+        return 1.0 if torch.equal(a, b) else 0.0
+    return float(torch.dot(a, b).item() / denom)
+
+
+def compare(reference, test) -> dict[str, float]:
+    """SQNR, cosine similarity and max abs error of ``test`` against ``reference``."""
+    ref, out = reference.detach().float(), test.detach().float()
+    return {
+        "sqnr_db": round(sqnr_db(ref, out), 2),
+        "cosine": round(cosine(ref, out), 6),
+        "max_abs_error": float((ref - out).abs().max().item()) if ref.numel() else 0.0,
+    }
+
+
 # --- findings -----------------------------------------------------------------------------
 
 

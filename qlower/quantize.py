@@ -26,6 +26,7 @@ from .loader import describe_tensor, random_like, read_input_batches
 from .patterns.conv import PT2E_CONV_TARGETS, conv_shape_problem
 from . import pack
 from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason, q4_shape_fusable
+from .modules import replace_module
 from .quantized_linear import QuantizedLinear
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
@@ -228,12 +229,6 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows |
     unpacked = [packed[s:e] if v is None else v for v, (s, e) in zip(values, _row_chunks(n, k))]
     unpacked = [pack.unpack_int4(v, k) if v.dtype == torch.uint8 else v for v in unpacked]
     return QuantizedLinear(cat(unpacked), cat(scales), cat(zeros), bias=bias, opaque=False, **attrs)
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` (a dotted path) is."""
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
 @torch.library.custom_op("qlower::embedding_int4", mutates_args=())

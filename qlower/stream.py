@@ -272,7 +272,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
 
 def _finish_layer(module, layer_name, owners, ready, quantize, on_layer, progress) -> None:
     """Quantize a layer once all its tensors are read (each layer is reported once)."""
-    from .quantize import replace_module
+    from .modules import replace_module
 
     names = owners[layer_name]
     if layer_name in quantize:

@@ -35,29 +35,11 @@ from . import references
 from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
 from .groups import group_rows
-from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, conclude, quality_finding, sqnr_db, thresholds_for
+from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, compare, conclude, quality_finding, sqnr_db, thresholds_for
 from .patterns.conv import PT2E_CONV_TARGETS
 from .loader import describe_tensor, random_like, read_input_batches
 from .pte import Pte, fused_op_histogram, read_pte
 from .quantized_linear import LINEAR_LAYERS
-
-def cosine(reference: torch.Tensor, test: torch.Tensor) -> float:
-    a = reference.detach().to(torch.float64).flatten()
-    b = test.detach().to(torch.float64).flatten()
-    denom = a.norm().item() * b.norm().item()
-    if denom == 0.0:
-        return 1.0 if torch.equal(a, b) else 0.0
-    return float(torch.dot(a, b).item() / denom)
-
-
-def compare(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    ref, out = reference.detach().float(), test.detach().float()
-    return {
-        "sqnr_db": round(sqnr_db(ref, out), 2),
-        "cosine": round(cosine(ref, out), 6),
-        "max_abs_error": float((ref - out).abs().max().item()) if ref.numel() else 0.0,
-    }
-
 
 # --- scheme from the file ------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def verify_sample(model_path: str | Path, pte: Pte, pte_path: str | Path, count:
     against the same layers of the model; the report."""
     from .llm.load import load_any
     from .pipeline import plan_model
-    from .verify import compare
+    from .metrics import compare
 
     ops = file_layers(pte)
     if not ops:

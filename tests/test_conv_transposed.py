@@ -16,7 +16,8 @@ import qlower
 from qlower import fuse, pack, references
 from qlower.patterns import conv as conv_family
 from qlower.pte import read_pte
-from qlower.verify import sqnr_db, verify
+from qlower.metrics import sqnr_db
+from qlower.verify import verify
 
 from .conftest import ROOT
 from .test_conv import MIN_LAYER_SQNR_DB, run_with_references, stock_pte

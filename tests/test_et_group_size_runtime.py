@@ -16,7 +16,7 @@ import qlower
 from qlower.config import make_options
 from qlower.loader import load_model
 from qlower.pipeline import quantize_model
-from qlower.verify import sqnr_db
+from qlower.metrics import sqnr_db
 
 from .conftest import write_model
 from .test_et_runtime import RUNNER, run_on_runtime

@@ -345,7 +345,7 @@ def test_dump_after_and_unknown_pass():
 def as_quantized_linear_ops(model):
     """Swap torchao's quantized linears for QuantizedLinear, as the quantize stage does."""
     from qlower.patterns.linear import q4_fusable
-    from qlower.quantize import replace_module
+    from qlower.modules import replace_module
     from qlower.quantized_linear import QuantizedLinear
 
     for name, mod in list(model.named_modules()):

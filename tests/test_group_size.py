@@ -22,7 +22,7 @@ from qlower.loader import load_model
 from qlower.pipeline import quantize_model
 from qlower.pte import read_pte
 from qlower.quantized_linear import QuantizedLinear
-from qlower.verify import THRESHOLDS, sqnr_db
+from qlower.metrics import THRESHOLDS, sqnr_db
 from qlower.verify_sample import _constant, _scalar
 
 from .conftest import write_model
