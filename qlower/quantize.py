@@ -197,7 +197,7 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian:
     if algorithm == "gptq":
         if hessian is None:
             raise ExportError("gptq needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
-        settings = weight_quant.GptqSettings()
+        settings = weight_quant.DEFAULT_GPTQ
         prepared = weight_quant.prepare(hessian, settings)
 
         def chunk(w: torch.Tensor):

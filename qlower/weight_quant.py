@@ -197,3 +197,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
 def layer_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:
     """‖XWᵀ − XŴᵀ‖² summed over the rows of ``x`` [T, K]."""
     return float(((x @ w.T - x @ dequantize(q, scales, group_size).T) ** 2).sum())
+
+
+# What --weight-algorithm gptq uses (benchmarks/weight_quality.py compares the alternatives).
+DEFAULT_GPTQ = GptqSettings()
