@@ -21,9 +21,11 @@ import torch
 from .config import FLOAT_SCHEMES, ExportOptions
 from .errors import ExportError, OutputError, first_line
 from .loader import LoadedModel, load_model
+from .pte import QUANTIZATION_RECORD_KEY
 from .calibrate import calibrated
 from .quantize import (
     LayerPlan,
+    quantization_record,
     calibration_batches,
     check_strict,
     plan_layers,
@@ -245,6 +247,9 @@ def stage_lower(job: ExportJob) -> None:
         # before serializing makes another one (peak RSS).
         job.edge = None
         release_memory()
+        record = quantization_record(job.plans, job.options)
+        if record is not None:
+            lowered._named_data_store.add_named_data(QUANTIZATION_RECORD_KEY, record)
         program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         del lowered
         release_memory()

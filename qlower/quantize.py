@@ -128,6 +128,20 @@ def _plan_embedding(name: str, layer: nn.Embedding, options: ExportOptions) -> L
     return plan
 
 
+def quantization_record(plans: list[LayerPlan], options: ExportOptions) -> bytes | None:
+    """JSON bytes: the weight algorithm, its calibration, and each int4 layer's algorithm; None when no layer is int4."""
+    import json
+
+    layers = {p.name: p.algorithm for p in plans if p.algorithm is not None}
+    if not layers:
+        return None
+    record = {"version": 1, "weight_algorithm": options.weight_algorithm, "layers": layers}
+    if options.weight_algorithm in CALIBRATED_ALGORITHMS:
+        record["calibration"] = ({"text": Path(options.calibration_text).name, "tokens": options.calibration_tokens}
+                                 if options.calibration_text else {"inputs": Path(options.calibration).name if options.calibration else "model file"})
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
 def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
     """--strict: any layer that cannot take its scheme (not one skipped on purpose) is an error."""
     if not options.strict or options.scheme in FLOAT_SCHEMES:

@@ -113,20 +113,22 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
              max_new_tokens: int = 8, config: str | Path | None = None, entry: str | None = None,
              checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_float: float | None = None,
              min_sqnr_quantized: float | None = None, options: ExportOptions | None = None,
-             warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+             warn: Callable[[str], None] = lambda message: None, weight_algorithm: str | None = None,
+             calibration_text: str | Path | None = None, calibration_tokens: int | None = None) -> dict[str, Any]:
     """Greedy decoding of the file beside the eager models; ``report["ok"]`` is False below the scheme's bars.
 
     The eager models are quantized with ``options`` (an export's own), else as
-    read from the file (scheme, group size, embeddings) and ``config``.
+    read from the file (scheme, group size, embeddings, weight algorithm and its calibration, unless given) and ``config``.
     """
-    from ..verify import infer_scheme, thresholds_for
+    from ..verify import algorithm_options, infer_scheme, thresholds_for
     from .load import load_any
 
     decode = read_decode_file(pte_path)
     if options is None:
         scheme, group_size, embeddings = infer_scheme(decode.pte)
         options = make_options(config, scheme=None if config else scheme, group_size=None if config else group_size,
-                               quantize_embeddings=None if config else (embeddings or None), seed=seed)
+                               quantize_embeddings=None if config else (embeddings or None), seed=seed,
+                               **algorithm_options(decode.pte, model_path, weight_algorithm, calibration_text, calibration_tokens))
     options = dataclasses.replace(options, kv_cache=True, max_seq_len=decode.max_seq_len or options.max_seq_len)
     torch.manual_seed(options.seed)
     loaded, folder, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
