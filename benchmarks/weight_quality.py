@@ -7,7 +7,7 @@ Non-overlapping windows of ``--window`` tokens from the start of the held-out te
 position 0; the float model and each algorithm's quantize_model output (the function export calls).
 Reports mean perplexity (exp of the mean token NLL over all windows), the spread of the per-window
 perplexity ratio to float, and the share of RTN's gap to float each algorithm closes.
-GPTQ variants: ``gptq:act_order=0,scales=absmax,damp=0.01`` (weight_quant.GptqSettings fields).
+GPTQ variants: ``gptq:act_order=0+scales=absmax+damp=0.01`` (weight_quant.GptqSettings fields).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse_algorithm(spec: str):
 
     name, _, rest = spec.partition(":")
     settings = weight_quant.GptqSettings()
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split("+")):
         key, _, value = item.partition("=")
         kind = type(getattr(settings, key))
         settings = dataclasses.replace(settings, **{key: bool(int(value)) if kind is bool else kind(value)})

@@ -163,12 +163,16 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
     fill = None
     if loaded.weights is not None:
         from .errors import ModelLoadError
-        from .stream import check_fits, fill_weights
+        from .stream import SafetensorsWeights, check_fits, checkpoint_names, fill_weights
 
         weights, loaded.weights = loaded.weights, None
         problem = check_fits(module, weights, transposed)
         if problem:
             raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
+        # Tied weights (an LM head sharing the embedding's tensor) are filled at different times here:
+        # each name of a tied parameter gets its own entry for the one tensor.
+        weights = SafetensorsWeights({**{name: weights.entries[key] for name, key in checkpoint_names(module, weights).items()},
+                                      **weights.entries})
 
         def fill(accept, hessians) -> None:
             layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h)))
