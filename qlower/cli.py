@@ -17,7 +17,7 @@ import typer
 from typer._click import exceptions as click_exc
 
 from . import console
-from .config import SCHEMES
+from .config import SCHEMES, WEIGHT_ALGORITHMS
 from .errors import QlowerError
 
 class QlowerGroup(typer.core.TyperGroup):
@@ -91,6 +91,15 @@ def _root() -> None:
 VERIFY_SAMPLES = 4  # example inputs + 3 random batches, as `qlower verify` does by default
 JSON_OPTION = typer.Option(False, "--json", help="Print exactly one JSON document on stdout, no progress.")
 ALL_LAYERS_OPTION = typer.Option(False, "--all-layers", help="One row per layer; by default layers that differ only by their index share a row (--json always lists every layer).")
+
+
+def _weight_algorithm_option(default_help: str):
+    return typer.Option(None, "--weight-algorithm", callback=lambda v: _check_choice(v, WEIGHT_ALGORITHMS),
+                        help=f"How int4 weights are chosen: {', '.join(WEIGHT_ALGORITHMS)} (same stored format) {default_help}.")
+
+
+CALIBRATION_TEXT_OPTION = typer.Option(None, "--calibration-text", help="gptq: text file to calibrate on, read with the Hugging Face folder's tokenizer.")
+CALIBRATION_TOKENS_OPTION = typer.Option(None, "--calibration-tokens", min=1, help="gptq: tokens of the calibration text to use [default: 4096].")
 
 
 def _check_choice(value: str | None, legal) -> str | None:
@@ -198,6 +207,9 @@ def export(
     kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache", help="Export the LLM decode method forward(tokens[1, T], input_pos[1]) -> logits[1, vocab] with a static KV cache [default: on for a Hugging Face folder]."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=2, help="--kv-cache: context length, prompt + generated [default: min(the model's max positions, 2048)]."),
     metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
+    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: rtn]"),
+    calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
+    calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
@@ -235,6 +247,9 @@ def export(
             kv_cache=kv_cache,
             max_seq_len=max_seq_len,
             metadata=metadata,
+            weight_algorithm=weight_algorithm,
+            calibration_text=str(calibration_text) if calibration_text else None,
+            calibration_tokens=calibration_tokens,
         )
     finally:
         progress.close()
@@ -312,6 +327,9 @@ def verify(
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="q8ta_q8csw: the calibration data the .pte was exported with."),
+    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
+    calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
+    calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Fail (exit 3) when an output is below this SQNR (dB) vs the float model. Without it, the scheme's bar only warns: that is what quantization costs, not a defect of the file."),
     min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each output vs the quantized eager model [default: per scheme]."),
     min_sqnr_layer: Optional[float] = typer.Option(None, "--min-sqnr-layer", help="Minimum SQNR (dB) of each layer vs the quantized eager model [default: per scheme]."),
@@ -331,7 +349,8 @@ def verify(
         model, pte, scheme=scheme, group_size=group_size, config=config, entry=entry, checkpoint=checkpoint,
         calibration=str(calibration) if calibration else None, inputs=inputs, seed=seed, samples=samples,
         min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, min_sqnr_layer=min_sqnr_layer,
-        sample=sample, warn=console.warn,
+        sample=sample, warn=console.warn, weight_algorithm=weight_algorithm, calibration_text=calibration_text,
+        calibration_tokens=calibration_tokens,
     )
     if sample and (device is not None or plot is not None):
         raise typer.BadParameter("--sample checks layers alone: it cannot be combined with --device or --plot")
@@ -396,6 +415,9 @@ def generate(
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
     seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
+    calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
+    calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="Fail (exit 3) when a step's logits are below this SQNR (dB) vs the float model. Without it, the scheme's bar only warns: that is what quantization costs, not a defect of the file."),
     min_sqnr_quantized: Optional[float] = typer.Option(None, "--min-sqnr-quantized", help="Minimum SQNR (dB) of each step's logits vs the quantized eager model [default: per scheme]."),
     as_json: bool = JSON_OPTION,
@@ -409,7 +431,8 @@ def generate(
 
     report = run_generate(model, pte, prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens, config=config, entry=entry,
                           checkpoint=checkpoint, seed=seed, min_sqnr_float=min_sqnr_float,
-                          min_sqnr_quantized=min_sqnr_quantized, bos=bos, warn=console.warn)
+                          min_sqnr_quantized=min_sqnr_quantized, bos=bos, warn=console.warn, weight_algorithm=weight_algorithm,
+                          calibration_text=calibration_text, calibration_tokens=calibration_tokens)
     if as_json:
         print_json(report, ok=report["ok"])
     else:

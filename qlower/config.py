@@ -32,6 +32,15 @@ SCHEMES = {
     "fp16": "float16 baseline, no quantization",
     "fp32": "float32 baseline, no quantization",
 }
+# --weight-algorithm: how the int4 values and scales are chosen (same stored format for all).
+WEIGHT_ALGORITHMS = {
+    "rtn": "round to nearest, scale max|w|/7.5 per group (data-free)",
+    "hqq": "HQQ scale-only: least-squares scale per group (data-free, torchao)",
+    "gptq": "GPTQ: error feedback through the layer's calibration Hessian (needs calibration text or inputs)",
+}
+CALIBRATED_ALGORITHMS = ("gptq",)
+DEFAULT_WEIGHT_ALGORITHM = "rtn"
+DEFAULT_CALIBRATION_TOKENS = 4096
 GROUPED_SCHEMES = ("qta8a_qga4w", "qga4w")
 FLOAT_SCHEMES = ("fp16", "fp32")
 SKIP = "skip"
@@ -77,6 +86,9 @@ class ExportOptions:
     max_seq_len: int | None = None  # None: min(the model's max positions, DEFAULT_MAX_SEQ_LEN)
     metadata: str | None = None  # JSON object of runner metadata values overriding the derived ones
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
+    weight_algorithm: str = DEFAULT_WEIGHT_ALGORITHM  # WEIGHT_ALGORITHMS: int4 values by rtn, hqq or gptq
+    calibration_text: str | None = None  # text file whose tokens calibrate gptq (a Hugging Face folder's tokenizer)
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # how many of its tokens gptq calibrates on
 
     def __post_init__(self):
         _check_scheme(self.scheme, "scheme")
@@ -87,6 +99,18 @@ class ExportOptions:
             parse_metadata(self.metadata)
         if self.calibration_batches <= 0:
             raise ConfigError(f"calibration_batches must be positive, got {self.calibration_batches}", "use e.g. 8")
+        if self.weight_algorithm not in WEIGHT_ALGORITHMS:
+            raise ConfigError(f"weight_algorithm: unknown algorithm {self.weight_algorithm!r}",
+                              f"legal algorithms: {', '.join(WEIGHT_ALGORITHMS)}")
+        if self.weight_algorithm != DEFAULT_WEIGHT_ALGORITHM and self.scheme not in GROUPED_SCHEMES:
+            raise ConfigError(f"weight_algorithm {self.weight_algorithm} applies to the int4 schemes, not {self.scheme}",
+                              f"use --scheme {' or '.join(GROUPED_SCHEMES)}, or drop --weight-algorithm")
+        if not isinstance(self.calibration_tokens, int) or isinstance(self.calibration_tokens, bool) or self.calibration_tokens <= 0:
+            raise ConfigError(f"calibration_tokens must be a positive integer, got {self.calibration_tokens!r}", "use e.g. 4096")
+        if self.calibration_text is not None and self.weight_algorithm not in CALIBRATED_ALGORITHMS:
+            raise ConfigError(f"calibration_text calibrates {', '.join(CALIBRATED_ALGORITHMS)}; "
+                              f"weight_algorithm {self.weight_algorithm} is data-free",
+                              "add --weight-algorithm gptq, or drop --calibration-text")
 
     def layer_choice(self, name: str) -> tuple[str, int]:
         """(scheme or "skip", group size) for one module; the first matching override wins."""
@@ -152,7 +176,8 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> dict[str, Any]
             out["layers"] = _parse_layers(value, origin)
             continue
         expected = {"strict": bool, "quantize_embeddings": bool, "kv_cache": bool, "calibration": str,
-                    "metadata": str, "scheme": str}.get(key, int)
+                    "metadata": str, "scheme": str, "weight_algorithm": str,
+                    "calibration_text": str}.get(key, int)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{origin}: {key} must be {expected.__name__}, got {value!r}", f"e.g. {key} = {_example(key)}")
         out[key] = value
@@ -180,7 +205,8 @@ def _parse_layers(table: Any, origin: str) -> tuple[LayerOverride, ...]:
 def _example(key: str) -> str:
     return {"scheme": '"qta8a_qga4w"', "group_size": "128", "strict": "true", "quantize_embeddings": "true",
             "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0", "kv_cache": "true",
-            "max_seq_len": "2048", "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
+            "max_seq_len": "2048", "weight_algorithm": '"gptq"',
+            "calibration_text": '"calibration.txt"', "calibration_tokens": "4096", "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
 
 
 def make_options(config: str | Path | None = None, **flags: Any) -> ExportOptions:

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from .errors import ConfigError
 from .groups import group_rows
-from .pte import (FUSED_OP_ARGS, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
+from .pte import (FUSED_OP_ARGS, read_quantization_record, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
                   short_op_name, size_breakdown)
 
 # --- expectations ------------------------------------------------------------
@@ -176,6 +176,7 @@ def build_report(pte: Pte, name: str | None = None) -> dict[str, Any]:
             "gpu_memory_bytes": sum(v["memory"]["total_bytes"] for v in vulkan),
         },
         "vulkan": vulkan,
+        "quantization": read_quantization_record(pte.named_bytes, pte.named_sizes),
         "decode": decode_section(methods, vulkan),
         **_runtime_section(pte),
     }

@@ -21,8 +21,11 @@ import torch
 from .config import FLOAT_SCHEMES, ExportOptions
 from .errors import ExportError, OutputError, first_line
 from .loader import LoadedModel, load_model
+from .pte import QUANTIZATION_RECORD_KEY
+from .calibrate import calibrated
 from .quantize import (
     LayerPlan,
+    quantization_record,
     calibration_batches,
     check_strict,
     plan_layers,
@@ -125,6 +128,9 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     transposed, plans = plan_model(loaded.module, options)
     check_strict(plans, options)
     eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
+    if eager and calibrated(plans):
+        _quantize_calibrated(loaded, options, plans, transposed, warn, on_layer, stored)
+        return stored(loaded.module), plans
     if loaded.weights is not None:
         from .stream import fill_weights
 
@@ -140,6 +146,47 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     if eager:
         quantize_eager(loaded.module, plans, stored)
     return stored(loaded.module), plans
+
+
+def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: list[LayerPlan], transposed: set[str],
+                         warn: Callable[[str], None], on_layer: Callable | None, stored: Callable) -> None:
+    """GPTQ and the like: the model quantized block by block on its calibration inputs (qlower.calibrate),
+    streamed from its checkpoint a block at a time when it was loaded as a skeleton."""
+    from .calibrate import calibration_inputs, quantize_calibrated
+    from .quantize import replace_module
+
+    by_name = {p.name: p for p in plans}
+    module = loaded.module
+    batches = calibration_inputs(loaded, options, warn)
+
+    def quantize(name: str, hessian) -> None:
+        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian)))
+
+    fill = None
+    if loaded.weights is not None:
+        from .errors import ModelLoadError
+        from .stream import SafetensorsWeights, check_fits, checkpoint_names, fill_weights
+
+        weights, loaded.weights = loaded.weights, None
+        problem = check_fits(module, weights, transposed)
+        if problem:
+            raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
+        # Tied weights (an LM head sharing the embedding's tensor) are filled at different times here:
+        # each name of a tied parameter gets its own entry for the one tensor.
+        weights = SafetensorsWeights({**{name: weights.entries[key] for name, key in checkpoint_names(module, weights).items()},
+                                      **weights.entries})
+
+        def fill(accept, hessians) -> None:
+            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h)))
+                      for n, h in hessians.items()}
+            fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
+            release_memory()
+
+    quantize_calibrated(module, plans, batches, quantize, fill, warn)
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")
+    release_memory()
 
 
 def stage_kv_cache(job: ExportJob) -> None:
@@ -206,6 +253,9 @@ def stage_lower(job: ExportJob) -> None:
         # before serializing makes another one (peak RSS).
         job.edge = None
         release_memory()
+        record = quantization_record(job.plans, job.options)
+        if record is not None:
+            lowered._named_data_store.add_named_data(QUANTIZATION_RECORD_KEY, record)
         program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         del lowered
         release_memory()

@@ -116,6 +116,24 @@ class Method:
     steps: list[PlanStep]
 
 
+# qlower's record of how the int4 weights were chosen (quantize.quantization_record): a small JSON blob in
+# the program's named data, which runtimes never read (the delegate asks only for its constants' keys).
+QUANTIZATION_RECORD_KEY = "qlower.quantization"
+
+
+def read_quantization_record(named_bytes, keys) -> dict | None:
+    """The record from a .pte's named data (``named_bytes(key)``, ``keys``); None if absent or unreadable."""
+    import json
+
+    if QUANTIZATION_RECORD_KEY not in keys:
+        return None
+    try:
+        record = json.loads(named_bytes(QUANTIZATION_RECORD_KEY))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass
 class Pte:
     size: int

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torchao.quantization.pt2e.quantizer import Quantizer
 
-from .config import FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
+from .config import CALIBRATED_ALGORITHMS, FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
 from .errors import CalibrationError, ExportError, StrictError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
 from .patterns.conv import PT2E_CONV_TARGETS, conv_shape_problem
-from . import pack
+from . import pack, weight_quant
 from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason, q4_shape_fusable
 from .modules import replace_module
 from .quantized_linear import QuantizedLinear
@@ -53,6 +53,7 @@ class LayerPlan:
     kernel: list[int] | None = None  # convs only
     stride: list[int] | None = None
     groups: int | None = None
+    algorithm: str | None = None  # int4 layers: how their values were chosen (config.WEIGHT_ALGORITHMS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +69,11 @@ def plan_layers(module: nn.Module, options: ExportOptions) -> list[LayerPlan]:
             plans.append(_plan_embedding(name, child, options))
         elif isinstance(child, _CONV_TYPES):
             plans.append(_plan_conv(name, child, options))
+    for plan in plans:
+        if plan.quantized and plan.scheme in GROUPED_SCHEMES:
+            # An embedding has no inputs to calibrate on: the calibrated algorithms leave it to RTN.
+            calibrated = options.weight_algorithm in CALIBRATED_ALGORITHMS
+            plan.algorithm = "rtn" if plan.kind == "embedding" and calibrated else options.weight_algorithm
     return plans
 
 
@@ -124,6 +130,20 @@ def _plan_embedding(name: str, layer: nn.Embedding, options: ExportOptions) -> L
     return plan
 
 
+def quantization_record(plans: list[LayerPlan], options: ExportOptions) -> bytes | None:
+    """JSON bytes: the weight algorithm, its calibration, and each int4 layer's algorithm; None when no layer is int4."""
+    import json
+
+    layers = {p.name: p.algorithm for p in plans if p.algorithm is not None}
+    if not layers:
+        return None
+    record = {"version": 1, "weight_algorithm": options.weight_algorithm, "layers": layers}
+    if options.weight_algorithm in CALIBRATED_ALGORITHMS:
+        record["calibration"] = ({"text": Path(options.calibration_text).name, "tokens": options.calibration_tokens}
+                                 if options.calibration_text else {"inputs": Path(options.calibration).name if options.calibration else "model file"})
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
 def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
     """--strict: any layer that cannot take its scheme (not one skipped on purpose) is an error."""
     if not options.strict or options.scheme in FLOAT_SCHEMES:
@@ -165,7 +185,7 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
 Rows = Callable[[int, int], torch.Tensor]
 
 
-def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None) -> nn.Module:
+def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian: torch.Tensor | None = None) -> nn.Module:
     """The quantized replacement of one planned linear or embedding (eager schemes).
 
     Export's quantize stage calls this for every layer, whether the model was
@@ -173,11 +193,13 @@ def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None) 
     layer's weight may be in any float dtype (bf16 straight from a checkpoint),
     it is converted to float32 a chunk of rows at a time. ``rows``, when given,
     reads the weight's rows (``layer.weight`` then only gives its shape): a
-    large weight is never whole in memory.
+    large weight is never whole in memory. ``plan.algorithm`` picks how the
+    int4 values are chosen (:mod:`qlower.weight_quant`); ``gptq`` needs the
+    layer's ``hessian`` (``2 XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`).
     """
     if plan.kind == "embedding":
-        return Int4Embedding.from_float(layer, plan.group_size, rows)
-    return quantize_linear(layer, plan.scheme, plan.group_size, rows)
+        return Int4Embedding.from_float(layer, plan.group_size, rows, plan.algorithm)
+    return quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian)
 
 
 def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
@@ -185,15 +207,48 @@ def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
     return rows or (lambda start, end: weight[start:end])
 
 
-def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None) -> QuantizedLinear:
-    """torchao's int4 group quantization of ``layer`` as a :class:`QuantizedLinear`."""
+def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian: torch.Tensor | None):
+    """chunk(w float32 [rows, K]) -> (int8 values, scales, zero points, torchao-style attributes)."""
+    dynamic = scheme == "qta8a_qga4w"
+    if algorithm == "gptq":
+        if hessian is None:
+            raise ExportError("gptq needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
+        settings = weight_quant.DEFAULT_GPTQ
+        prepared = weight_quant.prepare(hessian, settings)
+
+        def chunk(w: torch.Tensor):
+            q, scales = weight_quant.gptq(w, None, group_size, settings, prepared)
+            attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
+            return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs
+        return chunk
+
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
-    if scheme == "qta8a_qga4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    choose = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if algorithm == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
+    if dynamic:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                       intx_choose_qparams_algorithm=choose)
     else:
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size), intx_choose_qparams_algorithm=choose)
+
+    def chunk(w: torch.Tensor):
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        quantize_(layer, config)
+        t = layer.weight
+        attrs = dict(block_size=t.block_size, weight_bits=int(str(t.target_dtype).removeprefix("torch.int")), dtype=t.dtype,
+                     dynamic_activations=t.activation_quantization is not None)
+        return t.qdata, t.scale, t.zero_point, attrs
+    return chunk
+
+
+def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None,
+                    algorithm: str = "rtn", hessian: torch.Tensor | None = None) -> QuantizedLinear:
+    """Group-wise symmetric int4 quantization of ``layer`` as a :class:`QuantizedLinear` (torchao's
+    round-to-nearest or HQQ, or GPTQ from the layer's ``hessian``)."""
+    quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian)
     read = _weight_rows(layer, rows)
     n, k = layer.weight.shape
     dynamic = scheme == "qta8a_qga4w"
@@ -202,22 +257,17 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows |
     packed = torch.empty(n, pack.packed_int4_width(k), dtype=torch.uint8) if q4_shape_fusable(n, k, group_size) else None
     values, scales, zeros, sums = [], [], [], []
     for start, end in _row_chunks(n, k):
-        chunk = nn.Linear(k, end - start, bias=False, device="meta")
-        chunk.weight = nn.Parameter(read(start, end).to(torch.float32).contiguous(), requires_grad=False)
-        quantize_(chunk, config)
-        w = chunk.weight
-        attrs = dict(block_size=w.block_size, weight_bits=int(str(w.target_dtype).removeprefix("torch.int")), dtype=w.dtype,
-                     dynamic_activations=w.activation_quantization is not None)
-        scales.append(w.scale)
-        zeros.append(w.zero_point)
-        if packed is not None and q4_fusable(w.qdata, w.block_size, rows=n):
-            packed[start:end] = pack.pack_int4(w.qdata)
+        qdata, scale, zero, attrs = quantize_chunk(read(start, end).to(torch.float32).contiguous())
+        scales.append(scale)
+        zeros.append(zero)
+        if packed is not None and q4_fusable(qdata, attrs["block_size"], rows=n):
+            packed[start:end] = pack.pack_int4(qdata)
             if dynamic:
-                sums.append(pack.row_group_sums(w.qdata, group_size))
+                sums.append(pack.row_group_sums(qdata, group_size))
             values.append(None)
         else:
-            values.append(w.qdata)
-        del chunk, w
+            values.append(qdata)
+        del qdata
     bias = layer.bias
     if bias is not None and bias.dtype != torch.float32:
         bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
@@ -266,17 +316,21 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_float(cls, layer: nn.Embedding, group_size: int, rows: Rows | None = None) -> "Int4Embedding":
+    def from_float(cls, layer: nn.Embedding, group_size: int, rows: Rows | None = None, algorithm: str = "rtn") -> "Int4Embedding":
         read = _weight_rows(layer, rows)
         vocab, dim = layer.weight.shape
         packed = torch.empty(vocab, dim // 2, dtype=torch.uint8)
         scales = torch.empty(vocab, dim // group_size, dtype=torch.float32)
         for start, end in _row_chunks(vocab, dim):  # rows are independent: chunks bound the float temporaries
-            packed[start:end], scales[start:end] = cls.quantize_rows(read(start, end).to(torch.float32).contiguous(), group_size)
+            packed[start:end], scales[start:end] = cls.quantize_rows(read(start, end).to(torch.float32).contiguous(), group_size, algorithm)
         return cls(packed, scales, group_size)
 
     @staticmethod
-    def quantize_rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_rows(w: torch.Tensor, group_size: int, algorithm: str = "rtn") -> tuple[torch.Tensor, torch.Tensor]:
+        """``algorithm`` "hqq": HQQ's scales (an embedding has no inputs to calibrate GPTQ on: it takes RTN)."""
+        if algorithm == "hqq":
+            q, scales = weight_quant.hqq(w, group_size)
+            return pack.pack_int4(q), scales
         rows, dim = w.shape
         groups = w.reshape(rows, dim // group_size, group_size)
         scales = groups.abs().amax(dim=-1).clamp(min=1e-9) / 7.5

@@ -23,7 +23,8 @@ def human_bytes(n: int) -> str:
 def render_export(summary: dict[str, Any], all_layers: bool = False) -> None:
     """The export summary; repeated layers as one row each (``layer_groups``) unless ``all_layers``."""
     layers = summary["layers"]
-    out.print(f"[bold]{summary['model']}[/] → {summary['output'] or '(not written)'}  scheme {summary['scheme']}, group size {summary['group_size']}")
+    out.print(f"[bold]{summary['model']}[/] → {summary['output'] or '(not written)'}  scheme {summary['scheme']}, group size {summary['group_size']}"
+              + (f", int4 weights by {summary['weight_algorithm']}" if summary.get("weight_algorithm", "rtn") != "rtn" else ""))
     out.print(
         f"linear layers: {layers['linear']} found, {layers['quantized']} quantized, "
         f"{layers['fused']} fused, {layers['unfused']} left unfused"
@@ -175,6 +176,12 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
     _render_size("size", s["size"])
     out.print(f"file layout: program {human_bytes(program['program_bytes'])}, segments {human_bytes(program['segment_bytes'])}, "
               f"named data {human_bytes(program['named_data']['bytes'])} in {program['named_data']['count']} entries")
+    record = report.get("quantization")
+    if record:
+        by_algorithm = Counter((record.get("layers") or {}).values())
+        calibration = record.get("calibration") or {}
+        calibrated = f" (calibrated on {', '.join(f'{k} {v}' for k, v in calibration.items())})" if calibration else ""
+        out.print(f"int4 weights: {record.get('weight_algorithm')}{escape(calibrated)}; layers: {_counts(dict(sorted(by_algorithm.items())))}")
     decode = report.get("decode")
     if decode:
         caches = decode["kv_cache"]

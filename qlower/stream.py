@@ -169,7 +169,10 @@ class Progress:
 
 def check_fits(module: nn.Module, weights: SafetensorsWeights, transposed: set[str] = frozenset()) -> str | None:
     """Why ``weights`` cannot fill ``module``'s parameters (a missing name, a wrong shape), or None."""
-    groups = _param_groups(module)
+    return _check_groups_fit(_param_groups(module), weights, transposed)
+
+
+def _check_groups_fit(groups, weights: SafetensorsWeights, transposed) -> str | None:
     for names, param in groups:
         key = _checkpoint_key(names, weights)
         if key is None:
@@ -207,7 +210,8 @@ def _param_groups(module: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
 def fill_weights(module: nn.Module, weights: SafetensorsWeights,
                  quantize: dict[str, Callable[[nn.Module, Callable | None], nn.Module]],
                  transposed: set[str] = frozenset(), on_layer: Callable[[Progress], None] | None = None,
-                 unexpected: Callable[[list[str]], None] | None = None) -> None:
+                 unexpected: Callable[[list[str]], None] | None = None,
+                 only: Callable[[str], bool] | None = None) -> None:
     """Fill ``module``'s meta parameters from ``weights``, replacing each layer named in ``quantize`` by
     ``quantize[name](layer, rows)`` as soon as its tensors are read. A large 2-D weight whose every
     layer is quantized is not read whole: the layer keeps its meta weight and ``rows(start, end)``
@@ -217,21 +221,27 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
     already swapped for a linear in the skeleton). A tensor shared by several layers (tied embeddings)
     is read once and given to all of them before it is dropped. ``unexpected`` receives checkpoint
     names that are neither a parameter nor a buffer (else they are an error).
+
+    ``only``: fill just the layers (module names) it accepts, leaving the others as they are; the
+    calibrated algorithms fill a model a decoder block at a time (:mod:`qlower.calibrate`).
     """
     from .memory import return_freed_memory
 
+    accept = only or (lambda layer_name: True)
     return_freed_memory()
-    problem = check_fits(module, weights, transposed)
+    groups = [(names, p) for names, p in _param_groups(module)
+              if any(accept(n.rpartition(".")[0]) for n in names)]
+    problem = _check_groups_fit(groups, weights, transposed)
     if problem:
         raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
-    groups = _param_groups(module)
     owners: dict[str, list[str]] = {}  # layer name -> its parameters' full names
     for names, _ in groups:
         for n in names:
             owners.setdefault(n.rpartition(".")[0], []).append(n)
-    param_names = {n for names, _ in groups for n in names}
-    buffers = dict(module.named_buffers())
-    extra = [k for k in weights.entries if k not in param_names and k not in buffers]
+    all_params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    buffers = {n: b for n, b in module.named_buffers() if accept(n.rpartition(".")[0])}
+    extra = [k for k in weights.entries if k not in all_params and k not in buffers and accept(k.rpartition(".")[0])
+             and (only is None or k not in dict(module.named_buffers()))]
     if extra:
         if unexpected is None:
             raise ModelLoadError(f"the checkpoint has tensors the model does not: {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}",
@@ -243,9 +253,10 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
                 buffers[name].copy_(weights.read(name))
 
     ready: dict[str, torch.Tensor] = {}  # full parameter name -> tensor as read (checkpoint dtype)
-    total, done, start = weights.nbytes, 0, time.perf_counter()
-    for names, param in groups:
-        key = _checkpoint_key(names, weights)
+    keys = [_checkpoint_key(names, weights) for names, _ in groups]
+    total, done, start = sum(weights.entries[k].nbytes for k in keys), 0, time.perf_counter()
+    for (names, param), key in zip(groups, keys):
+        names = [n for n in names if accept(n.rpartition(".")[0])]
         entry = weights.entries[key]
         layers = {full.rpartition(".")[0] for full in names}
         lazy = (len(entry.shape) == 2 and entry.nbytes >= ROWS_READ_BYTES and layers <= set(quantize)
@@ -265,7 +276,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
             _finish_layer(module, layer_name, owners, ready, quantize, on_layer,
                           lambda: Progress(layer_name, done, total, time.perf_counter() - start))
         del tensor, raw, shared
-    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta" and accept(n.rpartition(".")[0])]
     if left:
         raise ModelLoadError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")
 

@@ -26,6 +26,7 @@ def export_summary(job) -> dict[str, Any]:
         "output": str(job.output) if job.output else None,
         "scheme": job.options.scheme,
         "group_size": job.options.group_size,
+        "weight_algorithm": job.options.weight_algorithm,
         "layers": {
             "linear": len(linears),
             "quantized": sum(r["quantized"] for r in linears),
@@ -81,8 +82,8 @@ def layer_rows(plans: list[LayerPlan], fused_layers: list, fused_ops: dict[str, 
     rows = []
     for plan in plans:
         row = {"name": plan.name, "kind": plan.kind, "n": plan.n, "k": plan.k, "group_size": plan.group_size,
-               "stored_group_size": None, "scheme": plan.scheme, "quantized": plan.quantized, "fused_op": None,
-               "reason": plan.reason}
+               "stored_group_size": None, "scheme": plan.scheme, "algorithm": plan.algorithm, "quantized": plan.quantized,
+               "fused_op": None, "reason": plan.reason}
         if plan.kind == "conv":
             row.update(kernel=plan.kernel, stride=plan.stride, groups=plan.groups)
         if plan.kind == "embedding":

@@ -251,9 +251,33 @@ class Models:
     group_size: int | None
 
 
+def algorithm_options(pte: Pte, model_path: str | Path, weight_algorithm: str | None = None,
+                      calibration_text: str | Path | None = None, calibration_tokens: int | None = None) -> dict[str, Any]:
+    """ExportOptions fields for the int4 weight algorithm: the given ones, else the file's record
+    (``qlower.quantization``). A recorded calibration text is looked for beside the model (its folder)."""
+    from .errors import CalibrationError
+    from .pte import read_quantization_record
+
+    record = read_quantization_record(pte.named_bytes, pte.named_sizes) or {}
+    algorithm = weight_algorithm or record.get("weight_algorithm")
+    calibration = record.get("calibration") or {}
+    if calibration_text is None and algorithm == record.get("weight_algorithm") and calibration.get("text"):
+        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+        candidate = folder / calibration["text"]
+        if not candidate.is_file():
+            raise CalibrationError(f"the file was quantized with {algorithm} calibrated on {calibration['text']}, "
+                                   f"which is not in {folder}", "pass --calibration-text FILE (the text export was given)")
+        calibration_text = str(candidate)
+    tokens = calibration_tokens or (calibration.get("tokens") if calibration_text else None)
+    return {"weight_algorithm": algorithm, "calibration_text": str(calibration_text) if calibration_text else None,
+            "calibration_tokens": tokens}
+
+
 def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
-                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0):
-    """The export options the file was made with: given ones first, then the config, then read from the file."""
+                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
+                algorithm: dict[str, Any] | None = None):
+    """The export options the file was made with: given ones first, then the config, then read from the file.
+    ``algorithm``: :func:`algorithm_options`."""
     from .config import make_options
 
     inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
@@ -265,20 +289,21 @@ def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None =
         calibration=calibration,
         seed=seed,
         kv_cache=False,
+        **(algorithm or {}),
     )
 
 
 def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, group_size: int | None = None,
                 config: str | Path | None = None, entry: str | None = None, checkpoint: str | Path | None = None,
                 calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
-                warn: Callable[[str], None] = lambda message: None) -> Models:
+                warn: Callable[[str], None] = lambda message: None, algorithm: dict[str, Any] | None = None) -> Models:
     """(a) and (b): the float model, and a copy quantized by export's own quantize stage."""
     from .config import GROUPED_SCHEMES
     from .llm.load import load_any
     from .pipeline import quantize_model
 
     options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration,
-                          quantize_embeddings=quantize_embeddings, seed=seed)
+                          quantize_embeddings=quantize_embeddings, seed=seed, algorithm=algorithm)
     torch.manual_seed(options.seed)  # as export's load stage, for models that do not seed themselves
     loaded, _, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
     float_model = copy.deepcopy(loaded.module)
@@ -293,7 +318,8 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
            seed: int = 0, samples: int = 1, min_sqnr_float: float | None = None,
            min_sqnr_quantized: float | None = None, min_sqnr_layer: float | None = None,
            sample: int | None = None, on_layer: Callable[[dict], None] | None = None,
-           warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+           warn: Callable[[str], None] = lambda message: None, weight_algorithm: str | None = None,
+           calibration_text: str | Path | None = None, calibration_tokens: int | None = None) -> dict[str, Any]:
     """Verify ``pte_path`` against the model in ``model_path``; returns the report.
 
     ``report["defects"]`` lists the outputs and layers below the vs-quantized and
@@ -303,13 +329,15 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
     ``min_sqnr_float`` when it is given; ``report["failures"]`` says why, first cause first.
     ``sample=N`` checks N fused int4 layers alone, one in memory at a time
     (:mod:`qlower.verify_sample`; ``on_layer`` hears of each), instead of
-    running the whole model.
+    running the whole model. The int4 weight algorithm (and its calibration) defaults to the file's record.
     """
     if sample:
         from .verify_sample import verify_sample
 
         pte = read_pte(pte_path, constants=False)
-        options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration, seed=seed)
+        algorithm = algorithm_options(pte, model_path, weight_algorithm, calibration_text, calibration_tokens)
+        options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration, seed=seed,
+                              algorithm=algorithm)
         return verify_sample(model_path, pte, pte_path, sample, options=options, entry=entry, checkpoint=checkpoint, seed=seed,
                              min_sqnr_layer=min_sqnr_layer if min_sqnr_layer is not None else THRESHOLDS[options.scheme].layer,
                              on_layer=on_layer)
@@ -317,9 +345,12 @@ def verify(model_path: str | Path, pte_path: str | Path | bytes, *, scheme: str 
     if is_decode_file(pte):
         return verify_decode(model_path, pte, str(pte_path) if not isinstance(pte_path, (bytes, bytearray)) else "<bytes>",
                              config=config, entry=entry, checkpoint=checkpoint, seed=seed, steps=max(samples, DECODE_STEPS),
-                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=warn)
+                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=warn,
+                             weight_algorithm=weight_algorithm, calibration_text=calibration_text,
+                             calibration_tokens=calibration_tokens)
+    algorithm = algorithm_options(pte, model_path, weight_algorithm, calibration_text, calibration_tokens)
     models = load_models(model_path, pte, scheme=scheme, group_size=group_size, config=config, entry=entry,
-                         checkpoint=checkpoint, calibration=calibration, seed=seed, warn=warn)
+                         checkpoint=checkpoint, calibration=calibration, seed=seed, warn=warn, algorithm=algorithm)
     batches = make_samples(models.example_inputs, samples, seed, inputs)
     report = compare_models(pte, models, batches, thresholds_for(models.scheme, min_sqnr_float, min_sqnr_quantized, min_sqnr_layer),
                             enforce_float=min_sqnr_float is not None)

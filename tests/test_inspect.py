@@ -202,7 +202,9 @@ def test_program_level(exported):
     assert [s["kind"] for s in method["plan"]] == ["delegate"]
     assert report["delegates"][0]["backend"] == "VulkanBackend"
     assert report["size"] == path.stat().st_size
-    assert report["program"]["named_data"]["count"] == len(report["vulkan"][0]["constants"])
+    # the delegate's constants, and qlower's record of the int4 weight algorithm
+    assert report["program"]["named_data"]["count"] == len(report["vulkan"][0]["constants"]) + 1
+    assert report["quantization"]["weight_algorithm"] == "rtn" and set(report["quantization"]["layers"].values()) == {"rtn"}
 
 
 def assert_parts_add_up(size: dict, path: Path) -> None:

@@ -108,7 +108,8 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
              max_new_tokens: int = 8, config: str | Path | None = None, entry: str | None = None,
              checkpoint: str | Path | None = None, seed: int = 0, min_sqnr_float: float | None = None,
              min_sqnr_quantized: float | None = None, options: ExportOptions | None = None, bos: bool = False,
-             warn: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+             warn: Callable[[str], None] = lambda message: None, weight_algorithm: str | None = None,
+             calibration_text: str | Path | None = None, calibration_tokens: int | None = None) -> dict[str, Any]:
     """Greedy decoding of the file beside the eager models.
 
     ``report["defects"]``: steps whose logits are below the vs-quantized bar (the file does not
@@ -117,18 +118,20 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
 
     A text ``prompt`` is encoded as ExecuTorch's LLM runner encodes it: the tokenizer adds no
     special tokens; ``bos`` prepends the file's ``get_bos_id`` (the runner's ``--num_bos 1``).
+    The int4 weight algorithm (and its calibration) defaults to the file's record.
 
     The eager models are quantized with ``options`` (an export's own), else as
-    read from the file (scheme, group size, embeddings) and ``config``.
+    read from the file (scheme, group size, embeddings, weight algorithm and its calibration, unless given) and ``config``.
     """
-    from ..verify import infer_scheme
+    from ..verify import algorithm_options, infer_scheme
     from .load import load_any
 
     decode = read_decode_file(pte_path)
     if options is None:
         scheme, group_size, embeddings = infer_scheme(decode.pte)
         options = make_options(config, scheme=None if config else scheme, group_size=None if config else group_size,
-                               quantize_embeddings=None if config else (embeddings or None), seed=seed)
+                               quantize_embeddings=None if config else (embeddings or None), seed=seed,
+                               **algorithm_options(decode.pte, model_path, weight_algorithm, calibration_text, calibration_tokens))
     options = dataclasses.replace(options, kv_cache=True, max_seq_len=decode.max_seq_len or options.max_seq_len)
     torch.manual_seed(options.seed)
     loaded, folder, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)

@@ -1,0 +1,283 @@
+"""Calibrated int4 algorithms (GPTQ): calibration tokens, Hessians, and a model quantized block by block.
+
+A decoder is quantized one repeated block at a time (``model.layers.0``, ``.1``, …, found generically as
+the ``nn.ModuleList`` of same-typed blocks that holds the most planned linears):
+
+1. the layers outside the blocks that are not calibrated (embeddings, norms) are filled (streaming: read
+   from the checkpoint) and quantized data-free where planned;
+2. the inputs of the first block are captured for the calibration batches (a pre-hook stops the model);
+3. for each block: its weights are read, each calibrated linear's Hessian ``H = 2/T XᵀX`` is collected
+   with hooks while the block runs on the current inputs, linears are quantized in the order they run
+   (those sharing one input together, each group on inputs produced by the already-quantized ones),
+   and the quantized block produces the next block's inputs;
+4. calibrated layers outside the blocks (the LM head) get their inputs from a whole-model pass over the
+   quantized model, stopped just before the layer.
+
+Only one block's float weights are in memory at a time. A model without such blocks falls back to step 4
+for every layer (one whole-model pass each), with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import CALIBRATED_ALGORITHMS, ExportOptions
+from .errors import CalibrationError, ExportError, first_line
+
+# Tokens per calibration window (each window runs from position 0), capped by the model's positions.
+CALIBRATION_WINDOW = 512
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook once it has what it needs: the rest of the forward is not run."""
+
+
+def calibrated(plans) -> list:
+    return [p for p in plans if p.quantized and p.algorithm in CALIBRATED_ALGORITHMS]
+
+
+# --- calibration inputs --------------------------------------------------------------------------------
+
+
+def text_token_batches(folder_path: Path, text_file: str | Path, tokens: int, max_positions: int | None) -> list[tuple]:
+    """``tokens`` tokens of ``text_file`` (the folder's tokenizer) as windows of [1, T] int64 token ids."""
+    path = Path(text_file)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CalibrationError(f"cannot read calibration text {path}: {exc.strerror}", "pass a readable text file") from exc
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder_path), local_files_only=True)
+    except Exception as exc:
+        raise CalibrationError(f"cannot load the tokenizer in {folder_path}: {first_line(exc)}",
+                               "the folder needs tokenizer files (tokenizer.json) to read --calibration-text") from exc
+    ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    if len(ids) < 2:
+        raise CalibrationError(f"calibration text {path} has {len(ids)} tokens", "pass a text of a few thousand tokens")
+    window = min(CALIBRATION_WINDOW, max_positions or CALIBRATION_WINDOW)
+    return [(torch.tensor([ids[i:i + window]], dtype=torch.long),) for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+
+
+def calibration_inputs(loaded, options: ExportOptions, warn: Callable[[str], None]) -> list[tuple]:
+    """The calibration batches of a calibrated algorithm: --calibration-text through a Hugging Face folder's
+    tokenizer, else --calibration FILE or the model file's own calibration inputs."""
+    from .llm.hf_folder import is_hf_folder, read_hf_folder
+
+    if options.calibration_text is not None:
+        folder = read_hf_folder(loaded.source) if Path(loaded.source).is_dir() and is_hf_folder(loaded.source) else None
+        if folder is None:
+            raise CalibrationError("--calibration-text needs a Hugging Face folder (its tokenizer reads the text)",
+                                   "for a model file, pass --calibration FILE with token tensors, or define calibration_inputs")
+        return text_token_batches(folder.path, options.calibration_text, options.calibration_tokens, folder.max_positions)
+    if options.calibration or loaded.calibration_inputs:
+        from .quantize import calibration_batches
+
+        return calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
+    raise CalibrationError(f"--weight-algorithm {options.weight_algorithm} needs calibration data",
+                           "pass --calibration-text FILE (a Hugging Face folder) or --calibration FILE; "
+                           "or use --weight-algorithm hqq (data-free)")
+
+
+# --- finding the blocks --------------------------------------------------------------------------------
+
+
+def find_blocks(module: nn.Module, layer_names: list[str]) -> list[str]:
+    """Names of the repeated blocks (children of one ModuleList, all one type) holding the most of
+    ``layer_names``; [] when there is none."""
+    best, best_count = [], 0
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.ModuleList) or len(child) == 0 or len({type(c) for c in child}) != 1:
+            continue
+        blocks = [f"{name}.{i}" if name else str(i) for i in range(len(child))]
+        count = sum(1 for layer in layer_names if any(layer.startswith(b + ".") for b in blocks))
+        if count > best_count:
+            best, best_count = blocks, count
+    return best
+
+
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+# --- Hessians ------------------------------------------------------------------------------------------
+
+
+class HessianHooks:
+    """Forward pre-hooks accumulating ``2/T XᵀX`` of the inputs of named linears; linears fed the same
+    input tensor share one Hessian. ``groups()``: lists of names sharing an input, in the order they ran."""
+
+    def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None):
+        self.sums: dict[int, torch.Tensor] = {}  # input group -> sum of 2 xᵀx
+        self.rows: dict[int, int] = {}
+        self.group_of: dict[str, int] = {}
+        self._seen: dict[int, tuple] = {}  # id of an input tensor of the current pass -> (group, tensor)
+        self._handles = []
+        for name in names:
+            self._handles.append(root.get_submodule(name).register_forward_pre_hook(self._hook(name, name == stop_after)))
+
+    def _hook(self, name: str, stop: bool):
+        def hook(module, args):
+            x = args[0]
+            key = self._seen.get(id(x), (None, None))[0]
+            if key is None:
+                key = self.group_of[name] if name in self.group_of else len(self.sums)
+                self._seen[id(x)] = (key, x)  # holding x: its id is not reused during the pass
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                if key not in self.sums:
+                    self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1])
+                    self.rows[key] = 0
+                self.sums[key].addmm_(flat.T, flat, alpha=2.0)
+                self.rows[key] += flat.shape[0]
+            self.group_of.setdefault(name, key)
+            if stop:
+                raise _Stop
+        return hook
+
+    def new_pass(self) -> None:
+        """Between forward calls: input tensors of the next call are new (ids may be reused)."""
+        self._seen.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        key = self.group_of[name]
+        return self.sums[key] / max(1, self.rows[key])
+
+    def groups(self) -> list[list[str]]:
+        by_key: dict[int, list[str]] = {}
+        for name, key in self.group_of.items():
+            by_key.setdefault(key, []).append(name)
+        return [by_key[k] for k in sorted(by_key)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# --- running blocks ------------------------------------------------------------------------------------
+
+# Keyword arguments of Hugging Face decoder layers that would carry state from one call to the next.
+_STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "use_cache": False}
+
+
+def capture_block_inputs(module: nn.Module, block: nn.Module, batches: list[tuple]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of ``block``'s call for each calibration batch (the model stops there)."""
+    captured = []
+
+    def hook(_, args, kwargs):
+        kwargs = {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else v) for k, v in kwargs.items()}
+        captured.append((tuple(args), kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                module(*batch)
+            except _Stop:
+                continue
+            raise ExportError("the model never called its first decoder block on a calibration batch",
+                              "gptq quantizes repeated blocks; use --weight-algorithm hqq for this model")
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, state: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = state
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def next_state(state: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = state
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+
+# quantize(name, hessian or None): replaces a layer whose float weights are in memory
+Quantize = Callable[[str, torch.Tensor | None], None]
+# fill(accept, hessians): streaming only: read the layers ``accept`` takes, quantizing each one named in
+# ``hessians`` (with that Hessian, None: data-free) as it is read; the others are filled float
+Fill = Callable[[Callable[[str], bool], dict[str, torch.Tensor | None]], None]
+
+
+def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize: Quantize,
+                        fill: Fill | None = None, warn: Callable[[str], None] = lambda m: None,
+                        on_block: Callable[[str], None] | None = None) -> None:
+    """Quantize every planned layer of ``module`` in place, the calibrated ones block by block (module doc).
+
+    ``quantize(name, hessian)`` replaces one layer (hessian None for a data-free one). ``fill`` (streaming)
+    reads the weights of the layers a predicate accepts, handing each planned, data-free one to
+    ``quantize`` as it is read and leaving the calibrated ones float until their Hessian is known.
+    """
+    planned = [p.name for p in plans if p.quantized]
+    cal = [p.name for p in calibrated(plans)]
+    blocks = find_blocks(module, cal)
+    if not blocks:
+        warn(f"no repeated decoder blocks found: {len(cal)} layer(s) are calibrated with one whole-model pass each")
+    in_blocks = lambda layer: any(_inside(layer, b) for b in blocks)  # noqa: E731
+    outside = [n for n in cal if not in_blocks(n)]
+    data_free = [n for n in planned if n not in cal]
+
+    def load(accept: Callable[[str], bool]) -> None:
+        if fill is not None:
+            fill(accept, {n: None for n in data_free if accept(n)})
+        else:
+            for n in data_free:
+                if accept(n):
+                    quantize(n, None)
+
+    load(lambda layer: not in_blocks(layer) and not any(_inside(layer, n) for n in outside))
+    with torch.no_grad():
+        if blocks:
+            states = capture_block_inputs(module, module.get_submodule(blocks[0]), batches)
+            for block_name in blocks:
+                load(lambda layer, b=block_name: _inside(layer, b))
+                block = module.get_submodule(block_name)
+                remaining = [n for n in cal if _inside(n, block_name)]
+                while remaining:  # the linears that run first (sharing one input), then the next ones
+                    hooks = HessianHooks(module, remaining)
+                    try:
+                        for state in states:
+                            hooks.new_pass()
+                            run_block(block, state)
+                    finally:
+                        hooks.remove()
+                    if not hooks.group_of:
+                        raise ExportError(f"block {block_name} did not call {remaining[0]} on the calibration inputs",
+                                          "use --weight-algorithm hqq for this model")
+                    group = hooks.groups()[0]
+                    for name in group:
+                        quantize(name, hooks.hessian(name))
+                    remaining = [n for n in remaining if n not in group]
+                states = [next_state(s, run_block(block, s)) for s in states]
+                if on_block is not None:
+                    on_block(block_name)
+            del states
+        for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
+            hooks = HessianHooks(module, [name], stop_after=name)
+            try:
+                for batch in batches:
+                    hooks.new_pass()
+                    try:
+                        module(*batch)
+                    except _Stop:
+                        pass
+            finally:
+                hooks.remove()
+            if name not in hooks.group_of:
+                raise ExportError(f"the model never called {name} on the calibration inputs",
+                                  "use --weight-algorithm hqq for this model")
+            if fill is not None:  # read and quantized a chunk of rows at a time (a large LM head)
+                fill(lambda layer, n=name: _inside(layer, n), {name: hooks.hessian(name)})
+            else:
+                quantize(name, hooks.hessian(name))

@@ -1,0 +1,203 @@
+"""Group-wise symmetric int4 weight quantizers: round-to-nearest, HQQ (scale only) and GPTQ.
+
+All three produce the one stored format ET-VK's fused ops read: int values in
+[-8, 7] (int8 tensors ``[N, K]``), one float32 scale per group of ``group_size``
+values along K (``[N, K / group_size]``), zero points 0. Only the values and
+scales they pick differ; the packing, the ops and the runtime stay the same.
+
+* ``rtn``: ``s = max|w| / 7.5`` per group, ``q = clamp(round(w / s), -8, 7)``
+  (torchao's symmetric ``choose_qparams_affine``).
+* ``hqq``: torchao's half-quadratic scale-only search
+  (``IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY``): alternate rounding and the
+  least-squares scale ``s = <w, q> / <q, q>``. Data-free.
+* ``gptq``: Frantar et al. 2022 (GPTQ: Accurate Post-Training Quantization for
+  Generative Pre-trained Transformers). With ``H = 2 XᵀX`` from the layer's
+  calibration inputs, columns are quantized one at a time and each one's
+  rounding error is spread over the columns not yet quantized through the upper
+  Cholesky factor of ``H⁻¹``, so that ``‖XWᵀ − XŴᵀ‖`` (not ``‖W − Ŵ‖``) is
+  kept small. Rows are independent given H, so a large weight is quantized a
+  chunk of rows at a time with the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QMIN, QMAX = -8, 7
+# RTN's scale divisor: torchao's symmetric mapping spreads max|w| over (qmax - qmin) / 2 steps.
+RTN_DIVISOR = (QMAX - QMIN) / 2
+EPS = torch.finfo(torch.float32).eps
+
+# Scale choices for GPTQ's groups: "absmax" (RTN's), "mse" (best clip ratio for the group's
+# squared error), "hqq" (HQQ's least-squares scale).
+GPTQ_SCALE_CHOICES = ("absmax", "mse", "hqq")
+
+
+def rtn_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RTN's scale per group: [N, K / group_size]."""
+    n, k = w.shape
+    return (w.reshape(n, k // group_size, group_size).abs().amax(dim=-1) / RTN_DIVISOR).clamp_min(EPS)
+
+
+def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 values in [-8, 7] of ``w`` [N, K] with the given group scales [N, K / group_size]."""
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size) / scales.unsqueeze(-1)
+    return groups.round().clamp(QMIN, QMAX).to(torch.int8).reshape(n, k)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = q.shape
+    return (q.reshape(n, k // group_size, group_size).to(torch.float32) * scales.unsqueeze(-1)).reshape(n, k)
+
+
+def rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.to(torch.float32)
+    scales = rtn_scales(w, group_size)
+    return quantize_with_scales(w, scales, group_size), scales
+
+
+def hqq(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's own HQQ scale-only search (the same call its intx configs make)."""
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    q, scales = _choose_qparams_and_quantize_scale_only_hqq(w.to(torch.float32), [1, group_size], QMIN, QMAX)
+    return q.to(torch.int8), scales.reshape(w.shape[0], -1).to(torch.float32)
+
+
+# Clip ratios tried by the "mse" scale choice (1.0 is RTN's scale).
+MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 … 0.6
+
+
+def mse_scales(w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row scale of ``w`` [N, g] (one group) minimising the (``weight``-weighted) squared rounding error
+    over clip ratios of max|w|."""
+    amax = w.abs().amax(dim=-1).clamp_min(EPS)
+    best = amax / RTN_DIVISOR
+    best_err = torch.full_like(amax, float("inf"))
+    for ratio in MSE_CLIP_RATIOS:
+        s = (amax * ratio / RTN_DIVISOR).clamp_min(EPS)
+        err = (w - (w / s.unsqueeze(-1)).round().clamp(QMIN, QMAX) * s.unsqueeze(-1)) ** 2
+        err = (err * weight).sum(-1) if weight is not None else err.sum(-1)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def group_scales(w: torch.Tensor, how: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales [N] of one group of columns ``w`` [N, g] chosen by ``how`` (one of GPTQ_SCALE_CHOICES)."""
+    if how == "absmax":
+        return rtn_scales(w, w.shape[1])[:, 0]
+    if how == "mse":
+        return mse_scales(w, weight)
+    if how == "hqq":
+        return hqq(w, w.shape[1])[1][:, 0]
+    raise ValueError(f"unknown scale choice {how!r}; legal: {', '.join(GPTQ_SCALE_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """GPTQ's knobs (defaults chosen by the measurements in README "Quality")."""
+
+    damp: float = 0.01  # dampening added to H's diagonal, as a fraction of its mean
+    block: int = 128  # columns per lazy-update block
+    act_order: bool = True  # columns by decreasing H diagonal, group scales fixed up front (static groups)
+    scales: str = "mse"  # how each group's scale is chosen (GPTQ_SCALE_CHOICES)
+
+
+def prepare_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns).
+
+    Columns never seen by the inputs (zero diagonal) get a unit diagonal and are quantized as RTN would.
+    """
+    h = h.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(h)
+            break
+        except torch.linalg.LinAlgError:  # not positive definite at float precision: dampen more
+            h[diag, diag] += (10 ** attempt) * damp * torch.mean(torch.diag(h))
+    else:
+        raise ValueError("the calibration Hessian is not positive definite even after dampening")
+    hinv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(hinv, upper=True).to(torch.float32), dead
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What GPTQ needs from H, shared by every row chunk of one weight."""
+
+    u: torch.Tensor  # upper Cholesky factor of the dampened H⁻¹, in visiting order
+    dead: torch.Tensor  # input columns the calibration never saw (zero diagonal)
+    perm: torch.Tensor  # visiting order of the columns
+    diag: torch.Tensor  # H's diagonal (original order): weights the "mse" scale choice
+
+
+def prepare(h: torch.Tensor, settings: GptqSettings) -> Prepared:
+    h = h.to(torch.float32)
+    diag = torch.diag(h).clone()
+    perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
+    u, dead = prepare_hessian(h[perm][:, perm] if settings.act_order else h, settings.damp)
+    return Prepared(u, dead[torch.argsort(perm)], perm, diag)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: GptqSettings = GptqSettings(),
+         prepared: Prepared | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w`` [N, K] given ``h`` [K, K] (``2 XᵀX`` over the calibration inputs X [T, K]).
+
+    Returns int8 values [N, K] in [-8, 7] and float32 scales [N, K / group_size]. Without act-order a
+    group's scale is chosen when its first column comes up (from the error-updated weights); with
+    act-order the scales are chosen up front from the original weights (static groups) and the
+    columns are visited by decreasing ``H`` diagonal. ``prepared``: :func:`prepare`'s result, when
+    quantizing a weight a chunk of rows at a time (``h`` may then be None).
+    """
+    p = prepared if prepared is not None else prepare(h, settings)
+    w = w.to(torch.float32).clone()
+    n, k = w.shape
+    groups = k // group_size
+    w[:, p.dead] = 0
+    scales = torch.empty(n, groups, dtype=torch.float32)
+    if settings.act_order:
+        for g in range(groups):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            scales[:, g] = group_scales(w[:, cols], settings.scales, p.diag[cols])
+    w = w[:, p.perm]
+    group_of = p.perm // group_size  # the (original) group of each visited column
+    u = p.u
+    q = torch.zeros(n, k, dtype=torch.int8)
+    for b0 in range(0, k, settings.block):
+        b1 = min(k, b0 + settings.block)
+        wb = w[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            g = int(group_of[col])
+            if not settings.act_order and col % group_size == 0:
+                # the group's columns: the rest of this block (updated so far) then the later ones
+                current = torch.cat([wb[:, i:], w[:, b1:]], dim=1)[:, :group_size]
+                scales[:, g] = group_scales(current, settings.scales, p.diag[col:col + group_size])
+            s = scales[:, g]
+            column = wb[:, i]
+            qc = (column / s).round().clamp(QMIN, QMAX)
+            q[:, col] = qc.to(torch.int8)
+            e = (column - qc * s) / u[col, col]
+            wb[:, i:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
+            err[:, i] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q[:, torch.argsort(p.perm)].contiguous(), scales
+
+
+def layer_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:
+    """‖XWᵀ − XŴᵀ‖² summed over the rows of ``x`` [T, K]."""
+    return float(((x @ w.T - x @ dequantize(q, scales, group_size).T) ** 2).sum())
+
+
+# What --weight-algorithm gptq uses (benchmarks/weight_quality.py compares the alternatives).
+DEFAULT_GPTQ = GptqSettings()

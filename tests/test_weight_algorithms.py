@@ -1,0 +1,235 @@
+"""--weight-algorithm: GPTQ against a hand-computed case and RTN, HQQ as torchao's, streaming, the stored format, options."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlower import weight_quant as wq
+from qlower.config import make_options
+from qlower.errors import CalibrationError, ConfigError
+
+from .conftest import ROOT
+
+# GPTQ's layer output error ‖XWᵀ − XŴᵀ‖² must be at most this share of RTN's (calibration and held-out inputs).
+GPTQ_MAX_ERROR_RATIO = 0.95
+TOY = wq.GptqSettings(damp=0.0, act_order=False, scales="absmax")
+
+
+def test_gptq_hand_computed_two_columns():
+    """W = [0.75, 0.13], one group, s = 0.75 / 7.5 = 0.1; H = [[1, .5], [.5, 1]] (no dampening).
+    Column 0: 7.5 rounds to 8, clamps to 7, error 0.05; through H⁻¹'s Cholesky factor the second weight
+    takes -err · U01 / U00 = 0.05 · 0.5 = +0.025 → 0.155 → 2 (RTN: round(1.3) = 1)."""
+    w = torch.tensor([[0.75, 0.13]])
+    h = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    q, s = wq.gptq(w, h, 2, TOY)
+    assert q.tolist() == [[7, 2]]
+    assert s.item() == pytest.approx(0.1)
+    assert wq.rtn(w, 2)[0].tolist() == [[7, 1]]
+    # and GPTQ's choice has the smaller quadratic error ΔᵀHΔ
+    err = lambda q: (w - wq.dequantize(q, s, 2)) @ h @ (w - wq.dequantize(q, s, 2)).T  # noqa: E731
+    assert float(err(q)) < float(err(wq.rtn(w, 2)[0]))
+
+
+def test_gptq_with_a_diagonal_hessian_is_rtn():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 96, generator=gen)
+    h = torch.diag(torch.rand(96, generator=gen) + 0.5)
+    q, s = wq.gptq(w, h, 32, TOY)
+    rq, rs = wq.rtn(w, 32)
+    assert torch.equal(q, rq) and torch.allclose(s, rs)
+
+
+def _inputs(t: int, k: int, gen, samples: int = 1) -> list[torch.Tensor]:
+    """``samples`` sets of correlated activations (one distribution) with a few outlier channels, as in trained LMs."""
+    mix = torch.randn(k, k, generator=gen) * 0.3 + torch.eye(k)
+    out = []
+    for _ in range(samples):
+        x = torch.randn(t, k, generator=gen) @ mix
+        x[:, :3] *= 6
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("n,k,group", [(12, 96, 32), (7, 64, 64), (16, 128, 128)])
+@pytest.mark.parametrize("settings", [wq.GptqSettings(), TOY, wq.GptqSettings(act_order=True, scales="hqq")])
+def test_gptq_beats_rtn_on_layer_output_error(n, k, group, settings):
+    gen = torch.Generator().manual_seed(n * k)
+    calib, heldout = _inputs(512, k, gen, samples=2)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    q, s = wq.gptq(w, 2 * calib.T @ calib / len(calib), group, settings)
+    assert q.dtype == torch.int8 and int(q.min()) >= wq.QMIN and int(q.max()) <= wq.QMAX and s.shape == (n, k // group)
+    rq, rs = wq.rtn(w, group)
+    for x in (calib, heldout):
+        assert wq.layer_error(x, w, q, s, group) < GPTQ_MAX_ERROR_RATIO * wq.layer_error(x, w, rq, rs, group)
+
+
+def test_gptq_row_chunks_give_the_same_bits():
+    gen = torch.Generator().manual_seed(3)
+    x, = _inputs(256, 64, gen)
+    w = torch.randn(10, 64, generator=gen)
+    h = 2 * x.T @ x / len(x)
+    prepared = wq.prepare(h, wq.DEFAULT_GPTQ)
+    whole = wq.gptq(w, h, 32)
+    parts = [wq.gptq(w[a:b], None, 32, prepared=prepared) for a, b in ((0, 3), (3, 10))]
+    assert torch.equal(whole[0], torch.cat([p[0] for p in parts])) and torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+def test_dead_input_columns_are_quantized_without_nan():
+    gen = torch.Generator().manual_seed(4)
+    x, = _inputs(128, 32, gen)
+    x[:, 5] = 0
+    q, s = wq.gptq(torch.randn(4, 32, generator=gen), 2 * x.T @ x, 32)
+    assert torch.isfinite(s).all() and int(q[:, 5].abs().max()) == 0
+
+
+@pytest.mark.parametrize("scheme", ["qta8a_qga4w", "qga4w"])
+def test_hqq_is_torchaos_own(scheme):
+    """quantize_linear(hqq) and weight_quant.hqq give torchao's HQQ_SCALE_ONLY values and scales."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
+
+    from qlower import pack
+    from qlower.quantize import quantize_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 12, bias=False)
+    hqq = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY
+    config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32), intx_choose_qparams_algorithm=hqq)
+              if scheme == "qta8a_qga4w" else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32), intx_choose_qparams_algorithm=hqq))
+    reference = torch.nn.Linear(96, 12, bias=False)
+    reference.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    quantize_(reference, config)
+    ours = quantize_linear(layer, scheme, 32, algorithm="hqq")
+    assert torch.equal(pack.unpack_int4(ours.weight, 96), reference.weight.qdata)
+    assert torch.equal(ours.weight_scale, reference.weight.scale)
+    assert not ours.weight_zero_point.any()
+    q, s = wq.hqq(layer.weight.detach(), 32)
+    assert torch.equal(q, reference.weight.qdata) and torch.equal(s, reference.weight.scale)
+    assert not torch.equal(q, wq.rtn(layer.weight.detach(), 32)[0])  # it chose other values than RTN
+
+
+# --- a small decoder folder: whole vs streamed, the stored format --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from .test_stream import llama_config, write_folder
+
+    root = tmp_path_factory.mktemp("algo")
+    return {tied: write_folder(root / f"tied{tied}", llama_config(tie_word_embeddings=tied)) for tied in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory, folders):
+    from qlower.llm.load import load_any
+
+    loaded, _, _ = load_any(folders[True], make_options(kv_cache=False))
+    t = loaded.example_inputs[0].shape[1]
+    gen = torch.Generator().manual_seed(1)
+    path = tmp_path_factory.mktemp("cal") / "cal.pt"
+    torch.save([(torch.randint(0, 256, (1, t), generator=gen),) for _ in range(4)], path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_gptq_is_the_whole_load_bit_for_bit(folders, calibration_file, tied):
+    from .test_stream import TOKENS, both_ways
+
+    options = make_options(group_size=32, kv_cache=False, weight_algorithm="gptq", calibration=str(calibration_file),
+                           quantize_embeddings=True)
+    (whole, plans_w), (streamed, plans_s) = both_ways(folders[tied], options)
+    assert [p.to_dict() for p in plans_w] == [p.to_dict() for p in plans_s]
+    algorithms = {p.name: p.algorithm for p in plans_s if p.quantized}
+    assert algorithms.pop("lm.model.embed_tokens") == "rtn"  # no inputs to calibrate an embedding on
+    assert set(algorithms.values()) == {"gptq"} and "lm.lm_head" in algorithms
+    for (name, a), (_, b) in zip(whole.state_dict().items(), streamed.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(whole(TOKENS), streamed(TOKENS))
+
+
+def test_gptq_file_fuses_as_rtn_and_records_the_algorithm(folders, calibration_file, tmp_path):
+    from qlower.api import export
+    from qlower.inspect import inspect_pte
+    from qlower.pte import read_pte
+
+    reports = {}
+    for algorithm in ("rtn", "gptq"):
+        out = tmp_path / f"{algorithm}.pte"
+        export(folders[True], out, scheme="qta8a_qga4w", group_size=32, kv_cache=False, weight_algorithm=algorithm,
+               calibration=str(calibration_file) if algorithm == "gptq" else None)
+        reports[algorithm] = inspect_pte(out)
+    rtn, gptq = reports["rtn"], reports["gptq"]
+    assert rtn["summary"]["fused_ops"] == gptq["summary"]["fused_ops"] and gptq["summary"]["cpu_op_calls"] == 0
+    assert rtn["summary"]["vk_ops"] == gptq["summary"]["vk_ops"]
+    shapes = lambda r: sorted((c["dtype"], tuple(c["shape"])) for v in r["vulkan"] for c in v["constants"])  # noqa: E731
+    assert shapes(rtn) == shapes(gptq)
+    assert rtn["quantization"]["weight_algorithm"] == "rtn"
+    record = gptq["quantization"]
+    assert record["weight_algorithm"] == "gptq" and record["calibration"] == {"inputs": "cal.pt"}
+    assert set(record["layers"].values()) == {"gptq"} and len(record["layers"]) == 15
+
+
+def test_option_errors():
+    with pytest.raises(ConfigError, match="unknown algorithm 'awq'") as error:
+        make_options(weight_algorithm="awq")
+    assert error.value.hint == "legal algorithms: rtn, hqq, gptq"
+    with pytest.raises(ConfigError, match="applies to the int4 schemes"):
+        make_options(scheme="fp32", weight_algorithm="hqq")
+    with pytest.raises(ConfigError, match="data-free"):
+        make_options(weight_algorithm="hqq", calibration_text="x.txt")
+    with pytest.raises(ConfigError, match="positive integer"):
+        make_options(weight_algorithm="gptq", calibration_tokens=0)
+    assert make_options().weight_algorithm == "rtn"
+
+
+def test_gptq_without_calibration_data_is_an_error(folders):
+    from qlower.llm.load import load_any
+    from qlower.pipeline import quantize_model
+
+    options = make_options(weight_algorithm="gptq", kv_cache=False, group_size=32)
+    loaded, _, _ = load_any(folders[True], options, stream=True)
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        quantize_model(loaded, options, lambda m: None)
+
+
+def test_cli_rejects_an_unknown_algorithm(tmp_path):
+    from typer.testing import CliRunner
+
+    from qlower.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(ROOT / "tests" / "models" / "tiny_llama.py"), "--weight-algorithm", "awq",
+                                      "-o", str(tmp_path / "x.pte")])
+    assert result.exit_code == 2 and not (tmp_path / "x.pte").exists()
+
+
+# --- a trained model: GPTQ with its calibration text beats RTN on held-out text ---------------------------
+
+TRAINED = ROOT / "examples" / "trained" / "py-llama"
+WINDOW, WINDOWS, CALIBRATION_TOKENS = 256, 6, 2048
+
+
+@pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="the trained example model is not in the checkout")
+def test_gptq_beats_rtn_on_a_trained_model():
+    from transformers import AutoTokenizer
+
+    from qlower.llm.load import load_any
+    from qlower.pipeline import quantize_model
+
+    ids = AutoTokenizer.from_pretrained(str(TRAINED)).encode((TRAINED / "heldout.txt").read_text(), add_special_tokens=False)
+    windows = [torch.tensor([ids[i * WINDOW:(i + 1) * WINDOW]]) for i in range(WINDOWS)]
+
+    def ppl(algorithm: str) -> float:
+        options = make_options(group_size=128, kv_cache=False, weight_algorithm=algorithm, calibration_tokens=CALIBRATION_TOKENS,
+                               calibration_text=str(TRAINED / "calibration.txt") if algorithm == "gptq" else None)
+        model, _ = quantize_model(load_any(TRAINED, options, stream=True)[0], options, lambda m: None)
+        with torch.no_grad():
+            nll = [torch.nn.functional.cross_entropy(model(w)[0, :-1], w[0, 1:]) for w in windows]
+        return math.exp(float(torch.stack(nll).mean()))
+
+    assert ppl("gptq") < ppl("rtn")
