@@ -52,6 +52,32 @@ def silenced_fds() -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Within the block, what C++ code writes to fd 2 is dropped (ExecuTorch's kernels log a line per
+    call of its LLM cache ops) while Python's stderr, and so progress, warnings and errors, still show."""
+    if os.environ.get("QLOWER_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    saved_stream = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    stream = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=getattr(saved_stream, "encoding", None) or "utf-8",
+                       errors="backslashreplace")
+    try:
+        os.dup2(devnull, 2)
+        sys.stderr = stream
+        yield
+    finally:
+        stream.flush()
+        sys.stderr = saved_stream
+        os.dup2(saved_fd, 2)
+        stream.close()
+        for fd in (saved_fd, devnull):
+            os.close(fd)
+
+
 def import_heavy_libraries() -> None:
     """Import torch/torchao/executorch once, quietly, then quiet their loggers."""
     with silenced_fds():

@@ -334,8 +334,12 @@ class Models:
 
 
 def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
-                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0):
-    """The export options the file was made with: given ones first, then the config, then read from the file."""
+                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
+                kv_cache: bool = False, **overrides: Any):
+    """The export options the file was made with: given ones first, then the config, then read from the file.
+
+    ``overrides`` are further ExportOptions fields (None: the config's or the default), passed as export takes them.
+    """
     from .config import make_options
 
     inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
@@ -346,7 +350,8 @@ def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None =
         quantize_embeddings=quantize_embeddings if quantize_embeddings is not None else (inferred_embeddings or None),
         calibration=calibration,
         seed=seed,
-        kv_cache=False,
+        kv_cache=kv_cache,
+        **overrides,
     )
 
 
