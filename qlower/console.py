@@ -63,8 +63,13 @@ def native_stderr_silenced() -> Iterator[None]:
     saved_fd = os.dup(2)
     saved_stream = sys.stderr
     devnull = os.open(os.devnull, os.O_WRONLY)
+    # Python's stderr moves to a copy of fd 2 only where it writes to fd 2 (not when captured, as in tests).
+    try:
+        on_fd2 = saved_stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_fd2 = False
     stream = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=getattr(saved_stream, "encoding", None) or "utf-8",
-                       errors="backslashreplace")
+                       errors="backslashreplace") if on_fd2 else saved_stream
     try:
         os.dup2(devnull, 2)
         sys.stderr = stream
@@ -73,7 +78,8 @@ def native_stderr_silenced() -> Iterator[None]:
         stream.flush()
         sys.stderr = saved_stream
         os.dup2(saved_fd, 2)
-        stream.close()
+        if stream is not saved_stream:
+            stream.close()
         for fd in (saved_fd, devnull):
             os.close(fd)
 
