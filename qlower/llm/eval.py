@@ -67,8 +67,19 @@ def read_token_ids(path: str | Path) -> list[int]:
 
 
 def tokenize(tokenizer, path: str | Path) -> list[int]:
-    """The whole text by ``tokenizer``, without special tokens (no BOS/EOS inserted)."""
-    return list(tokenizer.encode(_read_text(path), add_special_tokens=False))
+    """The whole text by ``tokenizer``, without special tokens (no BOS/EOS inserted).
+
+    The text is longer than the model's context on purpose (it is cut into windows after): transformers'
+    warning about that is silenced."""
+    from transformers.utils import logging as hf_logging
+
+    text = _read_text(path)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _read_text(path: str | Path) -> str:
