@@ -72,3 +72,11 @@ def export(
     summary["peak_rss_mb"] = round(job.memory.peak_mb(), 1)
     summary["stage_peak_rss_mb"] = {k: round(v, 1) for k, v in job.memory.peaks.items()}
     return summary
+
+
+def evaluate(model: str | Path, pte: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Perplexity on text of the float model, the model quantized as export does, and the .pte
+    (:func:`qlower.llm.eval.evaluate` says which keyword arguments it takes)."""
+    from .llm.eval import evaluate as run_eval
+
+    return run_eval(model, pte, **kwargs)

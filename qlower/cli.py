@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -163,9 +164,33 @@ class StageProgress:
             console.err.print(text, markup=False)
         self.last_block = block
 
+    def count(self, name: str, done: int, total: int, unit: str = "tokens") -> None:
+        """A part's progress in units: a bar with an ETA on a terminal, nothing otherwise; a ✓ line when done."""
+        if not self.enabled or not console.err.is_terminal:
+            return
+        now = time.perf_counter()
+        if done == 0 or self.status is None:
+            self.started = now
+            self.close()
+            self.status = console.err.status(f"{name}…")
+            self.status.start()
+        elapsed = now - self.started
+        if done >= total:
+            self.close()
+            self.status = None
+            console.err.print(f"[green]✓[/] {name:<9} {elapsed:6.2f} s")
+            return
+        filled = int(BAR_WIDTH * done / total) if total else 0
+        eta = elapsed * (total - done) / done if done else None
+        self.status.update(f"{name} {'█' * filled}{'░' * (BAR_WIDTH - filled)} {done}/{total} {unit}"
+                           + (f", ETA {_duration(eta)}" if eta is not None else ""))
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
+
+
+BAR_WIDTH = 24  # characters of a progress bar
 
 
 def _block(layer: str) -> str:
@@ -441,6 +466,53 @@ def generate(
         render_generate(report)
     check_findings(report, defect="generation check failed", warn=console.warn, what="step",
                    defect_hint="the .pte does not decode as the model does; `qlower verify` shows where it diverges")
+
+
+@app.command(
+    "eval",
+    epilog=(
+        "Examples:\n\n"
+        "  qlower eval ./my-hf-model model.pte --text heldout.txt\n\n"
+        "  qlower eval ./my-hf-model model.pte --text heldout.txt --tokens 512 --windows 8 --spread --json\n\n"
+        "  qlower eval examples/llama.py llama.pte --text-ids ids.txt --skip float,quantized --runner ./llm_step_runner"
+    ),
+)
+def eval_(
+    model: Path = typer.Argument(..., help="The model file or Hugging Face folder the .pte was exported from."),
+    pte: Path = typer.Argument(..., metavar="FILE.pte", help="The .pte to score (a --kv-cache decoder, or a prefill file returning every position's logits)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text, tokenized whole by the folder's tokenizer (no special tokens added)."),
+    text_ids: Optional[Path] = typer.Option(None, "--text-ids", help="Whitespace-separated token ids, for models without a tokenizer."),
+    tokens: int = typer.Option(256, "--tokens", min=2, help="Tokens a window; each window starts at position 0 and scores all but its first token."),
+    windows: int = typer.Option(16, "--windows", min=0, help="Windows at most (0: every whole window of the text)."),
+    spread: bool = typer.Option(False, "--spread", help="Take the --windows windows spread evenly through the text instead of the first ones."),
+    skip: Optional[str] = typer.Option(None, "--skip", help="Parts to leave out, comma-separated: float, quantized, file (e.g. --skip float,quantized scores the file alone)."),
+    runner: Optional[Path] = typer.Option(None, "--runner", help="Score the file on the real runtime: the path of llm_step_runner (tools/llm_step_runner), one process a window."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help="Scheme the .pte was exported with [default: read from the .pte]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Group size of int4 schemes [default: read from the .pte]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Perplexity on your text of the float model, the model quantized as export does, and the .pte: what quantization costs."""
+    console.import_heavy_libraries()
+    from .api import evaluate
+
+    progress = StageProgress(enabled=not as_json)
+    try:
+        with console.native_stderr_silenced():
+            report = evaluate(model, pte, text=text, text_ids=text_ids, tokens=tokens, windows=windows, spread=spread, skip=skip,
+                              runner=runner, scheme=scheme, group_size=group_size, config=config, entry=entry,
+                              checkpoint=checkpoint, seed=seed, on_progress=progress.count, warn=console.warn)
+    finally:
+        progress.close()
+    if as_json:
+        print_json(report)
+    else:
+        from .render import render_eval
+
+        render_eval(report)
 
 
 def _vk_device(choice: str | None):

@@ -76,6 +76,38 @@ def silenced_fds() -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Within the block, what C++ code writes to fd 2 is dropped (ExecuTorch's kernels log a line per
+    call of its LLM cache ops) while Python's stderr, and so progress, warnings and errors, still show."""
+    if os.environ.get("QLOWER_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    saved_stream = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    # Python's stderr moves to a copy of fd 2 only where it writes to fd 2 (not when captured, as in tests).
+    try:
+        on_fd2 = saved_stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_fd2 = False
+    stream = os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding=getattr(saved_stream, "encoding", None) or "utf-8",
+                       errors="backslashreplace") if on_fd2 else saved_stream
+    try:
+        os.dup2(devnull, 2)
+        sys.stderr = stream
+        yield
+    finally:
+        stream.flush()
+        sys.stderr = saved_stream
+        os.dup2(saved_fd, 2)
+        if stream is not saved_stream:
+            stream.close()
+        for fd in (saved_fd, devnull):
+            os.close(fd)
+
+
 def import_heavy_libraries() -> None:
     """Import torch/torchao/executorch once, quietly, then quiet their loggers."""
     from .et_modules import complete

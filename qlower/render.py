@@ -342,3 +342,28 @@ def render_generate(report: dict[str, Any]) -> None:
 def _db_cell(value: float, threshold: float) -> str:
     text = "inf" if value == float("inf") else f"{value:.1f} dB"
     return text if value >= threshold else f"[red]{text}[/]"
+
+
+EVAL_LABELS = {"float": "float", "quantized": "quantized (eager)", "file": "file"}
+
+
+def render_eval(report: dict[str, Any]) -> None:
+    group = f", group size {report['group_size']}" if report.get("group_size") else ""
+    out.print(f"[bold]{report['pte']}[/] vs {report['model']}  scheme {report['scheme']}{group}")
+    out.print(f"{report['windows']} window(s) of {report['tokens']} tokens from {report['text_tokens']} "
+              f"({'spread through the text' if report['spread_windows'] else 'from its start'}); "
+              f"{report['scored']} tokens scored")
+    table = Table("", "perplexity", "vs float", "window spread", "tokens", "time", "ms/token")
+    for part, label in EVAL_LABELS.items():
+        result = report["parts"].get(part)
+        if part == "file" and report.get("file_executor"):
+            label = f"file ({'runtime' if report['file_executor'] == 'runtime' else 'golden executor'})"
+        if result is None:
+            table.add_row(label, "skipped", "", "", "", "", "")
+            continue
+        delta = report["delta_pct"].get(part)
+        spread = result["spread"]
+        table.add_row(label, f"{result['perplexity']:.4f}", "" if delta is None else f"{delta:+.2f} %",
+                      f"{spread['min']:.3f}–{spread['max']:.3f}", str(result["scored"]),
+                      f"{result['seconds']:.1f} s", f"{result['ms_per_token']:.1f}")
+    out.print(table)

@@ -275,9 +275,12 @@ def algorithm_options(pte: Pte, model_path: str | Path, weight_algorithm: str | 
 
 def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
                 calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
-                algorithm: dict[str, Any] | None = None):
+                algorithm: dict[str, Any] | None = None, kv_cache: bool = False, **overrides: Any):
     """The export options the file was made with: given ones first, then the config, then read from the file.
-    ``algorithm``: :func:`algorithm_options`."""
+
+    ``algorithm``: :func:`algorithm_options`; ``overrides`` are further ExportOptions fields (None: the
+    config's or the default), passed as export takes them.
+    """
     from .config import make_options
 
     inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
@@ -288,8 +291,9 @@ def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None =
         quantize_embeddings=quantize_embeddings if quantize_embeddings is not None else (inferred_embeddings or None),
         calibration=calibration,
         seed=seed,
-        kv_cache=False,
+        kv_cache=kv_cache,
         **(algorithm or {}),
+        **overrides,
     )
 
 

@@ -124,6 +124,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     read from the file (scheme, group size, embeddings, weight algorithm and its calibration, unless given) and ``config``.
     """
     from ..verify import algorithm_options, infer_scheme
+    from .hf_folder import load_tokenizer
     from .load import load_any
 
     decode = read_decode_file(pte_path)
@@ -135,7 +136,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     options = dataclasses.replace(options, kv_cache=True, max_seq_len=decode.max_seq_len or options.max_seq_len)
     torch.manual_seed(options.seed)
     loaded, folder, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint)
-    tokenizer = _tokenizer(folder) if prompt is not None else None
+    tokenizer = load_tokenizer(folder, "pass --prompt-ids instead") if prompt is not None else None
     if prompt is not None:
         if tokenizer is None:
             raise VerifyError("--prompt needs a tokenizer; the model has none", "pass --prompt-ids 1,2,3")
@@ -233,13 +234,3 @@ def _leading_equal(a: list[int], b: list[int]) -> int:
         n += 1
     return n
 
-
-def _tokenizer(folder):
-    if folder is None or not folder.tokenizer_files:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder.path), local_files_only=True)
-    except Exception as exc:
-        raise VerifyError(f"cannot load the tokenizer in {folder.path}: {exc}", "pass --prompt-ids instead") from exc

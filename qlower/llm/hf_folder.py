@@ -175,6 +175,18 @@ def load_hf_model(folder: HfFolder) -> torch.nn.Module:
     return model.eval()
 
 
+def load_tokenizer(folder: HfFolder | None, hint: str):
+    """The folder's tokenizer (transformers' ``AutoTokenizer``, offline), or None when it has none."""
+    if folder is None or not folder.tokenizer_files:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder.path), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder.path}: {first_line(exc)}", hint) from exc
+
+
 def example_tokens(config, length: int = PROMPT_TOKENS) -> torch.Tensor:
     text = getattr(config, "get_text_config", lambda: config)()
     gen = torch.Generator().manual_seed(0)

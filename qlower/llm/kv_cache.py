@@ -263,6 +263,16 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "_attn_implementation") and hasattr(model, "generation_config")
 
 
+def full_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A causal LM (transformers', or a module taking tokens [and input_pos]) on the whole sequence
+    from position 0, no cache: logits ``[1, T, vocab]``."""
+    if is_hf_model(model):
+        return model(input_ids=tokens, use_cache=False, return_dict=True).logits
+    if "input_pos" in inspect.signature(model.forward).parameters:
+        return model(tokens, torch.zeros(1, dtype=torch.long))
+    return model(tokens)
+
+
 class KVCacheLM(nn.Module):
     """``forward(tokens[1, T], input_pos[1]) → logits[1, vocab]`` with a static KV cache.
 
@@ -332,11 +342,7 @@ class KVCacheLM(nn.Module):
 
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The wrapped model on the whole sequence, no cache: ``[1, T, vocab]``."""
-        if self.hf:
-            return self.model(input_ids=tokens, use_cache=False, return_dict=True).logits
-        if self.takes_input_pos:
-            return self.model(tokens, torch.zeros(1, dtype=torch.long))
-        return self.model(tokens)
+        return full_logits(self.model, tokens)
 
     def example_inputs(self, seq_len: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long))
