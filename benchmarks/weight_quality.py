@@ -76,7 +76,7 @@ def main() -> None:
     from qlower import weight_quant
     from qlower.config import make_options
     from qlower.llm.load import load_any
-    from qlower.pipeline import quantize_model
+    from qlower.quantize import quantize_model
 
     heldout = args.heldout or args.folder / "heldout.txt"
     calibration = args.calibration or args.folder / "calibration.txt"

@@ -19,7 +19,6 @@ for every layer (one whole-model pass each), with a warning.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from .config import CALIBRATED_ALGORITHMS, ExportOptions
 from .errors import CalibrationError, ExportError, first_line
+from .loader import describe_tensor, random_like, read_input_batches
 
 # Tokens per calibration window (each window runs from position 0), capped by the model's positions.
 CALIBRATION_WINDOW = 512
@@ -77,7 +77,6 @@ def calibration_inputs(loaded, options: ExportOptions, warn: Callable[[str], Non
                                    "for a model file, pass --calibration FILE with token tensors, or define calibration_inputs")
         return text_token_batches(folder.path, options.calibration_text, options.calibration_tokens, folder.max_positions)
     if options.calibration or loaded.calibration_inputs:
-        from .quantize import calibration_batches
 
         return calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
     raise CalibrationError(f"--weight-algorithm {options.weight_algorithm} needs calibration data",
@@ -281,3 +280,32 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 fill(lambda layer, n=name: _inside(layer, n), {name: hooks.hessian(name)})
             else:
                 quantize(name, hooks.hessian(name))
+
+
+def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None]) -> list[tuple]:
+    """Calibration batches: --calibration FILE, the model file's own, or random ones (with a warning)."""
+    if options.calibration:
+        batches = read_input_batches(Path(options.calibration), "calibration", CalibrationError, tensor_is_batches=True)
+    elif from_model:
+        batches = from_model
+    else:
+        warn(
+            f"no calibration data: calibrating on {options.calibration_batches} random batches shaped like the example inputs; "
+            "accuracy will suffer — pass --calibration FILE with real inputs"
+        )
+        gen = torch.Generator().manual_seed(options.seed)
+        return [tuple(random_like(t, gen) for t in example_inputs) for _ in range(options.calibration_batches)]
+    for i, batch in enumerate(batches):
+        _check_batch(i, batch, example_inputs)
+    return batches
+
+
+def _check_batch(i: int, batch: tuple, example: tuple) -> None:
+    if len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise CalibrationError(f"calibration batch {i} has {len(batch)} inputs, the model takes {len(example)} tensors", "match the example inputs")
+    for j, (got, want) in enumerate(zip(batch, example)):
+        if got.dtype != want.dtype or got.shape[1:] != want.shape[1:] or got.dim() != want.dim():
+            raise CalibrationError(
+                f"calibration batch {i} input {j} is {describe_tensor(got)}, expected {describe_tensor(want)}",
+                "calibration inputs must match the example inputs' dtype and shape (the batch dim may differ)",
+            )

@@ -493,6 +493,9 @@ def eval_(
     entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
     seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
+    calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
+    calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Perplexity on your text of the float model, the model quantized as export does, and the .pte: what quantization costs."""
@@ -504,7 +507,9 @@ def eval_(
         with console.native_stderr_silenced():
             report = evaluate(model, pte, text=text, text_ids=text_ids, tokens=tokens, windows=windows, spread=spread, skip=skip,
                               runner=runner, scheme=scheme, group_size=group_size, config=config, entry=entry,
-                              checkpoint=checkpoint, seed=seed, on_progress=progress.count, warn=console.warn)
+                              checkpoint=checkpoint, seed=seed, weight_algorithm=weight_algorithm,
+                              calibration_text=calibration_text, calibration_tokens=calibration_tokens,
+                              on_progress=progress.count, warn=console.warn)
     finally:
         progress.close()
     if as_json:

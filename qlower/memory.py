@@ -10,6 +10,8 @@ Elsewhere (no procfs) ``ru_maxrss`` gives the process peak so far.
 
 from __future__ import annotations
 
+import gc
+
 import resource
 import sys
 
@@ -94,3 +96,10 @@ def return_freed_memory() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def release_memory() -> None:
+    """Free what a stage let go now: graphs and programs are reference cycles
+    that hold their weights until the next collection, which would otherwise
+    come after the next stage's allocations (peak RSS)."""
+    gc.collect()

@@ -8,7 +8,6 @@ timing each and telling ``on_stage`` when one starts and ends.
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 import time
@@ -18,21 +17,12 @@ from typing import Any, Callable
 
 import torch
 
-from .config import FLOAT_SCHEMES, ExportOptions
+from .config import ExportOptions
 from .errors import ExportError, OutputError, first_line
-from .loader import LoadedModel, load_model
+from .loader import LoadedModel
+from .memory import release_memory
 from .pte import QUANTIZATION_RECORD_KEY
-from .calibrate import calibrated
-from .quantize import (
-    LayerPlan,
-    quantization_record,
-    calibration_batches,
-    check_strict,
-    plan_layers,
-    quantize_eager,
-    quantize_layer,
-    quantize_static,
-)
+from .quantize import LayerPlan, quantization_record, quantize_model
 
 
 @dataclass
@@ -77,13 +67,6 @@ class ExportJob:
     store: Any = None  # weight_store.WeightStore: large constants in files beside the output, while the job runs
 
 
-def release_memory() -> None:
-    """Free what a stage let go now: graphs and programs are reference cycles
-    that hold their weights until the next collection, which would otherwise
-    come after the next stage's allocations (peak RSS)."""
-    gc.collect()
-
-
 def stage_load(job: ExportJob) -> None:
     from .llm.load import load_any
 
@@ -95,98 +78,6 @@ def stage_load(job: ExportJob) -> None:
 
 def stage_quantize(job: ExportJob) -> None:
     job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer, store=job.store)
-
-
-def plan_model(module: torch.nn.Module, options: ExportOptions) -> tuple[set[str], list[LayerPlan]]:
-    """What the quantize stage will do to ``module`` (a skeleton is enough): GPT-2-style ``Conv1D``
-    projections become linears the quantizer takes (in place; their names are returned, their
-    checkpoint weights are stored transposed), and each layer gets its plan."""
-    from .hf import conv1d_layers, conv1d_to_linear
-
-    transposed = set()
-    if options.scheme not in FLOAT_SCHEMES:
-        transposed = set(conv1d_layers(module))
-        conv1d_to_linear(module)
-    return transposed, plan_layers(module, options)
-
-
-def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None],
-                   on_layer: Callable | None = None, store=None) -> tuple[torch.nn.Module, list[LayerPlan]]:
-    """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
-
-    verify and generate build their quantized reference with this very function.
-    A model loaded as a skeleton (``loaded.weights``: its checkpoint, still on
-    disk) is filled here tensor by tensor, each layer quantized as it arrives
-    (``stream.fill_weights``); ``on_layer`` then hears of each layer done.
-    With a ``store`` (``weight_store.WeightStore``) each quantized layer's large
-    tensors move to files as soon as it is quantized, and the rest of the
-    model's at the end.
-    """
-    def stored(module: torch.nn.Module) -> torch.nn.Module:
-        return store.adopt(module) if store is not None else module
-
-    transposed, plans = plan_model(loaded.module, options)
-    check_strict(plans, options)
-    eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
-    if eager and calibrated(plans):
-        _quantize_calibrated(loaded, options, plans, transposed, warn, on_layer, stored)
-        return stored(loaded.module), plans
-    if loaded.weights is not None:
-        from .stream import fill_weights
-
-        layers = {p.name: (lambda layer, rows, plan=p: stored(quantize_layer(layer, plan, rows))) for p in plans if p.quantized and eager}
-        weights, loaded.weights = loaded.weights, None
-        fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
-        release_memory()
-        if eager:
-            return stored(loaded.module), plans
-    if options.scheme == "q8ta_q8csw":
-        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
-        return stored(quantize_static(loaded.module, loaded.example_inputs, plans, batches)), plans
-    if eager:
-        quantize_eager(loaded.module, plans, stored)
-    return stored(loaded.module), plans
-
-
-def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: list[LayerPlan], transposed: set[str],
-                         warn: Callable[[str], None], on_layer: Callable | None, stored: Callable) -> None:
-    """GPTQ and the like: the model quantized block by block on its calibration inputs (qlower.calibrate),
-    streamed from its checkpoint a block at a time when it was loaded as a skeleton."""
-    from .calibrate import calibration_inputs, quantize_calibrated
-    from .quantize import replace_module
-
-    by_name = {p.name: p for p in plans}
-    module = loaded.module
-    batches = calibration_inputs(loaded, options, warn)
-
-    def quantize(name: str, hessian) -> None:
-        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian)))
-
-    fill = None
-    if loaded.weights is not None:
-        from .errors import ModelLoadError
-        from .stream import SafetensorsWeights, check_fits, checkpoint_names, fill_weights
-
-        weights, loaded.weights = loaded.weights, None
-        problem = check_fits(module, weights, transposed)
-        if problem:
-            raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
-        # Tied weights (an LM head sharing the embedding's tensor) are filled at different times here:
-        # each name of a tied parameter gets its own entry for the one tensor.
-        weights = SafetensorsWeights({**{name: weights.entries[key] for name, key in checkpoint_names(module, weights).items()},
-                                      **weights.entries})
-
-        def fill(accept, hessians) -> None:
-            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h)))
-                      for n, h in hessians.items()}
-            fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
-            release_memory()
-
-    quantize_calibrated(module, plans, batches, quantize, fill, warn)
-    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")
-    release_memory()
 
 
 def stage_kv_cache(job: ExportJob) -> None:

@@ -21,12 +21,14 @@ from torch import nn
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from .config import CALIBRATED_ALGORITHMS, FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
-from .errors import CalibrationError, ExportError, StrictError, first_line
-from .loader import describe_tensor, random_like, read_input_batches
+from .errors import ExportError, StrictError, first_line
 from .patterns.conv import PT2E_CONV_TARGETS, conv_shape_problem
 from . import pack, weight_quant
 from .patterns.linear import Q4_N_ALIGN, q4_fusable, q4_n_reason, q4_shape_fusable
 from .modules import replace_module
+from .calibrate import calibrated, calibration_batches
+from .loader import LoadedModel
+from .memory import release_memory
 from .quantized_linear import QuantizedLinear
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
@@ -137,7 +139,8 @@ def quantization_record(plans: list[LayerPlan], options: ExportOptions) -> bytes
     layers = {p.name: p.algorithm for p in plans if p.algorithm is not None}
     if not layers:
         return None
-    record = {"version": 1, "weight_algorithm": options.weight_algorithm, "layers": layers}
+    record = {"version": 1, "scheme": options.scheme, "group_size": options.group_size,
+              "weight_algorithm": options.weight_algorithm, "layers": layers}
     if options.weight_algorithm in CALIBRATED_ALGORITHMS:
         record["calibration"] = ({"text": Path(options.calibration_text).name, "tokens": options.calibration_tokens}
                                  if options.calibration_text else {"inputs": Path(options.calibration).name if options.calibration else "model file"})
@@ -156,6 +159,100 @@ def check_strict(plans: list[LayerPlan], options: ExportOptions) -> None:
                 f"layer {plan.name!r} cannot take scheme {plan.scheme}: {plan.reason}",
                 "pick a group size that divides the layer, add a per-layer override, or drop --strict",
             )
+
+
+# --- the one quantize function: export's stage, and the reference of verify, generate and eval ---
+
+
+def plan_model(module: torch.nn.Module, options: ExportOptions) -> tuple[set[str], list[LayerPlan]]:
+    """What the quantize stage will do to ``module`` (a skeleton is enough): GPT-2-style ``Conv1D``
+    projections become linears the quantizer takes (in place; their names are returned, their
+    checkpoint weights are stored transposed), and each layer gets its plan."""
+    from .hf import conv1d_layers, conv1d_to_linear
+
+    transposed = set()
+    if options.scheme not in FLOAT_SCHEMES:
+        transposed = set(conv1d_layers(module))
+        conv1d_to_linear(module)
+    return transposed, plan_layers(module, options)
+
+
+def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[str], None],
+                   on_layer: Callable | None = None, store=None) -> tuple[torch.nn.Module, list[LayerPlan]]:
+    """The model quantized as export does it (in place for the eager schemes), and the per-layer plans.
+
+    verify and generate build their quantized reference with this very function.
+    A model loaded as a skeleton (``loaded.weights``: its checkpoint, still on
+    disk) is filled here tensor by tensor, each layer quantized as it arrives
+    (``stream.fill_weights``); ``on_layer`` then hears of each layer done.
+    With a ``store`` (``weight_store.WeightStore``) each quantized layer's large
+    tensors move to files as soon as it is quantized, and the rest of the
+    model's at the end.
+    """
+    def stored(module: torch.nn.Module) -> torch.nn.Module:
+        return store.adopt(module) if store is not None else module
+
+    transposed, plans = plan_model(loaded.module, options)
+    check_strict(plans, options)
+    eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
+    if eager and calibrated(plans):
+        _quantize_calibrated(loaded, options, plans, transposed, warn, on_layer, stored)
+        return stored(loaded.module), plans
+    if loaded.weights is not None:
+        from .stream import fill_weights
+
+        layers = {p.name: (lambda layer, rows, plan=p: stored(quantize_layer(layer, plan, rows))) for p in plans if p.quantized and eager}
+        weights, loaded.weights = loaded.weights, None
+        fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
+        release_memory()
+        if eager:
+            return stored(loaded.module), plans
+    if options.scheme == "q8ta_q8csw":
+        batches = calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
+        return stored(quantize_static(loaded.module, loaded.example_inputs, plans, batches)), plans
+    if eager:
+        quantize_eager(loaded.module, plans, stored)
+    return stored(loaded.module), plans
+
+
+def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: list[LayerPlan], transposed: set[str],
+                         warn: Callable[[str], None], on_layer: Callable | None, stored: Callable) -> None:
+    """GPTQ and the like: the model quantized block by block on its calibration inputs (qlower.calibrate),
+    streamed from its checkpoint a block at a time when it was loaded as a skeleton."""
+    from .calibrate import calibration_inputs, quantize_calibrated
+
+    by_name = {p.name: p for p in plans}
+    module = loaded.module
+    batches = calibration_inputs(loaded, options, warn)
+
+    def quantize(name: str, hessian) -> None:
+        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian)))
+
+    fill = None
+    if loaded.weights is not None:
+        from .errors import ModelLoadError
+        from .stream import SafetensorsWeights, check_fits, checkpoint_names, fill_weights
+
+        weights, loaded.weights = loaded.weights, None
+        problem = check_fits(module, weights, transposed)
+        if problem:
+            raise ModelLoadError(f"the checkpoint does not fit the model: {problem}", "check that the checkpoint belongs to this model")
+        # Tied weights (an LM head sharing the embedding's tensor) are filled at different times here:
+        # each name of a tied parameter gets its own entry for the one tensor.
+        weights = SafetensorsWeights({**{name: weights.entries[key] for name, key in checkpoint_names(module, weights).items()},
+                                      **weights.entries})
+
+        def fill(accept, hessians) -> None:
+            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h)))
+                      for n, h in hessians.items()}
+            fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
+            release_memory()
+
+    quantize_calibrated(module, plans, batches, quantize, fill, warn)
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")
+    release_memory()
 
 
 # --- dynamic and weight-only schemes (torchao, eager) -------------------------
@@ -491,32 +588,3 @@ def _annotate_conv_hardtanh(model: torch.fx.GraphModule, config, filter_fn) -> N
         conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
         clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
         _mark_nodes_as_annotated(partition)
-
-
-def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None]) -> list[tuple]:
-    """Calibration batches: --calibration FILE, the model file's own, or random ones (with a warning)."""
-    if options.calibration:
-        batches = read_input_batches(Path(options.calibration), "calibration", CalibrationError, tensor_is_batches=True)
-    elif from_model:
-        batches = from_model
-    else:
-        warn(
-            f"no calibration data: calibrating on {options.calibration_batches} random batches shaped like the example inputs; "
-            "accuracy will suffer — pass --calibration FILE with real inputs"
-        )
-        gen = torch.Generator().manual_seed(options.seed)
-        return [tuple(random_like(t, gen) for t in example_inputs) for _ in range(options.calibration_batches)]
-    for i, batch in enumerate(batches):
-        _check_batch(i, batch, example_inputs)
-    return batches
-
-
-def _check_batch(i: int, batch: tuple, example: tuple) -> None:
-    if len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
-        raise CalibrationError(f"calibration batch {i} has {len(batch)} inputs, the model takes {len(example)} tensors", "match the example inputs")
-    for j, (got, want) in enumerate(zip(batch, example)):
-        if got.dtype != want.dtype or got.shape[1:] != want.shape[1:] or got.dim() != want.dim():
-            raise CalibrationError(
-                f"calibration batch {i} input {j} is {describe_tensor(got)}, expected {describe_tensor(want)}",
-                "calibration inputs must match the example inputs' dtype and shape (the batch dim may differ)",
-            )

@@ -38,34 +38,11 @@ from .groups import group_rows
 from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, compare, conclude, quality_finding, sqnr_db, thresholds_for
 from .patterns.conv import PT2E_CONV_TARGETS
 from .loader import describe_tensor, random_like, read_input_batches
-from .pte import Pte, fused_op_histogram, read_pte
+from .provenance import algorithm_options, options_for
+from .pte import Pte, read_pte
 from .quantized_linear import LINEAR_LAYERS
 
 # --- scheme from the file ------------------------------------------------------------
-
-
-def infer_scheme(pte: Pte) -> tuple[str, int | None, bool]:
-    """(scheme, group size, embeddings quantized) from the fused ops a .pte holds."""
-    ops = fused_op_histogram(pte)
-    group_size = None
-    for d in pte.vulkan_delegates:
-        for op in d.ops:
-            if op.short_name in ("linear_dq8ca_q4gsw", "linear_q4gsw") and group_size is None:
-                position = 6 if op.short_name == "linear_dq8ca_q4gsw" else 3
-                value = d.graph.values[op.args[position]].value
-                group_size = getattr(value, "int_val", None)
-    embeddings = "embedding_q4gsw" in ops
-    if "linear_dq8ca_q4gsw" in ops:
-        return "qta8a_qga4w", group_size, embeddings
-    if "linear_q4gsw" in ops:
-        return "qga4w", group_size, embeddings
-    if any(name.startswith("q8ta_") or name == "linear_q8ta_q8csw" for name in ops):
-        return "q8ta_q8csw", None, embeddings
-    for d in pte.vulkan_delegates:
-        for value in d.graph.values:
-            if type(value.value).__name__ == "VkTensor" and value.value.datatype.name == "FLOAT16":
-                return "fp16", None, embeddings
-    return "fp32", None, embeddings
 
 
 # --- inputs ---------------------------------------------------------------------------
@@ -251,52 +228,6 @@ class Models:
     group_size: int | None
 
 
-def algorithm_options(pte: Pte, model_path: str | Path, weight_algorithm: str | None = None,
-                      calibration_text: str | Path | None = None, calibration_tokens: int | None = None) -> dict[str, Any]:
-    """ExportOptions fields for the int4 weight algorithm: the given ones, else the file's record
-    (``qlower.quantization``). A recorded calibration text is looked for beside the model (its folder)."""
-    from .errors import CalibrationError
-    from .pte import read_quantization_record
-
-    record = read_quantization_record(pte.named_bytes, pte.named_sizes) or {}
-    algorithm = weight_algorithm or record.get("weight_algorithm")
-    calibration = record.get("calibration") or {}
-    if calibration_text is None and algorithm == record.get("weight_algorithm") and calibration.get("text"):
-        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        candidate = folder / calibration["text"]
-        if not candidate.is_file():
-            raise CalibrationError(f"the file was quantized with {algorithm} calibrated on {calibration['text']}, "
-                                   f"which is not in {folder}", "pass --calibration-text FILE (the text export was given)")
-        calibration_text = str(candidate)
-    tokens = calibration_tokens or (calibration.get("tokens") if calibration_text else None)
-    return {"weight_algorithm": algorithm, "calibration_text": str(calibration_text) if calibration_text else None,
-            "calibration_tokens": tokens}
-
-
-def options_for(pte: Pte, *, scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
-                calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
-                algorithm: dict[str, Any] | None = None, kv_cache: bool = False, **overrides: Any):
-    """The export options the file was made with: given ones first, then the config, then read from the file.
-
-    ``algorithm``: :func:`algorithm_options`; ``overrides`` are further ExportOptions fields (None: the
-    config's or the default), passed as export takes them.
-    """
-    from .config import make_options
-
-    inferred_scheme, inferred_group, inferred_embeddings = infer_scheme(pte)
-    return make_options(
-        config,
-        scheme=scheme or (None if config else inferred_scheme),
-        group_size=group_size or (None if config else inferred_group),
-        quantize_embeddings=quantize_embeddings if quantize_embeddings is not None else (inferred_embeddings or None),
-        calibration=calibration,
-        seed=seed,
-        kv_cache=kv_cache,
-        **(algorithm or {}),
-        **overrides,
-    )
-
-
 def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, group_size: int | None = None,
                 config: str | Path | None = None, entry: str | None = None, checkpoint: str | Path | None = None,
                 calibration: str | None = None, quantize_embeddings: bool | None = None, seed: int = 0,
@@ -304,7 +235,7 @@ def load_models(model_path: str | Path, pte: Pte, *, scheme: str | None = None, 
     """(a) and (b): the float model, and a copy quantized by export's own quantize stage."""
     from .config import GROUPED_SCHEMES
     from .llm.load import load_any
-    from .pipeline import quantize_model
+    from .quantize import quantize_model
 
     options = options_for(pte, scheme=scheme, group_size=group_size, config=config, calibration=calibration,
                           quantize_embeddings=quantize_embeddings, seed=seed, algorithm=algorithm)

@@ -125,7 +125,7 @@ def verify_sample(model_path: str | Path, pte: Pte, pte_path: str | Path, count:
     """Check ``count`` fused layers of ``pte`` (read from ``pte_path`` with ``constants=False``) alone
     against the same layers of the model; the report."""
     from .llm.load import load_any
-    from .pipeline import plan_model
+    from .quantize import plan_model
     from .metrics import compare
 
     ops = file_layers(pte)

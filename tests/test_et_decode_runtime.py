@@ -22,7 +22,7 @@ import qlower
 from qlower.config import make_options
 from qlower.llm.generate import GoldenDecoder, teacher_forced
 from qlower.llm.load import decoder_for, load_any
-from qlower.pipeline import quantize_model
+from qlower.quantize import quantize_model
 from qlower.pte import read_pte
 from qlower.metrics import THRESHOLDS, sqnr_db
 

@@ -15,7 +15,7 @@ import torch
 import qlower
 from qlower.config import make_options
 from qlower.loader import load_model
-from qlower.pipeline import quantize_model
+from qlower.quantize import quantize_model
 from qlower.metrics import sqnr_db
 
 from .conftest import write_model

@@ -19,7 +19,7 @@ from qlower.cli import app
 from qlower.config import make_options
 from qlower.golden import GoldenExecutor
 from qlower.loader import load_model
-from qlower.pipeline import quantize_model
+from qlower.quantize import quantize_model
 from qlower.pte import read_pte
 from qlower.quantized_linear import QuantizedLinear
 from qlower.metrics import THRESHOLDS, sqnr_db

@@ -15,7 +15,7 @@ from qlower.config import make_options
 from qlower.errors import ModelLoadError
 from qlower.llm.load import load_any
 from qlower.loader import load_model
-from qlower.pipeline import quantize_model
+from qlower.quantize import quantize_model
 from qlower.stream import SafetensorsWeights, empty_weights
 
 from .conftest import ROOT, write_model
@@ -222,7 +222,7 @@ from qlower.config import make_options
 from qlower.llm.load import load_any
 from qlower.loader import load_model
 from qlower.memory import PeakMeter, rss_mb
-from qlower.pipeline import quantize_model
+from qlower.quantize import quantize_model
 
 options = make_options(group_size=64, quantize_embeddings=True, kv_cache=False)
 for path in (sys.argv[3], sys.argv[1]):  # the small folder first: imports and first-call costs are not the model's

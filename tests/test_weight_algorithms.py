@@ -190,7 +190,7 @@ def test_option_errors():
 
 def test_gptq_without_calibration_data_is_an_error(folders):
     from qlower.llm.load import load_any
-    from qlower.pipeline import quantize_model
+    from qlower.quantize import quantize_model
 
     options = make_options(weight_algorithm="gptq", kv_cache=False, group_size=32)
     loaded, _, _ = load_any(folders[True], options, stream=True)
@@ -219,7 +219,7 @@ def test_gptq_beats_rtn_on_a_trained_model():
     from transformers import AutoTokenizer
 
     from qlower.llm.load import load_any
-    from qlower.pipeline import quantize_model
+    from qlower.quantize import quantize_model
 
     ids = AutoTokenizer.from_pretrained(str(TRAINED)).encode((TRAINED / "heldout.txt").read_text(), add_special_tokens=False)
     windows = [torch.tensor([ids[i * WINDOW:(i + 1) * WINDOW]]) for i in range(WINDOWS)]

@@ -8,7 +8,7 @@ Three scorers see the same windows:
 
 * ``float``: the float model on the whole window in one forward, no cache;
 * ``quantized``: the model quantized by export's own function
-  (:func:`qlower.pipeline.quantize_model`, options as the file says), fed as
+  (:func:`qlower.quantize.quantize_model`, options as the file says), fed as
   the file is fed: one token a call through its KV cache for a KV-cache file
   (so every linear runs as the runtime's one-row GEMV does), the whole window
   for a prefill-only file;
@@ -302,15 +302,18 @@ def evaluate(model_path: str | Path, pte_path: str | Path, *, text: str | Path |
              spread: bool = False, skip: str | Iterable[str] | None = None, runner: str | Path | None = None,
              scheme: str | None = None, group_size: int | None = None, config: str | Path | None = None,
              entry: str | None = None, checkpoint: str | Path | None = None, seed: int = 0,
+             weight_algorithm: str | None = None, calibration_text: str | Path | None = None,
+             calibration_tokens: int | None = None,
              on_progress: Callable[[str, int, int], None] = lambda part, done, total: None,
              warn: Callable[[str], None] = lambda message: None, **overrides: Any) -> dict[str, Any]:
     """Perplexity of the float model, the quantized eager model and the file on the same windows of text.
 
     ``overrides`` are further export options (ExportOptions fields) for the quantized model, as export
-    takes them; scheme and group size default to what the file holds. ``on_progress(part, done, total)``
+    takes them; scheme, group size and the int4 weight algorithm (with its calibration) default to what
+    the file holds. ``on_progress(part, done, total)``
     hears of scored tokens.
     """
-    from ..verify import infer_scheme, options_for
+    from ..provenance import algorithm_options, infer_scheme, options_for
     from .hf_folder import is_hf_folder, load_tokenizer, read_hf_folder
 
     if (text is None) == (text_ids is None):
@@ -349,7 +352,9 @@ def evaluate(model_path: str | Path, pte_path: str | Path, *, text: str | Path |
         from .load import load_any
 
         options = options_for(pte, scheme=scheme, group_size=group_size, config=config, seed=seed, kv_cache=info.decode,
-                              max_seq_len=info.max_tokens if info.decode else None, **overrides)
+                              max_seq_len=info.max_tokens if info.decode else None,
+                              algorithm=algorithm_options(pte, model_path, weight_algorithm, calibration_text, calibration_tokens),
+                              **overrides)
         torch.manual_seed(options.seed)  # as export's load stage, for models that do not seed themselves
         loaded, folder, _ = load_any(model_path, options, entry=entry, checkpoint=checkpoint, warn=warn)
         if "float" in parts:
@@ -389,7 +394,7 @@ def evaluate(model_path: str | Path, pte_path: str | Path, *, text: str | Path |
 
 def _quantized_scorer(loaded, folder, options, info: FileInfo, warn) -> Scorer:
     """The model quantized by export's own function (in place: the float part has run), fed as the file is."""
-    from ..pipeline import quantize_model
+    from ..quantize import quantize_model
     from .load import decoder_for
 
     quantized, _ = quantize_model(loaded, options, warn)

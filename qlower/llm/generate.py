@@ -123,7 +123,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
     The eager models are quantized with ``options`` (an export's own), else as
     read from the file (scheme, group size, embeddings, weight algorithm and its calibration, unless given) and ``config``.
     """
-    from ..verify import algorithm_options, infer_scheme
+    from ..provenance import algorithm_options, infer_scheme
     from .hf_folder import load_tokenizer
     from .load import load_any
 
@@ -215,7 +215,7 @@ def generate(model_path: str | Path, pte_path, prompt_ids: list[int] | None = No
 
 def _eager_decoders(loaded, folder, options, warn):
     """(float decoder without quantization, decoder quantized as export does)."""
-    from ..pipeline import quantize_model
+    from ..quantize import quantize_model
     from .kv_cache import KVCacheLM
     from .load import decoder_for
 
