@@ -150,14 +150,14 @@ def qlower_flow(held, args, phase):
     from qlower.config import make_options
     from qlower.loader import LoadedModel
 
-    job = pipeline.ExportJob(Path("-"), None, make_options(scheme=args.scheme, group_size=args.group_size))
+    job = pipeline.ExportJob.of(Path("-"), None, make_options(scheme=args.scheme, group_size=args.group_size))
     model, inputs = held.pop()
-    job.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
+    job.made.loaded = LoadedModel(model, inputs, None, Path("-"), "model")
     model = inputs = None
     for name, stage in pipeline.STAGES:
         if name not in ("load", "serialize") and pipeline.stage_wanted(job, name):
             phase(name, lambda stage=stage: stage(job))
-    return phase("serialize", lambda: job.pte_bytes)
+    return phase("serialize", lambda: job.made.pte_bytes)
 
 
 def child(args) -> None:

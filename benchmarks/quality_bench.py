@@ -56,7 +56,9 @@ def run_row(model: Path, scheme: str, group_size: int, algorithm: str, args, wor
     summary = qlower(*export_args)
     export_s = time.perf_counter() - start
     eval_args = ["eval", str(model), str(pte), "--text", str(args.text), "--windows", str(args.windows),
-                 "--tokens", str(args.tokens)]
+                 "--tokens", str(args.tokens), "--spread"]
+    if args.skip_quantized:
+        eval_args += ["--skip", "quantized"]
     if algorithm != "rtn":
         eval_args += ["--weight-algorithm", algorithm]
     if algorithm in CALIBRATED:
@@ -68,9 +70,9 @@ def run_row(model: Path, scheme: str, group_size: int, algorithm: str, args, wor
     eval_s = time.perf_counter() - start
     ppl = report["perplexity"]
     row = {"scheme": scheme, "group_size": group_size, "algorithm": algorithm,
-           "ppl_float": ppl["float"], "ppl_quantized": ppl["quantized"], "ppl_file": ppl["file"],
+           "ppl_float": ppl["float"], "ppl_quantized": ppl.get("quantized"), "ppl_file": ppl["file"],
            "file_on": "runtime" if args.runner else "golden",
-           "delta_pct_quantized": report["delta_pct"]["quantized"], "delta_pct_file": report["delta_pct"]["file"],
+           "delta_pct_quantized": report["delta_pct"].get("quantized"), "delta_pct_file": report["delta_pct"]["file"],
            "windows": report["windows"], "scored": report["scored"],
            "export_s": round(export_s, 1), "eval_s": round(eval_s, 1), "pte_bytes": pte.stat().st_size}
     for key in ("window_perplexity", "spread"):
@@ -89,6 +91,8 @@ def gap_closed(rows: list[dict]) -> list[dict]:
         if rtn is None or row["algorithm"] == "rtn":
             continue
         for which in ("quantized", "file"):
+            if rtn[f"ppl_{which}"] is None or row[f"ppl_{which}"] is None:
+                continue
             gap = rtn[f"ppl_{which}"] - rtn["ppl_float"]
             if gap > 0:
                 out.append({"scheme": row["scheme"], "group_size": row["group_size"], "algorithm": row["algorithm"],
@@ -100,7 +104,8 @@ def render(rows: list[dict], closed: list[dict]) -> str:
     lines = ["| scheme | g | algorithm | float | quantized (eager) | file | Δ file vs float | export s | .pte KB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['group_size']} | {r['algorithm']} | {r['ppl_float']:.3f} | {r['ppl_quantized']:.3f} "
+        quantized = "–" if r["ppl_quantized"] is None else f"{r['ppl_quantized']:.3f}"
+        lines.append(f"| {r['scheme']} | {r['group_size']} | {r['algorithm']} | {r['ppl_float']:.3f} | {quantized} "
                      f"| {r['ppl_file']:.3f} ({r['file_on']}) | {r['delta_pct_file']:+.2f}% | {r['export_s']:.1f} "
                      f"| {r['pte_bytes'] / 1024:.0f} |")
     if closed:
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--skip-quantized", action="store_true", help="score the float model and the file only (the file is the quantized model, measured)")
     ap.add_argument("--quantize-embeddings", action="store_true")
     ap.add_argument("--runner", help="llm_step_runner: the file's perplexity on the real runtime")
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 for algorithm in args.algorithms.split(","):
                     row = run_row(args.model, scheme, g, algorithm, args, Path(tmp))
                     rows.append(row)
-                    print(f"{scheme} g{g} {algorithm}: float {row['ppl_float']:.3f} quantized {row['ppl_quantized']:.3f} "
+                    print(f"{scheme} g{g} {algorithm}: float {row['ppl_float']:.3f} quantized {row['ppl_quantized']} "
                           f"file {row['ppl_file']:.3f} ({row['export_s']}s export, {row['eval_s']}s eval)", file=sys.stderr, flush=True)
     closed = gap_closed(rows)
     print(render(rows, closed))

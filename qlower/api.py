@@ -51,10 +51,10 @@ def export(
         from .errors import OutputError
 
         raise OutputError("--verify cannot read constants kept in a .ptd", "export without --external-weights to verify")
-    job = ExportJob(
-        model_path=Path(model),
-        output=Path(output) if output is not None else None,
-        options=make_options(config, **options),
+    job = ExportJob.of(
+        Path(model),
+        Path(output) if output is not None else None,
+        make_options(config, **options),
         entry=entry,
         checkpoint=Path(checkpoint) if checkpoint else None,
         warn=warn or (lambda message: None),
@@ -66,11 +66,11 @@ def export(
         external_weights=external_weights,
     )
     run_stages(job, on_stage or (lambda name, seconds: None))
-    job.memory.start()
+    job.measured.memory.start()
     summary = export_summary(job)
-    job.memory.stop("summary")
-    summary["peak_rss_mb"] = round(job.memory.peak_mb(), 1)
-    summary["stage_peak_rss_mb"] = {k: round(v, 1) for k, v in job.memory.peaks.items()}
+    job.measured.memory.stop("summary")
+    summary["peak_rss_mb"] = round(job.measured.memory.peak_mb(), 1)
+    summary["stage_peak_rss_mb"] = {k: round(v, 1) for k, v in job.measured.memory.peaks.items()}
     return summary
 
 

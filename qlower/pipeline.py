@@ -1,9 +1,11 @@
 """The export pipeline: a flat list of named stages over one ``ExportJob``.
 
-    load → quantize → export → fuse → lower → serialize
+    load → quantize → [kv_cache] → export → fuse → lower → [verify] → serialize
 
-Each stage reads and fills fields of the job; ``export()`` runs them in order,
-timing each and telling ``on_stage`` when one starts and ends.
+The job holds what the user asked (``job.request``), what the stages made
+(``job.made``) and what was measured (``job.measured``). Each stage reads the
+request and earlier products and fills its own; ``run_stages()`` runs them in
+order, timing each and telling ``on_stage`` when one starts and ends.
 """
 
 from __future__ import annotations
@@ -26,29 +28,44 @@ from .quantize import LayerPlan, quantization_record, quantize_model
 
 
 @dataclass
-class ExportJob:
+class ExportRequest:
+    """What the user asked for, and where the job reports back."""
+
     model_path: Path
-    output: Path | None
+    output: Path | None  # None: nothing is written (the summary only)
     options: ExportOptions
     entry: str | None = None
     checkpoint: Path | None = None
+    external_weights: bool = False  # --external-weights: the constants go to <output stem>.ptd
+    verify_samples: int = 0  # > 0: run the verify stage on that many input batches
+    verify_min_sqnr_float: float | None = None  # a float bar the user set: the verify stage fails below it
+    dump_after: str | None = None  # a fusion pass after which the graph goes to ``log``
     warn: Callable[[str], None] = lambda message: None
     log: Callable[[str], None] | None = None  # where --dump-after prints graphs
-    dump_after: str | None = None
-    # filled by the stages
+    on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
+
+
+@dataclass
+class StageProducts:
+    """What the stages made, in stage order; a stage lets go of what later ones no longer need."""
+
+    # load
     loaded: LoadedModel | None = None
     hf_folder: Any = None  # llm.hf_folder.HfFolder when the model is a Hugging Face folder
+    streamed: bool = False  # the weights were read layer by layer by the quantize stage
     kv_cache: bool = False  # export the KV-cache decode method (llm/)
+    # quantize
+    plans: list[LayerPlan] = field(default_factory=list)
+    quantized: torch.nn.Module | None = None
+    store: Any = None  # weight_store.WeightStore: large constants in files beside the output, while the job runs
+    # kv_cache
     decoder: Any = None  # llm.kv_cache.KVCacheLM around the quantized model
     export_inputs: tuple | None = None  # what torch.export traces with (the decoder's, else the example inputs)
     dynamic_shapes: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)  # constant methods for ExecuTorch's LLM runner
     decode_info: dict[str, Any] | None = None  # KV cache shape and bytes, for the summary
     decode_source_name: Callable[[str], str] = lambda name: name  # decoder module name → loaded model's
-    written: list[Path] = field(default_factory=list)  # files written beside the .pte (tokenizer)
-    tokenizer: Any = None  # llm.runner_tokenizer.RunnerTokenizer: the tokenizer written for the runner
-    plans: list[LayerPlan] = field(default_factory=list)
-    quantized: torch.nn.Module | None = None
+    # export, fuse, lower
     exported: Any = None  # torch.export.ExportedProgram
     edge: Any = None  # EdgeProgramManager
     fusion: Any = None  # FusionReport
@@ -56,28 +73,47 @@ class ExportJob:
     cpu_notes: list = field(default_factory=list)  # nodes that would stay on the CPU, and why
     pte_bytes: bytes | None = None  # the serialized program, kept in memory only for --verify or no output
     program: Any = None  # ExecutorchProgramManager, written to disk by the serialize stage as it serializes
-    external_weights: bool = False  # --external-weights: the constants go to <output stem>.ptd
-    verify_samples: int = 0  # > 0: run the verify stage on that many input batches
-    verify_min_sqnr_float: float | None = None  # a float bar the user set: the verify stage fails below it
+    # verify, serialize
     verification: dict | None = None
-    streamed: bool = False  # the weights were read layer by layer by the quantize stage
-    on_layer: Callable | None = None  # hears of each layer the streaming quantize stage finished (stream.Progress)
-    timings: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # files written beside the .pte (tokenizer)
+    tokenizer: Any = None  # llm.runner_tokenizer.RunnerTokenizer: the tokenizer written for the runner
+
+
+@dataclass
+class Measurements:
+    """What was measured while the stages ran."""
+
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     memory: Any = None  # memory.PeakMeter: peak RSS per stage
-    store: Any = None  # weight_store.WeightStore: large constants in files beside the output, while the job runs
+
+
+@dataclass
+class ExportJob:
+    """One export: what was asked, what the stages made, what was measured."""
+
+    request: ExportRequest
+    made: StageProducts = field(default_factory=StageProducts)
+    measured: Measurements = field(default_factory=Measurements)
+
+    @classmethod
+    def of(cls, model_path: Path, output: Path | None, options: ExportOptions, **request: Any) -> "ExportJob":
+        """A job for ``model_path`` → ``output``; ``request`` are further :class:`ExportRequest` fields."""
+        return cls(ExportRequest(model_path, output, options, **request))
 
 
 def stage_load(job: ExportJob) -> None:
     from .llm.load import load_any
 
-    torch.manual_seed(job.options.seed)
-    job.loaded, job.hf_folder, job.kv_cache = load_any(job.model_path, job.options, entry=job.entry, checkpoint=job.checkpoint,
-                                                       stream=True, warn=job.warn)
-    job.streamed = job.loaded.weights is not None
+    asked, made = job.request, job.made
+    torch.manual_seed(asked.options.seed)
+    made.loaded, made.hf_folder, made.kv_cache = load_any(asked.model_path, asked.options, entry=asked.entry,
+                                                          checkpoint=asked.checkpoint, stream=True, warn=asked.warn)
+    made.streamed = made.loaded.weights is not None
 
 
 def stage_quantize(job: ExportJob) -> None:
-    job.quantized, job.plans = quantize_model(job.loaded, job.options, job.warn, on_layer=job.on_layer, store=job.store)
+    asked, made = job.request, job.made
+    made.quantized, made.plans = quantize_model(made.loaded, asked.options, asked.warn, on_layer=asked.on_layer, store=made.store)
 
 
 def stage_kv_cache(job: ExportJob) -> None:
@@ -85,21 +121,23 @@ def stage_kv_cache(job: ExportJob) -> None:
     from .llm.decoder import SELF_CHECK_QUANTIZED_MIN_SQNR_DB, check_cache_matches
     from .llm.load import decoder_for
 
-    if job.streamed and job.hf_folder is None:
+    made = job.made
+    if made.streamed and made.hf_folder is None:
         # A model file streamed from its checkpoint was never whole in float: its cache check runs here.
-        check_cache_matches(job.quantized, min_sqnr=SELF_CHECK_QUANTIZED_MIN_SQNR_DB)
-    job.decoder, job.metadata = decoder_for(job.quantized, job.loaded, job.hf_folder, job.options, job.warn)
-    job.decode_info = job.decoder.describe()
-    job.decode_source_name = job.decoder.source_name
-    job.export_inputs = job.decoder.example_inputs()
-    job.dynamic_shapes = job.decoder.dynamic_shapes()
+        check_cache_matches(made.quantized, min_sqnr=SELF_CHECK_QUANTIZED_MIN_SQNR_DB)
+    made.decoder, made.metadata = decoder_for(made.quantized, made.loaded, made.hf_folder, job.request.options, job.request.warn)
+    made.decode_info = made.decoder.describe()
+    made.decode_source_name = made.decoder.source_name
+    made.export_inputs = made.decoder.example_inputs()
+    made.dynamic_shapes = made.decoder.dynamic_shapes()
 
 
 def stage_export(job: ExportJob) -> None:
-    module = job.decoder if job.kv_cache else job.quantized
-    inputs = job.export_inputs if job.kv_cache else job.loaded.example_inputs
+    asked, made = job.request, job.made
+    module = made.decoder if made.kv_cache else made.quantized
+    inputs = made.export_inputs if made.kv_cache else made.loaded.example_inputs
     try:
-        job.exported = torch.export.export(module, inputs, dynamic_shapes=job.dynamic_shapes, strict=False)
+        made.exported = torch.export.export(module, inputs, dynamic_shapes=made.dynamic_shapes, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}",
                           "the model must be traceable by torch.export; QLOWER_DEBUG=1 shows the traceback") from exc
@@ -107,11 +145,12 @@ def stage_export(job: ExportJob) -> None:
 
     # Edge dialect with the partitioner's ops kept whole (as to_edge_transform_and_lower
     # does), decomposed once when nothing needs keeping.
-    job.edge = to_edge_for_partitioner(job.exported, make_partitioner(job.options, job.external_weights), constant_methods=job.metadata)
-    if not job.verify_samples:
+    made.edge = to_edge_for_partitioner(made.exported, make_partitioner(asked.options, asked.external_weights),
+                                        constant_methods=made.metadata)
+    if not asked.verify_samples:
         # The edge program holds what lowering needs; let the eager weights go.
-        job.exported = job.quantized = job.decoder = None
-        job.loaded.module = None
+        made.exported = made.quantized = made.decoder = None
+        made.loaded.module = None
         release_memory()
 
 
@@ -121,14 +160,15 @@ def stage_fuse(job: ExportJob) -> None:
 
     from .delegation import cpu_notes, run_delegation_passes
 
-    ep = job.edge.exported_program()
-    job.fusion = run_fusion(ep, dump_after=job.dump_after, log=job.log, store=job.store)
-    if job.kv_cache:  # the decoder wraps the loaded model: report layers by their loaded names
-        for info in job.fusion.layers:
-            info.module = job.decode_source_name(info.module)
+    made = job.made
+    ep = made.edge.exported_program()
+    made.fusion = run_fusion(ep, dump_after=job.request.dump_after, log=job.request.log, store=made.store)
+    if made.kv_cache:  # the decoder wraps the loaded model: report layers by their loaded names
+        for info in made.fusion.layers:
+            info.module = made.decode_source_name(info.module)
     # Delegation fix-ups: one partition, nothing the runtime lacks (see delegation.py).
-    job.delegation_passes = run_delegation_passes(ep)
-    job.cpu_notes = cpu_notes(ep)
+    made.delegation_passes = run_delegation_passes(ep)
+    made.cpu_notes = cpu_notes(ep)
 
 
 def stage_lower(job: ExportJob) -> None:
@@ -137,23 +177,24 @@ def stage_lower(job: ExportJob) -> None:
     from .lower_speedups import vulkan_patterns_once
     from .weight_store import vulkan_constants_from_store
 
+    asked, made = job.request, job.made
     try:
-        with vulkan_patterns_once(job.edge.exported_program()), vulkan_constants_from_store(job.store):
-            lowered = job.edge.to_backend({"forward": make_partitioner(job.options, job.external_weights)})
+        with vulkan_patterns_once(made.edge.exported_program()), vulkan_constants_from_store(made.store):
+            lowered = made.edge.to_backend({"forward": make_partitioner(asked.options, asked.external_weights)})
         # The delegate blob holds the packed weights now; let the edge program's copy go
         # before serializing makes another one (peak RSS).
-        job.edge = None
+        made.edge = None
         release_memory()
-        record = quantization_record(job.plans, job.options)
+        record = quantization_record(made.plans, asked.options)
         if record is not None:
             lowered._named_data_store.add_named_data(QUANTIZATION_RECORD_KEY, record)
         program = lowered.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         del lowered
         release_memory()
-        if job.verify_samples or job.output is None:
-            job.pte_bytes = bytes(program.buffer)
+        if asked.verify_samples or asked.output is None:
+            made.pte_bytes = bytes(program.buffer)
         else:  # written piece by piece by the serialize stage: no whole-file copy in memory
-            job.program = program
+            made.program = program
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ExportError(f"ExecuTorch's Vulkan lowering failed: {type(cause).__name__}: {first_line(cause)}",
@@ -165,30 +206,32 @@ def stage_verify(job: ExportJob) -> None:
     from .metrics import check_findings
     from .verify import verify_after_export
 
-    job.verification = verify_after_export(job, samples=job.verify_samples, min_sqnr_float=job.verify_min_sqnr_float)
+    asked = job.request
+    job.made.verification = verify_after_export(job, samples=asked.verify_samples, min_sqnr_float=asked.verify_min_sqnr_float)
     # A defect (or a float bar the user set) refuses the file; what int4 costs against float is a warning.
-    check_findings(job.verification, defect="verification failed", consequence="nothing was written", warn=job.warn,
-                   what="step" if job.kv_cache else "output",
+    check_findings(job.made.verification, defect="verification failed", consequence="nothing was written", warn=asked.warn,
+                   what="step" if job.made.kv_cache else "output",
                    defect_hint="run `qlower verify MODEL OUT.pte --layers` on an export without --verify to see where it diverges")
 
 
 def stage_serialize(job: ExportJob) -> None:
-    if job.output is None:
+    asked, made = job.request, job.made
+    if asked.output is None:
         return
-    program, job.program = job.program, None
+    program, made.program = made.program, None
     if program is None:
-        write_atomic(job.output, job.pte_bytes)
+        write_atomic(asked.output, made.pte_bytes)
     else:
-        write_atomic(job.output, program.write_to_file)
-    if job.external_weights:
+        write_atomic(asked.output, program.write_to_file)
+    if asked.external_weights:
         data = program._tensor_data if program is not None else None  # filename tag -> Cord (ExecuTorch's own writer)
         for i, cord in enumerate((data or {}).values()):
-            target = job.output.with_suffix(".ptd" if i == 0 else f".{i}.ptd")
+            target = asked.output.with_suffix(".ptd" if i == 0 else f".{i}.ptd")
             write_atomic(target, cord.write_to_file)
-            job.written.append(target)
+            made.written.append(target)
     del program
     release_memory()
-    if job.kv_cache and job.hf_folder is not None:
+    if made.kv_cache and made.hf_folder is not None:
         write_runner_tokenizer(job)
 
 
@@ -196,19 +239,20 @@ def write_runner_tokenizer(job: ExportJob) -> None:
     """The runner's --tokenizer_path, beside the .pte under its stem (llm/runner_tokenizer.py says how)."""
     from .llm.runner_tokenizer import runner_tokenizer
 
+    asked, made = job.request, job.made
     try:
-        job.tokenizer = runner_tokenizer(job.hf_folder.tokenizer_files, job.metadata, job.output)
+        made.tokenizer = runner_tokenizer(made.hf_folder.tokenizer_files, made.metadata, asked.output)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        job.warn(f"the tokenizer was not written: cannot read it from {job.hf_folder.path}: {type(exc).__name__}: {exc}")
+        asked.warn(f"the tokenizer was not written: cannot read it from {made.hf_folder.path}: {type(exc).__name__}: {exc}")
         return
-    if job.tokenizer is None:
+    if made.tokenizer is None:
         return
-    for target, data in job.tokenizer.files.items():
+    for target, data in made.tokenizer.files.items():
         target.parent.mkdir(exist_ok=True)
         write_atomic(target, data)
-        job.written.append(target)
-    for problem in job.tokenizer.problems:
-        job.warn(f"ExecuTorch's LLM runner cannot use {job.tokenizer.path.name} as written: {problem}")
+        made.written.append(target)
+    for problem in made.tokenizer.problems:
+        asked.warn(f"ExecuTorch's LLM runner cannot use {made.tokenizer.path.name} as written: {problem}")
 
 
 STAGES: list[tuple[str, Callable[[ExportJob], None]]] = [
@@ -240,7 +284,7 @@ def make_partitioner(options: ExportOptions, external_weights: bool = False):
 
 def stage_wanted(job: ExportJob, name: str) -> bool:
     """Whether the named stage runs for this job (verify only with --verify, kv_cache only with --kv-cache)."""
-    return not ((name == "verify" and not job.verify_samples) or (name == "kv_cache" and not job.kv_cache))
+    return not ((name == "verify" and not job.request.verify_samples) or (name == "kv_cache" and not job.made.kv_cache))
 
 
 def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = lambda name, seconds: None) -> ExportJob:
@@ -249,25 +293,26 @@ def run_stages(job: ExportJob, on_stage: Callable[[str, float | None], None] = l
     from .weight_store import WeightStore
 
     return_freed_memory()
-    if job.output is not None:
-        check_writable(job.output)
+    output = job.request.output
+    if output is not None:
+        check_writable(output)
         # Large constants live in files beside the output until it is written (weight_store.py).
-        job.store = WeightStore(job.output.parent if str(job.output.parent) else Path("."), job.output.name)
-    job.memory = job.memory or PeakMeter()
+        job.made.store = WeightStore(output.parent if str(output.parent) else Path("."), output.name)
+    job.measured.memory = job.measured.memory or PeakMeter()
     try:
         for name, stage in STAGES:
             if not stage_wanted(job, name):
                 continue
             on_stage(name, None)
             start = time.perf_counter()
-            job.memory.start()
+            job.measured.memory.start()
             stage(job)
-            job.memory.stop(name)
-            job.timings[name] = time.perf_counter() - start
-            on_stage(name, job.timings[name])
+            job.measured.memory.stop(name)
+            job.measured.timings[name] = time.perf_counter() - start
+            on_stage(name, job.measured.timings[name])
     finally:
-        if job.store is not None:
-            job.store.close()
+        if job.made.store is not None:
+            job.made.store.close()
     return job
 
 

@@ -13,20 +13,20 @@ EMBEDDING_FUSED_OP = "embedding_q4gsw"
 
 
 def export_summary(job) -> dict[str, Any]:
-    pte = read_pte(job.pte_bytes if job.pte_bytes is not None else job.output, constants=False)
+    pte = read_pte(job.made.pte_bytes if job.made.pte_bytes is not None else job.request.output, constants=False)
     counts = summarize(pte)
-    rows = layer_rows(job.plans, job.fusion.layers if job.fusion else [], counts["fused_ops"])
+    rows = layer_rows(job.made.plans, job.made.fusion.layers if job.made.fusion else [], counts["fused_ops"])
     linears = [r for r in rows if r["kind"] == "linear"]
     embeddings = [r for r in rows if r["kind"] == "embedding"]
     convs = [r for r in rows if r["kind"] == "conv"]
     matmuls = [r for r in rows if r["kind"] not in ("linear", "embedding", "conv")]
     return {
-        "model": str(job.model_path),
-        "entry": job.loaded.entry,
-        "output": str(job.output) if job.output else None,
-        "scheme": job.options.scheme,
-        "group_size": job.options.group_size,
-        "weight_algorithm": job.options.weight_algorithm,
+        "model": str(job.request.model_path),
+        "entry": job.made.loaded.entry,
+        "output": str(job.request.output) if job.request.output else None,
+        "scheme": job.request.options.scheme,
+        "group_size": job.request.options.group_size,
+        "weight_algorithm": job.request.options.weight_algorithm,
         "layers": {
             "linear": len(linears),
             "quantized": sum(r["quantized"] for r in linears),
@@ -43,27 +43,27 @@ def export_summary(job) -> dict[str, Any]:
         "layer_report": rows,
         "notes": group_size_notes(rows),
         "layer_groups": layer_groups(rows),
-        "fusion_passes": job.fusion.passes if job.fusion else [],
-        "delegation_passes": list(job.delegation_passes),
-        "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.cpu_notes],
+        "fusion_passes": job.made.fusion.passes if job.made.fusion else [],
+        "delegation_passes": list(job.made.delegation_passes),
+        "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.made.cpu_notes],
         "runtime_problems": [{"node_id": p.node_id, "op": p.op, "message": p.message}
                              for d in pte.vulkan_delegates for p in load_problems(d.graph)],
         **counts,
-        "decode": decode_summary(job) if job.kv_cache and job.decode_info else None,
-        "written": [str(p) for p in job.written],
-        "verification": job.verification,
-        "timings_s": {k: round(v, 3) for k, v in job.timings.items()},
+        "decode": decode_summary(job) if job.made.kv_cache and job.made.decode_info else None,
+        "written": [str(p) for p in job.made.written],
+        "verification": job.made.verification,
+        "timings_s": {k: round(v, 3) for k, v in job.measured.timings.items()},
     }
 
 
 def decode_summary(job) -> dict[str, Any]:
     from .llm.runner_tokenizer import llama_main_command
 
-    decode = dict(job.decode_info, metadata=job.metadata, tokenizer=None, runner_command=None)
-    if job.tokenizer is not None and job.output is not None:
-        decode["tokenizer"] = job.tokenizer.summary()
-        data = [p for p in job.written if p.suffix == ".ptd"]
-        decode["runner_command"] = llama_main_command(job.output, job.tokenizer, data)
+    decode = dict(job.made.decode_info, metadata=job.made.metadata, tokenizer=None, runner_command=None)
+    if job.made.tokenizer is not None and job.request.output is not None:
+        decode["tokenizer"] = job.made.tokenizer.summary()
+        data = [p for p in job.made.written if p.suffix == ".ptd"]
+        decode["runner_command"] = llama_main_command(job.request.output, job.made.tokenizer, data)
     return decode
 
 

@@ -326,23 +326,23 @@ def verify_after_export(job, *, samples: int = 1, seed: int | None = None, input
     from .config import GROUPED_SCHEMES
     from .llm.load import load_any
 
-    if job.pte_bytes is None or job.quantized is None:
+    if job.made.pte_bytes is None or job.made.quantized is None:
         raise VerifyError("the export did not finish, there is nothing to verify", "run the export first")
-    options = job.options
-    pte = read_pte(job.pte_bytes)
-    if job.kv_cache:
-        return verify_decode(job.model_path, pte, str(job.output) if job.output is not None else "<bytes>",
-                             options=job.options, entry=job.entry, checkpoint=job.checkpoint, seed=options.seed, steps=max(samples, DECODE_STEPS),
-                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=job.warn)
+    options = job.request.options
+    pte = read_pte(job.made.pte_bytes)
+    if job.made.kv_cache:
+        return verify_decode(job.request.model_path, pte, str(job.request.output) if job.request.output is not None else "<bytes>",
+                             options=job.request.options, entry=job.request.entry, checkpoint=job.request.checkpoint, seed=options.seed, steps=max(samples, DECODE_STEPS),
+                             min_sqnr_float=min_sqnr_float, min_sqnr_quantized=min_sqnr_quantized, warn=job.request.warn)
     torch.manual_seed(options.seed)
-    loaded, _, _ = load_any(job.model_path, options, entry=job.entry, checkpoint=job.checkpoint)
-    models = Models(loaded.module, job.quantized, loaded.example_inputs, options.scheme,
+    loaded, _, _ = load_any(job.request.model_path, options, entry=job.request.entry, checkpoint=job.request.checkpoint)
+    models = Models(loaded.module, job.made.quantized, loaded.example_inputs, options.scheme,
                     options.group_size if options.scheme in GROUPED_SCHEMES else None)
     batches = make_samples(models.example_inputs, samples, options.seed if seed is None else seed, inputs)
     report = compare_models(pte, models, batches, thresholds_for(options.scheme, min_sqnr_float, min_sqnr_quantized, min_sqnr_layer),
                             enforce_float=min_sqnr_float is not None)
-    report["model"] = str(job.model_path)
-    report["pte"] = str(job.output) if job.output is not None else "<bytes>"
+    report["model"] = str(job.request.model_path)
+    report["pte"] = str(job.request.output) if job.request.output is not None else "<bytes>"
     return report
 
 

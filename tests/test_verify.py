@@ -153,9 +153,9 @@ def test_verify_after_export_reuses_the_job(tmp_path):
     from pathlib import Path
 
     mlp = Path(__file__).resolve().parents[1] / "examples" / "mlp.py"
-    job = ExportJob(model_path=mlp, output=tmp_path / "mlp.pte", options=make_options(scheme="qta8a_qga4w"), verify_samples=2)
+    job = ExportJob.of(model_path=mlp, output=tmp_path / "mlp.pte", options=make_options(scheme="qta8a_qga4w"), verify_samples=2)
     run_stages(job)  # the verify stage keeps the quantized model for this call
-    assert job.verification["passed"] and job.verification["samples"] == 2
+    assert job.made.verification["passed"] and job.made.verification["samples"] == 2
     report = verify_after_export(job, samples=2)
     assert report["passed"], report["failures"]
     assert report["outputs"][0]["vs_quantized"]["sqnr_db"] >= THRESHOLDS["qta8a_qga4w"].vs_quantized

@@ -71,26 +71,26 @@ def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch)
 
     options = make_options(group_size=32, quantize_embeddings=True)
     out = tmp_path / "model.pte"
-    job = run_stages(ExportJob(model_path=MODELS["llama"], output=out, options=options))
-    assert job.store.stored_bytes > 0.8 * out.stat().st_size
+    job = run_stages(ExportJob.of(model_path=MODELS["llama"], output=out, options=options))
+    assert job.made.store.stored_bytes > 0.8 * out.stat().st_size
     assert copied and max(copied) < 2048, f"a {max(copied)}-byte constant was copied by the Vulkan preprocess"
     assert torch.uint8 not in read_by_fuse  # packed weights (and their sums) were made by the quantize stage
     assert scratch_dirs(tmp_path) == []
-    in_memory = run_stages(ExportJob(model_path=MODELS["llama"], output=None, options=options))
-    assert in_memory.store is None and in_memory.pte_bytes == out.read_bytes()
+    in_memory = run_stages(ExportJob.of(model_path=MODELS["llama"], output=None, options=options))
+    assert in_memory.made.store is None and in_memory.made.pte_bytes == out.read_bytes()
 
 
 def test_failed_export_removes_its_scratch_files(tmp_path, monkeypatch):
     import qlower.pipeline as pipeline
 
     def failing_lower(job):
-        assert scratch_dirs(tmp_path) and any(job.store.directory.iterdir())
+        assert scratch_dirs(tmp_path) and any(job.made.store.directory.iterdir())
         raise ExportError("lowering failed", "nothing")
 
     monkeypatch.setattr(pipeline, "STAGES", [(n, failing_lower if n == "lower" else f) for n, f in STAGES])
     monkeypatch.setattr(weight_store, "MIN_STORED_BYTES", 2048)
     with pytest.raises(ExportError):
-        run_stages(ExportJob(model_path=MODELS["llama"], output=tmp_path / "m.pte", options=make_options(group_size=32)))
+        run_stages(ExportJob.of(model_path=MODELS["llama"], output=tmp_path / "m.pte", options=make_options(group_size=32)))
     assert list(tmp_path.iterdir()) == []
 
 
