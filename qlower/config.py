@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-# scheme name -> what it means; the fused op is documented in README and DESIGN.
+# scheme name -> what it means; the fused op is documented in docs/quantization.md.
 SCHEMES = {
     "qta8a_qga4w": "dynamic per-token int8 activations, group-wise int4 weights",
     "qga4w": "float activations, group-wise int4 weights",

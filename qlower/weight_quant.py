@@ -100,7 +100,7 @@ def group_scales(w: torch.Tensor, how: str, weight: torch.Tensor | None = None) 
 
 @dataclass(frozen=True)
 class GptqSettings:
-    """GPTQ's knobs (defaults chosen by the measurements in README "Quality")."""
+    """GPTQ's knobs (defaults chosen by the measurements in docs/quantization.md, "Quality of int4 weights")."""
 
     damp: float = 0.01  # dampening added to H's diagonal, as a fraction of its mean
     block: int = 128  # columns per lazy-update block

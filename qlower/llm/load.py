@@ -12,7 +12,7 @@ from ..errors import ModelLoadError
 from ..loader import LoadedModel, load_model
 from .hf_folder import HfFolder, example_tokens, family_check_model, hf_skeleton, is_hf_folder, load_hf_model, read_hf_folder
 
-# A model file may define these for KV-cache export (see README "LLM decode").
+# A model file may define these for KV-cache export (see docs/llm.md, "LLM decode").
 METADATA_NAME = "metadata"
 
 
