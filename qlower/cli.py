@@ -100,6 +100,12 @@ def _weight_algorithm_option(default_help: str):
 
 
 CALIBRATION_TEXT_OPTION = typer.Option(None, "--calibration-text", help="gptq: text file to calibrate on, read with the Hugging Face folder's tokenizer.")
+# The model a .pte was exported from, as verify, generate and eval take it.
+SOURCE_MODEL_ARGUMENT = typer.Argument(..., help="The model file or Hugging Face folder the .pte was exported from.")
+SOURCE_CONFIG_OPTION = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides).")
+ENTRY_OPTION = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several.")
+SOURCE_CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with.")
+SOURCE_SEED_OPTION = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed).")
 CALIBRATION_TOKENS_OPTION = typer.Option(None, "--calibration-tokens", min=1, help="gptq: tokens of the calibration text to use [default: 4096].")
 
 
@@ -222,7 +228,7 @@ def export(
     scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help=f"Quantization scheme: {', '.join(SCHEMES)} [default: qta8a_qga4w]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Weight group size for int4 schemes [default: 128]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags override it."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
+    entry: Optional[str] = ENTRY_OPTION,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict to load: .safetensors, or .pt (loaded with weights_only)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="q8ta_q8csw: torch.save'd list of input tuples."),
     calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", min=1, help="q8ta_q8csw: random batches when no data is given."),
@@ -348,9 +354,9 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed for random inputs, the model's initialization and random calibration (as export's --seed)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help="Scheme the .pte was exported with [default: read from the .pte]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Group size of int4 schemes [default: read from the .pte]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
+    config: Optional[Path] = SOURCE_CONFIG_OPTION,
+    entry: Optional[str] = ENTRY_OPTION,
+    checkpoint: Optional[Path] = SOURCE_CHECKPOINT_OPTION,
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="q8ta_q8csw: the calibration data the .pte was exported with."),
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
@@ -430,16 +436,16 @@ def _parse_ids(value: Optional[str]) -> Optional[list[int]]:
     )
 )
 def generate(
-    model: Path = typer.Argument(..., help="The model file or Hugging Face folder the .pte was exported from."),
+    model: Path = SOURCE_MODEL_ARGUMENT,
     pte: Path = typer.Argument(..., metavar="FILE.pte", help="A .pte exported with --kv-cache."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", callback=_parse_ids, help="Prompt token ids, comma-separated."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (needs a tokenizer in the Hugging Face folder)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (fewer if an end-of-sequence id comes first)."),
     bos: bool = typer.Option(False, "--bos", help="Prepend the file's get_bos_id to the prompt, as ExecuTorch's llama_main --num_bos 1 does."),
-    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    config: Optional[Path] = SOURCE_CONFIG_OPTION,
+    entry: Optional[str] = ENTRY_OPTION,
+    checkpoint: Optional[Path] = SOURCE_CHECKPOINT_OPTION,
+    seed: int = SOURCE_SEED_OPTION,
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
@@ -478,7 +484,7 @@ def generate(
     ),
 )
 def eval_(
-    model: Path = typer.Argument(..., help="The model file or Hugging Face folder the .pte was exported from."),
+    model: Path = SOURCE_MODEL_ARGUMENT,
     pte: Path = typer.Argument(..., metavar="FILE.pte", help="The .pte to score (a --kv-cache decoder, or a prefill file returning every position's logits)."),
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text, tokenized whole by the folder's tokenizer (no special tokens added)."),
     text_ids: Optional[Path] = typer.Option(None, "--text-ids", help="Whitespace-separated token ids, for models without a tokenizer."),
@@ -489,10 +495,10 @@ def eval_(
     runner: Optional[Path] = typer.Option(None, "--runner", help="Score the file on the real runtime: the path of llm_step_runner (tools/llm_step_runner), one process a window."),
     scheme: Optional[str] = typer.Option(None, "--scheme", callback=lambda v: _check_choice(v, SCHEMES), help="Scheme the .pte was exported with [default: read from the .pte]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", min=1, help="Group size of int4 schemes [default: read from the .pte]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="The TOML preset the .pte was exported with (per-layer overrides)."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the model (or factory) in the file, when it defines several."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict the .pte was exported with."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the model's initialization (as export's --seed)."),
+    config: Optional[Path] = SOURCE_CONFIG_OPTION,
+    entry: Optional[str] = ENTRY_OPTION,
+    checkpoint: Optional[Path] = SOURCE_CHECKPOINT_OPTION,
+    seed: int = SOURCE_SEED_OPTION,
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: read from the .pte]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,

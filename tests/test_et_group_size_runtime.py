@@ -19,6 +19,7 @@ from qlower.quantize import quantize_model
 from qlower.metrics import sqnr_db
 
 from .conftest import write_model
+from .test_group_size import MLP
 from .test_et_runtime import RUNNER, run_on_runtime
 
 pytestmark = pytest.mark.skipif(not RUNNER, reason="set QLOWER_ET_RUNNER to an ExecuTorch executor_runner built with Vulkan")
@@ -28,21 +29,6 @@ pytestmark = pytest.mark.skipif(not RUNNER, reason="set QLOWER_ET_RUNNER to an E
 MIN_RUNTIME_VS_EAGER_DB = 100.0
 PREFILL_TOKENS = 16
 
-MLP = """
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear({k}, {hidden})
-        self.fc2 = nn.Linear({hidden}, {n})
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-def make_model():
-    torch.manual_seed(0)
-    return MLP()
-def make_example_inputs():
-    torch.manual_seed(1)
-    return (torch.randn({tokens}, {k}),)
-"""
 
 
 def runtime_vs_eager(tmp_path, scheme: str, group_size: int, k: int, hidden: int, n: int | None = None,
