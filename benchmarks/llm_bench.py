@@ -137,6 +137,14 @@ def write_checkpoints(shape: dict, directory: Path, zero: bool, meta: bool = Tru
     return folder, params, ckpt
 
 
+def random_calibration(directory: Path, vocab: int, tokens: int, window: int = 512) -> Path:
+    """GPTQ's calibration batches for a random-weight model: windows of random token ids (torch.save'd)."""
+    path = directory / f"calibration_{tokens}.pt"
+    gen = torch.Generator().manual_seed(0)
+    torch.save([(torch.randint(0, vocab, (1, window), generator=gen),) for _ in range(max(1, tokens // window))], path)
+    return path
+
+
 def timed(cmd: list[str], log: Path, cwd: Path | None = None, check: bool = True) -> dict:
     """Run ``cmd``; wall seconds and peak RSS (GNU time), stderr to ``log``, stdout to ``log``.out.
 
@@ -187,9 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep checkpoints and .pte files in this folder")
     parser.add_argument("--stock-mem-cap-gb", type=float, help="run export_llama under this address-space cap (prlimit --as): "
                         "a flow that needs more fails there instead of taking the machine down [default: 14 for 8b]")
+    parser.add_argument("--layers", type=int, help="decoder blocks instead of the shape's own (per-block costs of a wide shape, quickly)")
+    parser.add_argument("--weight-algorithms", default="rtn",
+                        help="qlower exports one file per int4 weight algorithm, comma-separated (rtn, hqq, gptq); "
+                             "gptq calibrates on --calibration-tokens random token ids")
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape], **({"n_layers": args.layers} if args.layers else {}))
     big = args.shape == "8b"
     cap = args.stock_mem_cap_gb if args.stock_mem_cap_gb is not None else (14 if big else None)
     directory = args.keep or Path(tempfile.mkdtemp(prefix="qlower_llm_bench_"))
@@ -203,12 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             folder, params, ckpt = write_checkpoints(shape, directory, args.zero_weights, meta=not big)
             print(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {folder}, {ckpt}", file=sys.stderr)
         results = {"shape": args.shape, **shape, "max_seq_len": args.max_seq_len, "group_size": args.group_size}
-        q_pte = directory / "qlower.pte"
-        results["qlower"] = timed([sys.executable, "-m", "qlower.cli", "export", str(folder), "-o", str(q_pte),
-                                   "--max-seq-len", str(args.max_seq_len), "--group-size", str(args.group_size),
-                                   "--quantize-embeddings", "--json"], directory / "qlower.log")
-        results["qlower"].update(pte_facts(q_pte))
-        print(f"qlower: {results['qlower']}", file=sys.stderr)
+        for algorithm in args.weight_algorithms.split(","):
+            key = "qlower" if algorithm == "rtn" else f"qlower_{algorithm}"
+            q_pte = directory / f"{key}.pte"
+            extra = ["--weight-algorithm", algorithm] if algorithm != "rtn" else []
+            if algorithm == "gptq":
+                extra += ["--calibration", str(random_calibration(directory, shape["vocab"], args.calibration_tokens))]
+            results[key] = timed([sys.executable, "-m", "qlower", "export", str(folder), "-o", str(q_pte),
+                                  "--max-seq-len", str(args.max_seq_len), "--group-size", str(args.group_size),
+                                  "--quantize-embeddings", *extra, "--json"], directory / f"{key}.log")
+            results[key].update(pte_facts(q_pte))
+            print(f"{key}: {results[key]}", file=sys.stderr)
         if not args.skip_stock:
             s_pte = directory / "export_llama.pte"
             s_pte.unlink(missing_ok=True)
@@ -251,7 +269,7 @@ def _print(r: dict) -> None:
     print(f"{r['shape']}: dim {r['dim']}, {r['n_layers']} layers, {r['n_heads']}/{r['n_kv_heads']} heads, FFN {r['hidden_dim']}, "
           f"vocab {r['vocab']}, max_seq_len {r['max_seq_len']}, g{r['group_size']} + 4-bit embeddings")
     print(f"{'flow':<14}{'time':>10}{'peak RSS':>12}{'.pte':>12}{'partitions':>12}{'CPU calls':>11}")
-    for name in ("export_llama", "qlower"):
+    for name in ("export_llama", *sorted(k for k in r if k.startswith("qlower"))):
         if name in r and r[name]["exit"] != 0:
             x = r[name]
             print(f"{name:<14}{x['seconds']:>9.1f}s  failed (exit {x['exit']}) under a {x.get('mem_cap_gb')} GB cap: "
