@@ -155,3 +155,19 @@ def test_group_size_no_kernel_reads_is_refused(tmp_path):
                       "of 4 values one scale)"]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_verify_reads_the_asked_group_size_of_a_restated_file(tmp_path):
+    """A g256 file stores g128 scales; verify (whole model and --sample) quantizes its reference at 256,
+    as export did, from the file's own record — not at the stored size, which would compare other math."""
+    from qlower.provenance import infer_scheme
+    from qlower.verify import verify
+
+    path = mlp(tmp_path, 1024, 256)
+    pte_path = tmp_path / "g256.pte"
+    qlower.export(path, pte_path, scheme=SCHEME, group_size=256)
+    assert dq8ca_ops(read_pte(pte_path))  # the file holds the fused op, stored at 128
+    assert infer_scheme(read_pte(pte_path))[:2] == (SCHEME, 256)
+    report = verify(path, pte_path)
+    assert report["passed"], report["failures"]
+    assert min(layer["sqnr_db"] for layer in report["layers"]) >= MIN_GOLDEN_VS_EAGER_DB
