@@ -78,7 +78,7 @@ def calibration_inputs(loaded, options: ExportOptions, warn: Callable[[str], Non
         return text_token_batches(folder.path, options.calibration_text, options.calibration_tokens, folder.max_positions)
     if options.calibration or loaded.calibration_inputs:
 
-        return calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn)
+        return calibration_batches(loaded.example_inputs, options, loaded.calibration_inputs, warn, any_length=True)
     raise CalibrationError(f"--weight-algorithm {options.weight_algorithm} needs calibration data",
                            "pass --calibration-text FILE (a Hugging Face folder) or --calibration FILE; "
                            "or use --weight-algorithm hqq (data-free)")
@@ -282,8 +282,12 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 quantize(name, hooks.hessian(name))
 
 
-def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None]) -> list[tuple]:
-    """Calibration batches: --calibration FILE, the model file's own, or random ones (with a warning)."""
+def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None],
+                        any_length: bool = False) -> list[tuple]:
+    """Calibration batches: --calibration FILE, the model file's own, or random ones (with a warning).
+
+    ``any_length``: token-id inputs may have another sequence length than the example's (a calibrated
+    weight algorithm runs the float model on them; static int8 needs the traced shapes)."""
     if options.calibration:
         batches = read_input_batches(Path(options.calibration), "calibration", CalibrationError, tensor_is_batches=True)
     elif from_model:
@@ -296,15 +300,16 @@ def calibration_batches(example_inputs: tuple, options: ExportOptions, from_mode
         gen = torch.Generator().manual_seed(options.seed)
         return [tuple(random_like(t, gen) for t in example_inputs) for _ in range(options.calibration_batches)]
     for i, batch in enumerate(batches):
-        _check_batch(i, batch, example_inputs)
+        _check_batch(i, batch, example_inputs, any_length)
     return batches
 
 
-def _check_batch(i: int, batch: tuple, example: tuple) -> None:
+def _check_batch(i: int, batch: tuple, example: tuple, any_length: bool = False) -> None:
     if len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
         raise CalibrationError(f"calibration batch {i} has {len(batch)} inputs, the model takes {len(example)} tensors", "match the example inputs")
     for j, (got, want) in enumerate(zip(batch, example)):
-        if got.dtype != want.dtype or got.shape[1:] != want.shape[1:] or got.dim() != want.dim():
+        tokens = any_length and not want.is_floating_point() and want.dim() == 2
+        if got.dtype != want.dtype or got.dim() != want.dim() or (got.shape[1:] != want.shape[1:] and not tokens):
             raise CalibrationError(
                 f"calibration batch {i} input {j} is {describe_tensor(got)}, expected {describe_tensor(want)}",
                 "calibration inputs must match the example inputs' dtype and shape (the batch dim may differ)",

@@ -175,6 +175,25 @@ def test_gptq_file_fuses_as_rtn_and_records_the_algorithm(folders, calibration_f
     assert set(record["layers"].values()) == {"gptq"} and len(record["layers"]) == 15
 
 
+def test_gptq_calibrates_on_token_windows_longer_than_the_example(folders, tmp_path):
+    """A decoder's --calibration file may hold token windows of any length (not the traced example's);
+    static int8 calibration still needs the traced shapes."""
+    from qlower.calibrate import calibration_batches
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model
+
+    loaded, _, _ = load_any(folders[True], make_options(kv_cache=False))
+    t = loaded.example_inputs[0].shape[1]
+    path = tmp_path / "long.pt"
+    gen = torch.Generator().manual_seed(2)
+    torch.save([(torch.randint(0, 256, (1, 3 * t + 1), generator=gen),) for _ in range(2)], path)
+    options = make_options(group_size=32, kv_cache=False, weight_algorithm="gptq", calibration=str(path))
+    quantized, plans = quantize_model(loaded, options, lambda message: None)
+    assert {p.algorithm for p in plans if p.quantized} == {"gptq"}
+    with pytest.raises(CalibrationError, match="calibration batch 0 input 0"):
+        calibration_batches(loaded.example_inputs, make_options(calibration=str(path)), None, lambda message: None)
+
+
 def test_option_errors():
     with pytest.raises(ConfigError, match="unknown algorithm 'awq'") as error:
         make_options(weight_algorithm="awq")
