@@ -431,7 +431,9 @@ class Int4Embedding(nn.Module):
         rows, dim = w.shape
         groups = w.reshape(rows, dim // group_size, group_size)
         scales = groups.abs().amax(dim=-1).clamp(min=1e-9) / 7.5
-        q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -8, 7).to(torch.int8).reshape(rows, dim)
+        # Rounded as torchao rounds a linear's weight (times the reciprocal): a tied LM head and its
+        # embedding get the same bytes, which the file stores once.
+        q = torch.clamp(torch.round(groups * (1.0 / scales.unsqueeze(-1))), -8, 7).to(torch.int8).reshape(rows, dim)
         return pack.pack_int4(q), scales.to(torch.float32)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:

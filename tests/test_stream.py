@@ -295,3 +295,19 @@ def test_cli_prints_layer_progress_and_peak_memory(sharded, tmp_path):
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0 and "GiB read" not in result.stderr
     assert json.loads(result.stdout)["peak_rss_mb"] > 0
+
+
+def test_tied_embedding_and_lm_head_are_stored_once(tmp_path):
+    """A tied embedding and LM head quantized to int4 round to the same values (the embedding's RTN is
+    torchao's): the file stores their packed weight once, with two users."""
+    from qlower.api import export
+    from qlower.pte import SIZE_PARTS, read_pte, size_breakdown
+
+    folder = write_folder(tmp_path / "tied", llama_config(tie_word_embeddings=True))
+    out = tmp_path / "tied.pte"
+    export(folder, out, group_size=32, quantize_embeddings=True)
+    size = size_breakdown(read_pte(out, constants=False))
+    vocab, hidden = llama_config()["vocab_size"], llama_config()["hidden_size"]
+    packed = [s for s in size["shared_constants"] if s["role"] == "packed_weights"]
+    assert [(s["users"], s["bytes"]) for s in packed] == [(2, vocab * hidden // 2)]
+    assert size["total"] == sum(size[k] for k in SIZE_PARTS)
