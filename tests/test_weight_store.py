@@ -106,7 +106,8 @@ def test_int4_embedding_matches_embedding_4bit_and_the_fused_op(vocab, dim, grou
     torch.manual_seed(vocab)
     layer = nn.Embedding(vocab, dim)
     emb = Int4Embedding.from_float(layer, group_size)
-    q = torch.clamp(torch.round(layer.weight.detach().reshape(vocab, -1, group_size) / emb.scales.unsqueeze(-1)),
+    # RTN as torchao rounds a linear's weight: times the scale's reciprocal.
+    q = torch.clamp(torch.round(layer.weight.detach().reshape(vocab, -1, group_size) * (1.0 / emb.scales.unsqueeze(-1))),
                     -8, 7).to(torch.int8).reshape(vocab, dim)
     u = (q + 8).to(torch.uint8)
     stock_layout = (u[:, ::2] << 4) | u[:, 1::2]  # embedding_4bit's: even value in the high nibble
