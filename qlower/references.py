@@ -156,11 +156,7 @@ def conv2d_q8ta_q8csw_int(
     xp = torch.nn.functional.pad(xq.to(torch.float64), (pw, pw, ph, ph), value=float(int(x_zp)))
     acc = torch.nn.functional.conv2d(xp, w.to(torch.float64), None, list(stride), 0, list(dilation), int(groups))
     acc = acc.round().to(torch.int64) - int(x_zp) * w_sums.to(torch.int64).reshape(1, -1, 1, 1)
-    scale = torch.tensor(float(x_scale), dtype=torch.float32) * w_scales.to(torch.float32)
-    y = acc.to(torch.float32) * scale.reshape(1, -1, 1, 1)
-    if bias is not None:
-        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
-    return y
+    return _scaled_conv_acc(acc, x_scale, w_scales, bias)
 
 
 def conv_transpose2d_q8ta_q8csw_int(
@@ -200,6 +196,11 @@ def conv_transpose2d_q8ta_q8csw_int(
     taps = w.to(torch.int64).reshape(int(groups), -1, ocg, w.shape[2] * w.shape[3]).sum(dim=(1, 3)).reshape(-1)
     raw = centred.round().to(torch.int64) + int(x_zp) * taps.reshape(1, -1, 1, 1)
     acc = raw - int(x_zp) * w_sums.to(torch.int64).reshape(1, -1, 1, 1)
+    return _scaled_conv_acc(acc, x_scale, w_scales, bias)
+
+
+def _scaled_conv_acc(acc: torch.Tensor, x_scale: float, w_scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A q8ta conv's integer accumulator [N, OC, H, W] → float32: ``acc · (x_scale · w_scales[oc]) + bias[oc]``."""
     scale = torch.tensor(float(x_scale), dtype=torch.float32) * w_scales.to(torch.float32)
     y = acc.to(torch.float32) * scale.reshape(1, -1, 1, 1)
     if bias is not None:
