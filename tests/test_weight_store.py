@@ -157,7 +157,8 @@ def test_verify_sample_checks_layers_alone(sampled_export):
 
 
 def test_verify_sample_catches_a_damaged_layer(sampled_export, tmp_path):
-    """Flipping bytes of one packed weight in the file fails that layer and only it."""
+    """Flipping bytes of one packed weight in the file fails the layers that read it and only them: the LM
+    head, and the embedding tied to it (their int4 values are equal, so the file stores them once)."""
     from qlower.pte import read_pte
     from qlower.verify import verify
     from qlower.verify_sample import file_layers
@@ -171,12 +172,25 @@ def test_verify_sample_catches_a_damaged_layer(sampled_export, tmp_path):
     packed = decoded.named_bytes(key)
     at = bytes(data).find(packed)
     assert at > 0 and bytes(data).find(packed, at + 1) < 0
+    readers = [layer for layer in file_layers(decoded) if _packed_key(layer) == key]
+    assert sorted(layer["kind"] for layer in readers) == ["embedding", "linear"]  # tied: stored once
     for i in range(at, at + len(packed) // 4, 7):
         data[i] ^= 0x33
     damaged = tmp_path / "damaged.pte"
     damaged.write_bytes(bytes(data))
     report = verify(folder, damaged, sample=3)
-    assert not report["passed"] and len(report["failures"]) == 1 and "lm_head" in report["failures"][0]
+    assert not report["passed"] and any("lm_head" in f for f in report["failures"])
+    assert all("lm_head" in f or "embed_tokens" in f for f in report["failures"])
+    assert len(report["failures"]) < len(report["layers"])  # the other sampled layers pass
+
+
+def _packed_key(layer) -> str:
+    """The named-data key of a fused int4 op's packed weight."""
+    from qlower.verify_sample import FUSED_INT4
+
+    graph = layer["delegate"].graph
+    weight_at, _ = FUSED_INT4[layer["op"]]
+    return graph.constants[graph.values[layer["args"][weight_at]].value.constant_id].named_key
 
 
 def test_verify_sample_needs_a_checkpoint_it_can_stream(tmp_path):
