@@ -10,6 +10,15 @@ torch needed: it runs where the runtime runs (a phone, a GPU machine).
 
 Files are run in turn, ``--rounds`` times each (interleaved, so drift hits both alike); each run
 first repeats the whole sequence ``--warmup`` times (shader compilation, caches), then is timed.
+
+``--vkprof DIR`` also breaks a decode step down, for each file, with ``benchmarks/vkprof`` (a measuring
+stand-in for the Vulkan loader, built into DIR as ``libvulkan.so.1``; ``--real-loader`` names the real one):
+one run without GPU timestamps gives the CPU side (host time between steps, command-buffer encoding,
+submission, waiting on the GPU), how many steps of 100 re-encode, and dispatches and barriers per token;
+a second run with a timestamp after every dispatch gives the GPU's time per dispatch, summed per kernel.
+
+    python benchmarks/llm_decode_bench.py --runner ./llm_step_runner --vkprof /tmp/vkprof \
+        --real-loader /usr/lib/x86_64-linux-gnu/libvulkan.so.1 export_llama.pte qlower.pte --json
 """
 
 from __future__ import annotations
@@ -22,13 +31,139 @@ import sys
 from pathlib import Path
 
 
-def run_once(runner: str, pte: Path, prompt_len: int, steps: int, warmup: int, vocab_hint: int = 100) -> dict:
+def run_once(runner: str, pte: Path, prompt_len: int, steps: int, warmup: int, vocab_hint: int = 100,
+             env: dict | None = None) -> dict:
     prompt = ",".join(str(1 + (i * 7919) % vocab_hint) for i in range(prompt_len))
     cmd = [runner, "--model", str(pte), "--prompt", prompt, "--steps", str(steps), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{pte}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'failed'}")
     return json.loads(proc.stdout)
+
+
+# What a kernel is, read from the names its shader gives its tensors (benchmarks/vkprof records them).
+KERNEL_KINDS = (
+    ("t_packed_int4_weight", "linear int4"),
+    ("t_packed_int8_weight", "linear int8"),
+    ("t_qmat2", "linear"),
+    ("t_weight_scales", "linear"),
+    ("t_xqout", "rotary embedding"),
+    ("t_projected", "kv-cache write"),
+    ("t_attn_weights_softmax", "attention softmax"),
+    ("t_q t_k", "attention q·k"),
+    ("t_attn_weights t_v", "attention ·v"),
+    ("t_scales t_zps", "choose qparams"),
+    ("t_indices", "embedding"),
+    ("t_in t_weight t_out", "rms norm"),
+    ("t_other", "binary elementwise"),
+    ("t_in t_out", "unary / copy / view"),
+    ("t_inBuffer t_outBuffer", "unary / copy / view"),
+    ("t_outBuffer t_inBuffer", "unary / copy / view"),
+)
+
+
+def kernel_kind(tensors: str) -> str:
+    for key, kind in KERNEL_KINDS:
+        if key in tensors:
+            return kind
+    return "other"
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Path, real_loader: str,
+                 timestamps: bool) -> dict:
+    """One run of ``pte`` under the vkprof loader; the decode steps of the timed run, summarised."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vkprof.json"
+        env = dict(os.environ, VKPROF_REAL_LOADER=real_loader, VKPROF_TIMESTAMPS="1" if timestamps else "0",
+                   VKPROF_OUT=str(out), LD_LIBRARY_PATH=f"{vkprof}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+        timing = run_once(runner, pte, prompt_len, steps, 1, env=env)
+        prof = json.loads(out.read_text())
+    decode = prof["steps"][-steps:]       # the timed run's decode calls (its prefill comes just before them)
+    pipelines = prof["pipelines"]
+    n = len(decode)
+    result = {
+        "decode_ms_median": _median(timing["decode_ms"]),
+        "dispatches_per_token": _median([s["dispatches"] for s in decode]),
+        "barriers_per_token": _median([s["barriers"] for s in decode]),
+        "submits_per_token": _median([s["submits"] for s in decode]),
+        "reencodes_per_100_tokens": 100.0 * sum(s["reencoded"] for s in decode) / n,
+        "host_us_median": _median([s["host_gap_us"] for s in decode]),
+        "encode_us_mean": sum(s["encode_us"] for s in decode) / n,
+        "encode_us_when_reencoding": _median([s["encode_us"] for s in decode if s["reencoded"]]),
+        "submit_us_median": _median([s["submit_us"] for s in decode]),
+        "wait_us_median": _median([s["wait_us"] for s in decode]),
+    }
+    if timestamps:
+        result["gpu_span_us_median"] = _median([s["gpu_span_us"] for s in decode])
+        per_kernel: dict[str, dict] = {}
+        per_kind: dict[str, dict] = {}
+        gaps = []
+        for s in decode:
+            for pipeline, gx, gy, gz, us in s["dispatch"]:
+                p = pipelines[pipeline] if 0 <= pipeline < len(pipelines) else {"tensors": "?", "hash": "?"}
+                key = f"{kernel_kind(p['tensors'])} [{p['hash'][:8]}] {gx}x{gy}x{gz}"
+                k = per_kernel.setdefault(key, {"kind": kernel_kind(p["tensors"]), "tensors": p["tensors"],
+                                                "calls_per_token": 0, "us_per_token": 0.0, "samples": []})
+                k["calls_per_token"] += 1 / n
+                k["us_per_token"] += us / n
+                k["samples"].append(us)
+                kind = per_kind.setdefault(kernel_kind(p["tensors"]), {"calls_per_token": 0, "us_per_token": 0.0})
+                kind["calls_per_token"] += 1 / n
+                kind["us_per_token"] += us / n
+                gaps.append(us)
+        for k in per_kernel.values():
+            k["us_median"] = _median(k.pop("samples"))
+        result["gpu_us_per_dispatch_median"] = _median(gaps)
+        result["gpu_by_kind"] = dict(sorted(per_kind.items(), key=lambda kv: -kv[1]["us_per_token"]))
+        result["gpu_by_kernel"] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["us_per_token"])[:40])
+    return result
+
+
+def bytes_per_token(pte: Path, position: int) -> dict | None:
+    """Bytes a decode step reads, from the file (needs qlower): every constant an op other than the token
+    embedding reads (once per reading op: each prepacks its own copy), one embedding row, and the K and V
+    caches up to ``position`` (the runtime's SDPA reads positions up to the next multiple of 4)."""
+    try:
+        from qlower.inspect import inspect_pte
+    except ImportError:
+        return None
+    report = inspect_pte(pte)
+    weights = cache = embedding_row = 0
+    for v in report["vulkan"]:
+        for c in v["constants"]:
+            for user in c.get("users", []):
+                op_name, _, arg = user.partition(".")
+                short = op_name.split("#")[0]
+                if short.startswith("embedding"):
+                    rows = (c.get("shape") or [1])[0] or 1
+                    embedding_row += c["bytes"] // rows
+                elif "sdpa" in short and "cache" in arg:
+                    max_len = (c.get("shape") or [0, 1])[1] or 1
+                    cache += c["bytes"] * min(1.0, (-(-(position + 1) // 4) * 4) / max_len)
+                else:
+                    weights += c["bytes"]
+    return {"position": position, "weights": weights, "kv_cache": int(cache), "embedding_row": embedding_row,
+            "total": weights + int(cache) + embedding_row}
+
+
+def print_breakdown(name: str, b: dict) -> None:
+    c, g = b["cpu"], b["gpu"]
+    print(f"\n{name}: a decode step, {c['decode_ms_median']:.2f} ms (median; profiled run)")
+    print(f"  dispatches/token {c['dispatches_per_token']:.0f}, barriers/token {c['barriers_per_token']:.0f}, "
+          f"submits/token {c['submits_per_token']:.0f}, re-encodes per 100 tokens {c['reencodes_per_100_tokens']:.0f}")
+    print(f"  CPU: host between steps {c['host_us_median']:.0f} us, encoding {c['encode_us_mean']:.0f} us/token "
+          f"({c['encode_us_when_reencoding']:.0f} us when it re-encodes), submit {c['submit_us_median']:.0f} us, "
+          f"waiting on the GPU {c['wait_us_median']:.0f} us")
+    print(f"  GPU (timestamps on): span {g['gpu_span_us_median']:.0f} us, "
+          f"{g['gpu_us_per_dispatch_median']:.1f} us per dispatch (median)")
+    for kind, v in g["gpu_by_kind"].items():
+        print(f"    {kind:<24}{v['calls_per_token']:>7.0f} calls {v['us_per_token']:>9.0f} us")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per run")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vkprof", type=Path, help="folder holding benchmarks/vkprof built as libvulkan.so.1: "
+                        "also break a decode step down (CPU and GPU) for each file")
+    parser.add_argument("--real-loader", default="/usr/lib/x86_64-linux-gnu/libvulkan.so.1",
+                        help="the real Vulkan loader, for --vkprof")
+    parser.add_argument("--profile-steps", type=int, default=100, help="decode steps of a --vkprof run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     runs: dict[str, list[dict]] = {str(f): [] for f in args.files}
@@ -57,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["decode_speedup"] = base["decode_ms_median"] / r["decode_ms_median"]
         r["prefill_speedup"] = base["prefill_ms_median"] / r["prefill_ms_median"]
+    if args.vkprof:
+        for r in results:
+            f = Path(r["file"])
+            r["breakdown"] = {
+                "cpu": profile_once(args.runner, f, args.prompt_len, args.profile_steps, args.vkprof,
+                                    args.real_loader, timestamps=False),
+                "gpu": profile_once(args.runner, f, args.prompt_len, args.profile_steps, args.vkprof,
+                                    args.real_loader, timestamps=True),
+            }
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -64,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"{Path(r['file']).name:<40}{r['decode_ms_median']:>11.2f}{r['tokens_per_s']:>9.1f}"
                   f"{r['prefill_ms_median']:>12.1f}{r['decode_speedup']:>10.2f}{r['prefill_speedup']:>11.2f}")
+        for r in results:
+            if "breakdown" in r:
+                print_breakdown(Path(r["file"]).name, r["breakdown"])
     return 0
 
 
