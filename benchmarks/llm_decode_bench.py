@@ -52,17 +52,19 @@ KERNEL_KINDS = (
     ("t_attn_weights_softmax", "attention softmax"),
     ("t_q t_k", "attention q·k"),
     ("t_attn_weights t_v", "attention ·v"),
+    ("t_fp_input", "linear int4"),
     ("t_scales t_zps", "choose qparams"),
     ("t_indices", "embedding"),
     ("t_in t_weight t_out", "rms norm"),
     ("t_other", "binary elementwise"),
     ("t_in t_out", "unary / copy / view"),
-    ("t_inBuffer t_outBuffer", "unary / copy / view"),
-    ("t_outBuffer t_inBuffer", "unary / copy / view"),
+    ("t_out t_in", "unary / copy / view"),
+    ("t_outp t_inp", "unary / copy / view"),
 )
 
 
 def kernel_kind(tensors: str) -> str:
+    tensors = " ".join(t.removesuffix("Buffer") for t in tensors.split())   # buffer variants name t_inBuffer
     for key, kind in KERNEL_KINDS:
         if key in tensors:
             return kind
@@ -81,6 +83,7 @@ def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Pa
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vkprof.json"
         env = dict(os.environ, VKPROF_REAL_LOADER=real_loader, VKPROF_TIMESTAMPS="1" if timestamps else "0",
+                   VKPROF_SAMPLE_HZ="0" if timestamps else "4000",
                    VKPROF_OUT=str(out), LD_LIBRARY_PATH=f"{vkprof}:{os.environ.get('LD_LIBRARY_PATH', '')}")
         timing = run_once(runner, pte, prompt_len, steps, 1, env=env)
         prof = json.loads(out.read_text())
@@ -98,7 +101,18 @@ def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Pa
         "encode_us_when_reencoding": _median([s["encode_us"] for s in decode if s["reencoded"]]),
         "submit_us_median": _median([s["submit_us"] for s in decode]),
         "wait_us_median": _median([s["wait_us"] for s in decode]),
+        "per_step": {"decode_ms": timing["decode_ms"],
+                     **{k: [round(s[k], 1) for s in decode]
+                        for k in ("host_gap_us", "encode_us", "submit_us", "wait_us", "reencoded", "gpu_span_us")}},
     }
+    if prof.get("samples"):
+        # CPU samples of the whole run (load included), by what the program was doing and where
+        by: dict[str, dict[str, int]] = {}
+        for phase, lib, sym, block, count in prof["samples"]:
+            where = f"{lib}:{sym}" if sym else (f"{lib}+{block * 64}K" if lib.startswith("libc") else lib)
+            by.setdefault(phase, {})
+            by[phase][where] = by[phase].get(where, 0) + count
+        result["cpu_samples"] = {ph: dict(sorted(v.items(), key=lambda kv: -kv[1])[:12]) for ph, v in by.items()}
     if timestamps:
         result["gpu_span_us_median"] = _median([s["gpu_span_us"] for s in decode])
         per_kernel: dict[str, dict] = {}

@@ -9,6 +9,10 @@
  *     dispatches, pipeline barriers and push-constant updates recorded;
  *   - vkQueueSubmit: CPU time in the call, and which recorded buffers (so how many dispatches) ran;
  *   - vkWaitForFences: CPU time blocked on the GPU. A fence wait ends one execution ("step");
+ *   - with VKPROF_SAMPLE_HZ=N, the program counter N times a CPU-second (SIGPROF), with what the program was
+ *     doing by the calls above (host work, encoding, submitting, waiting): at exit each sample is named by its
+ *     library and, where the library exports one, its function (dladdr), to tell copies (libc) from the
+ *     runtime's own code (the program) and the driver;
  *   - with VKPROF_TIMESTAMPS=1, a GPU timestamp (bottom of pipe) at the start of every recorded command buffer
  *     and after every dispatch, read back after the step's fence: the GPU's time from one dispatch's end to
  *     the next one's, which includes the barrier and the launch, as the graph experiences it.
@@ -21,6 +25,9 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/time.h>
+#include <ucontext.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +66,43 @@ static int timestamps_on;
 static double ns_per_tick = 1.0;
 static VkDevice the_device;
 static VkQueryPool pool = VK_NULL_HANDLE;
+
+/* what the program is doing, for the sampler */
+enum { PH_HOST, PH_ENCODE, PH_SUBMIT, PH_WAIT, PH_N };
+static volatile int phase = PH_HOST;
+static const char *phase_names[PH_N] = {"host", "encode", "submit", "wait"};
+#define MAX_SAMPLES (1 << 21)
+static uintptr_t *sample_ip;
+static unsigned char *sample_phase;
+static volatile long n_samples;
+
+static void on_sigprof(int sig, siginfo_t *si, void *uc_) {
+  (void)sig; (void)si;
+  ucontext_t *uc = uc_;
+  long i = n_samples;
+  if (i >= MAX_SAMPLES) return;
+  sample_ip[i] = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+  sample_phase[i] = (unsigned char)phase;
+  n_samples = i + 1;
+}
+
+static void start_sampler(void) {
+  const char *hz_env = getenv("VKPROF_SAMPLE_HZ");
+  int hz = hz_env ? atoi(hz_env) : 0;
+  if (hz <= 0) return;
+  sample_ip = calloc(MAX_SAMPLES, sizeof *sample_ip);
+  sample_phase = calloc(MAX_SAMPLES, 1);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_sigprof;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigaction(SIGPROF, &sa, NULL);
+  struct itimerval it;
+  it.it_interval.tv_sec = 0;
+  it.it_interval.tv_usec = 1000000 / hz;
+  it.it_value = it.it_interval;
+  setitimer(ITIMER_PROF, &it, NULL);
+}
 
 static double now_us(void) {
   struct timespec ts;
@@ -128,6 +172,8 @@ static detail_t *details;
 static long n_details, cap_details;
 static const char *detail_steps_env;
 
+static void read_maps(void);
+
 static void load_real(void) {
   if (real_lib) return;
   const char *path = getenv("VKPROF_REAL_LOADER");
@@ -140,6 +186,7 @@ static void load_real(void) {
   timestamps_on = getenv("VKPROF_TIMESTAMPS") && atoi(getenv("VKPROF_TIMESTAMPS"));
   detail_steps_env = getenv("VKPROF_DETAIL_STEPS");
   steps = calloc(MAX_STEPS, sizeof(step_t));
+  start_sampler();
 }
 
 static PFN_vkVoidFunction wrap(const char *name, PFN_vkVoidFunction real);
@@ -245,6 +292,7 @@ static VKAPI_ATTR VkResult VKAPI_CALL my_BeginCommandBuffer(VkCommandBuffer cmd,
     c->recording = 1;
     c->dispatches = c->barriers = c->push_constants = c->queries = 0;
     c->encode_start = now_us();
+    phase = PH_ENCODE;
     if (timestamps_on) {
       real_CmdResetQueryPool(cmd, pool, c->slot * QUERIES_PER_CMDBUF, QUERIES_PER_CMDBUF);
       real_CmdWriteTimestamp(cmd, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, pool, c->slot * QUERIES_PER_CMDBUF);
@@ -262,7 +310,9 @@ static VKAPI_ATTR VkResult VKAPI_CALL my_EndCommandBuffer(VkCommandBuffer cmd) {
     cur.encoded_dispatches += c->dispatches;
     cur.reencoded = 1;
   }
-  return real_EndCommandBuffer(cmd);
+  VkResult r = real_EndCommandBuffer(cmd);
+  phase = PH_HOST;
+  return r;
 }
 
 static VKAPI_ATTR void VKAPI_CALL my_CmdBindPipeline(VkCommandBuffer cmd, VkPipelineBindPoint bp, VkPipeline p) {
@@ -308,7 +358,10 @@ static VKAPI_ATTR void VKAPI_CALL my_CmdPushConstants(VkCommandBuffer cmd, VkPip
 static VKAPI_ATTR VkResult VKAPI_CALL my_QueueSubmit(VkQueue q, uint32_t n, const VkSubmitInfo *si, VkFence f) {
   double t0 = now_us();
   if (first_submit_at < 0) first_submit_at = t0;
+  int was = phase;
+  phase = PH_SUBMIT;
   VkResult r = real_QueueSubmit(q, n, si, f);
+  phase = was;
   cur.submit_us += now_us() - t0;
   cur.submits++;
   for (uint32_t i = 0; i < n; i++)
@@ -371,7 +424,9 @@ static void read_timestamps(step_t *s) {
 static VKAPI_ATTR VkResult VKAPI_CALL my_WaitForFences(VkDevice dev, uint32_t n, const VkFence *f, VkBool32 all,
                                                        uint64_t timeout) {
   double t0 = now_us();
+  phase = PH_WAIT;
   VkResult r = real_WaitForFences(dev, n, f, all, timeout);
+  phase = PH_HOST;
   double t1 = now_us();
   if (cur.submits == 0 || n_steps >= MAX_STEPS) return r;   /* not an execution */
   cur.wait_us += t1 - t0;              /* the runtime waits in a loop of short timeouts */
@@ -380,6 +435,7 @@ static VKAPI_ATTR VkResult VKAPI_CALL my_WaitForFences(VkDevice dev, uint32_t n,
                                               cur.encode_us; /* CPU before the first submit, encoding excluded */
   if (timestamps_on) read_timestamps(&cur);
   steps[n_steps++] = cur;
+  if (n_steps == 3 && sample_ip) read_maps();   /* while the driver is loaded */
   memset(&cur, 0, sizeof cur);
   n_submitted = 0;
   first_submit_at = -1;
@@ -415,6 +471,40 @@ EXPORT VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL vkGetDeviceProcAddr(VkDevice dev
   return wrap(name, real_gdpa(dev, name));
 }
 
+/* The file mapped at an address (from /proc/self/maps), for addresses dladdr cannot name (the program). */
+static char maps_names[256][128];
+static uintptr_t maps_lo[256], maps_hi[256], maps_off[256];
+static int n_maps = -1;
+
+static void read_maps(void) {
+  {
+    n_maps = 0;
+    FILE *m = fopen("/proc/self/maps", "r");
+    char line[512];
+    while (m && n_maps < 256 && fgets(line, sizeof line, m)) {
+      unsigned long lo, hi, off;
+      char perms[8], path[400] = "";
+      if (sscanf(line, "%lx-%lx %7s %lx %*s %*s %399s", &lo, &hi, perms, &off, path) >= 4 && perms[2] == 'x') {
+        maps_lo[n_maps] = lo; maps_hi[n_maps] = hi; maps_off[n_maps] = off;
+        const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+        snprintf(maps_names[n_maps], sizeof maps_names[n_maps], "%s", *base ? base : "[anonymous]");
+        n_maps++;
+      }
+    }
+    if (m) fclose(m);
+  }
+}
+
+static const char *mapping_of(uintptr_t ip, uintptr_t *block) {
+  if (n_maps < 0) read_maps();
+  for (int k = 0; k < n_maps; k++)
+    if (ip >= maps_lo[k] && ip < maps_hi[k]) {
+      *block = (ip - maps_lo[k] + maps_off[k]) >> 16;
+      return maps_names[k];
+    }
+  return "?";
+}
+
 __attribute__((destructor)) static void dump(void) {
   if (!steps) return;
   const char *path = getenv("VKPROF_OUT");
@@ -439,6 +529,45 @@ __attribute__((destructor)) static void dump(void) {
     }
     fprintf(f, "]}%s\n", i + 1 < n_steps ? "," : "");
   }
-  fprintf(f, " ]}\n");
+  fprintf(f, " ],\n \"samples\": [");
+  /* name each sample: phase, library, exported function (or the offset's 64 KiB block in a stripped file) */
+  typedef struct { int ph; const char *lib; const char *sym; uintptr_t block; long count; } bucket_t;
+  static bucket_t buckets[4096];
+  int n_buckets = 0;
+  long total = n_samples;
+  for (long i = 0; i < total; i++) {
+    Dl_info info;
+    const char *lib = "?", *sym = "";
+    uintptr_t block = 0;
+    if (!dladdr((void *)sample_ip[i], &info) || !info.dli_fname || !*info.dli_fname) {
+      lib = mapping_of(sample_ip[i], &block);
+    } else {
+      lib = strrchr(info.dli_fname, '/') ? strrchr(info.dli_fname, '/') + 1 : info.dli_fname;
+      if (info.dli_sname) sym = info.dli_sname;
+      else block = (sample_ip[i] - (uintptr_t)info.dli_fbase) >> 16;
+      /* libc's copy routines are not exported under their own names: name the block memcpy resolved to */
+      Dl_info mc;
+      void *memcpy_at = dlsym(RTLD_DEFAULT, "memcpy");
+      if (!info.dli_sname && memcpy_at && dladdr(memcpy_at, &mc) && mc.dli_fbase == info.dli_fbase &&
+          (((uintptr_t)memcpy_at - (uintptr_t)mc.dli_fbase) >> 16) == block)
+        sym = "memcpy (its 64 KiB block)";
+    }
+    int k;
+    for (k = 0; k < n_buckets; k++)
+      if (buckets[k].ph == sample_phase[i] && buckets[k].block == block && !strcmp(buckets[k].lib, lib) &&
+          !strcmp(buckets[k].sym, sym))
+        break;
+    if (k == n_buckets) {
+      if (n_buckets == 4096) continue;
+      buckets[k].ph = sample_phase[i]; buckets[k].lib = lib; buckets[k].sym = sym; buckets[k].block = block;
+      buckets[k].count = 0;
+      n_buckets++;
+    }
+    buckets[k].count++;
+  }
+  for (int k = 0; k < n_buckets; k++)
+    fprintf(f, "%s\n  [\"%s\", \"%s\", \"%s\", %lu, %ld]", k ? "," : "", phase_names[buckets[k].ph], buckets[k].lib,
+            buckets[k].sym, (unsigned long)buckets[k].block, buckets[k].count);
+  fprintf(f, "]}\n");
   fclose(f);
 }
