@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install everything qlower and its tests need on a fresh Debian/Ubuntu machine:
-# the Vulkan loader, Mesa's CPU Vulkan device (lavapipe) and glslc from apt,
+# the Vulkan loader and its headers (benchmarks/vkprof), Mesa's CPU Vulkan device (lavapipe) and glslc from apt,
 # then the package with its pinned PyTorch/ExecuTorch/torchao from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="libvulkan1 mesa-vulkan-drivers glslc"
+APT_PACKAGES="libvulkan1 libvulkan-dev mesa-vulkan-drivers glslc"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=""
