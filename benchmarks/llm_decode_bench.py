@@ -144,10 +144,14 @@ def bytes_per_token(pte: Path, position: int) -> dict | None:
     embedding reads (once per reading op: each prepacks its own copy), one embedding row, and the K and V
     caches up to ``position`` (the runtime's SDPA reads positions up to the next multiple of 4)."""
     try:
+        from qlower.errors import PteError
         from qlower.inspect import inspect_pte
     except ImportError:
         return None
-    report = inspect_pte(pte)
+    try:
+        report = inspect_pte(pte)
+    except PteError:
+        return None
     weights = cache = embedding_row = 0
     for v in report["vulkan"]:
         for c in v["constants"]:
@@ -169,6 +173,10 @@ def bytes_per_token(pte: Path, position: int) -> dict | None:
 def print_breakdown(name: str, b: dict) -> None:
     c, g = b["cpu"], b["gpu"]
     print(f"\n{name}: a decode step, {c['decode_ms_median']:.2f} ms (median; profiled run)")
+    if b.get("bytes_per_token"):
+        read = b["bytes_per_token"]
+        print(f"  bytes read per token at position {read['position']}: {read['total'] / 1e6:.1f} MB "
+              f"(weights and scales {read['weights'] / 1e6:.1f}, K/V cache {read['kv_cache'] / 1e6:.1f})")
     print(f"  dispatches/token {c['dispatches_per_token']:.0f}, barriers/token {c['barriers_per_token']:.0f}, "
           f"submits/token {c['submits_per_token']:.0f}, re-encodes per 100 tokens {c['reencodes_per_100_tokens']:.0f}")
     print(f"  CPU: host between steps {c['host_us_median']:.0f} us, encoding {c['encode_us_mean']:.0f} us/token "
@@ -220,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gpu": profile_once(args.runner, f, args.prompt_len, args.profile_steps, args.vkprof,
                                     args.real_loader, timestamps=True),
             }
+            read = bytes_per_token(f, args.prompt_len + args.profile_steps // 2)   # where qlower is installed
+            if read is not None:
+                r["breakdown"]["bytes_per_token"] = read
     if args.json:
         print(json.dumps(results, indent=1))
     else:

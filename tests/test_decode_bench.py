@@ -108,6 +108,7 @@ def test_main_adds_the_breakdown(fake_runner, tmp_path, capsys):
                        "--vkprof", str(tmp_path), "--profile-steps", "8", str(a), str(b), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["decode_speedup"] for r in results] == [1.0, 1.0]
+    assert "bytes_per_token" not in results[0]["breakdown"]   # an empty file: inspect cannot read it
     assert results[1]["breakdown"]["cpu"]["reencodes_per_100_tokens"] == 25.0
 
 
