@@ -121,9 +121,11 @@ def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Pa
         for s in decode:
             for pipeline, gx, gy, gz, us in s["dispatch"]:
                 p = pipelines[pipeline] if 0 <= pipeline < len(pipelines) else {"tensors": "?", "hash": "?"}
-                key = f"{kernel_kind(p['tensors'])} [{p['hash'][:8]}] {gx}x{gy}x{gz}"
+                key = f"{kernel_kind(p['tensors'])} [{p['hash'][:8]}]"   # grids vary with the position
                 k = per_kernel.setdefault(key, {"kind": kernel_kind(p["tensors"]), "tensors": p["tensors"],
-                                                "calls_per_token": 0, "us_per_token": 0.0, "samples": []})
+                                                "calls_per_token": 0, "us_per_token": 0.0, "samples": [],
+                                                "grids": set()})
+                k["grids"].add(f"{gx}x{gy}x{gz}")
                 k["calls_per_token"] += 1 / n
                 k["us_per_token"] += us / n
                 k["samples"].append(us)
@@ -133,9 +135,11 @@ def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Pa
                 gaps.append(us)
         for k in per_kernel.values():
             k["us_median"] = _median(k.pop("samples"))
+            k["grids"] = sorted(k["grids"])[:8]
         result["gpu_us_per_dispatch_median"] = _median(gaps)
         result["gpu_by_kind"] = dict(sorted(per_kind.items(), key=lambda kv: -kv[1]["us_per_token"]))
-        result["gpu_by_kernel"] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["us_per_token"])[:40])
+        result["gpu_us_per_token"] = sum(k["us_per_token"] for k in per_kernel.values())
+        result["gpu_by_kernel"] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["us_per_token"]))
     return result
 
 
@@ -182,7 +186,7 @@ def print_breakdown(name: str, b: dict) -> None:
     print(f"  CPU: host between steps {c['host_us_median']:.0f} us, encoding {c['encode_us_mean']:.0f} us/token "
           f"({c['encode_us_when_reencoding']:.0f} us when it re-encodes), submit {c['submit_us_median']:.0f} us, "
           f"waiting on the GPU {c['wait_us_median']:.0f} us")
-    print(f"  GPU (timestamps on): span {g['gpu_span_us_median']:.0f} us, "
+    print(f"  GPU (timestamps on): span {g['gpu_span_us_median']:.0f} us, dispatches {g['gpu_us_per_token']:.0f} us, "
           f"{g['gpu_us_per_dispatch_median']:.1f} us per dispatch (median)")
     for kind, v in g["gpu_by_kind"].items():
         print(f"    {kind:<24}{v['calls_per_token']:>7.0f} calls {v['us_per_token']:>9.0f} us")

@@ -97,6 +97,8 @@ def test_profile_once_summarises_the_decode_steps(fake_runner, tmp_path):
     assert gpu["gpu_by_kind"]["linear int4"]["calls_per_token"] == pytest.approx(2.0)
     assert gpu["gpu_by_kind"]["linear int4"]["us_per_token"] == pytest.approx(25.0)
     assert list(gpu["gpu_by_kind"]) == ["linear int4", "rms norm"]   # largest first
+    assert gpu["gpu_us_per_token"] == pytest.approx(46.0)
+    assert gpu["gpu_by_kernel"]["linear int4 [bbbb]"]["grids"] == ["256x1x1", "64x1x1"]
     bench.print_breakdown("m.pte", {"cpu": cpu, "gpu": gpu})
 
 
