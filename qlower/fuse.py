@@ -25,6 +25,11 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     one-node ``qlower.quantized_linear``, → ``et_vk`` fused linears
     (:mod:`qlower.patterns.linear` lists the routes and guards). Those one-node
     linears get one ``choose_qparams_affine`` per distinct input here.
+``merge_sibling_projections``
+    Fused int4 linears that read the same input and whose outputs are each
+    viewed as [..., heads, head_dim] (Q, K and V) become one linear over the
+    stacked constants, one view to all heads and a slice per part: the same
+    numbers in fewer dispatches (each costs ~6 us on a GPU before any work).
 ``fuse_quantized_embedding``
     The quantize stage's ``qlower.embedding_int4`` (its table already in the
     fused linears' int4 layout) → ``et_vk.embedding_q4gsw``.
@@ -175,6 +180,25 @@ def fuse_quantized_linear(ep: ExportedProgram, ctx: FusionContext) -> int:
     return fused
 
 
+def merge_sibling_projections(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """Q/K/V-like sibling linears → one fused linear, a view and a slice each; their report lines say so."""
+    infos = {info.module: info for info in ctx.report.layers if info.fused_op}
+    merged = 0
+    for group in linear_family.sibling_groups(ep.graph_module.graph):
+        modules = [linear_family.module_fqn(s.node) for s in group]
+        _, orphans = linear_family.merge_siblings(ep, group, ctx.packer)
+        ctx.orphans.extend(orphans)
+        for module in modules:
+            info = infos.get(module)
+            if info is not None:
+                others = ", ".join(m.rsplit(".", 1)[-1] for m in modules if m != module)
+                info.note = "; ".join(filter(None, [info.note, f"one dispatch with {others}"]))
+        merged += 1
+    if merged:
+        ep.graph_module.graph.eliminate_dead_code()
+    return merged
+
+
 def fuse_quantized_embedding(ep: ExportedProgram, ctx: FusionContext) -> int:
     """``qlower.embedding_int4`` → ``et_vk.embedding_q4gsw`` reading the table as a linear's int4 weight.
 
@@ -256,6 +280,7 @@ def drop_unused_constants(ep: ExportedProgram, ctx: FusionContext) -> int:
 FUSION_PASSES: list[tuple[str, Callable[[ExportedProgram, FusionContext], int]]] = [
     ("share_act_qparams", share_act_qparams),
     ("fuse_quantized_linear", fuse_quantized_linear),
+    ("merge_sibling_projections", merge_sibling_projections),
     ("fuse_quantized_embedding", fuse_quantized_embedding),
     ("fuse_q8ta_conv", fuse_q8ta_conv),
     ("fuse_q8ta_add", fuse_q8ta_add),

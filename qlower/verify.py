@@ -195,6 +195,46 @@ def eager_counterpart(record: OpRecord, eager: torch.Tensor) -> torch.Tensor:
     return eager
 
 
+def split_stacked(golden: list[LayerOutput], records: list, eager: list[LayerOutput]) -> tuple[list[LayerOutput], list]:
+    """A fused linear that computes several eager layers at once (export's merged Q/K/V:
+    ``fuse.merge_sibling_projections``) as one golden layer per part, its output columns in order.
+
+    Walking both lists in order as :func:`match_layers` does: where the next eager layer has not the golden
+    layer's shape but it and the ones after it split the golden layer's last dimension exactly, the golden
+    layer is split; the parts share the op's record (and so its input)."""
+    out_layers, out_records, j = [], [], 0
+    for g, record in zip(golden, records):
+        parts = _stacked_parts(g, eager, j)
+        if parts is None:
+            out_layers.append(g)
+            out_records.append(record)
+            k = j
+            while k < len(eager) and not _same_shape(g.output, eager[k].output):
+                k += 1
+            j = k + 1 if k < len(eager) else j
+            continue
+        start = 0
+        for width in parts:
+            out_layers.append(LayerOutput(g.name, g.output[..., start:start + width], g.op, g.delegate, g.op_index))
+            out_records.append(record)
+            start += width
+        j += len(parts)
+    return out_layers, out_records
+
+
+def _stacked_parts(g: LayerOutput, eager: list[LayerOutput], j: int) -> list[int] | None:
+    if j >= len(eager) or _same_shape(g.output, eager[j].output) or g.op not in FLOAT_INPUT_LINEAR_OPS:
+        return None
+    rows, total, widths = g.output.numel() // g.output.shape[-1], g.output.shape[-1], []
+    for e in eager[j:]:
+        if e.output.numel() // max(e.output.shape[-1], 1) != rows or sum(widths) + e.output.shape[-1] > total:
+            return None
+        widths.append(e.output.shape[-1])
+        if sum(widths) == total:
+            return widths if len(widths) > 1 else None
+    return None
+
+
 def match_layers(golden: list[LayerOutput], eager: list[LayerOutput]) -> list[tuple[int, int | None]]:
     """(golden index, eager index or None): in order, same output shape."""
     pairs, j = [], 0
@@ -371,7 +411,7 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
         golden_out.append(golden)
         float_out.append(fl)
         quant_out.append(q)
-        golden_layers = [golden_layer(r) for r in records]
+        golden_layers, records = split_stacked([golden_layer(r) for r in records], records, eager_layers)
         pairs = match_layers(golden_layers, eager_layers)
         if not layer_info:
             for (i, k), g in zip(pairs, golden_layers):

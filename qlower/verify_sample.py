@@ -93,21 +93,52 @@ def pair_layers(ops: list[dict], plans: list) -> list[tuple[dict, Any]]:
     matched within each kind and shape, in order, so only layers of the same shape rely on
     the two orders agreeing."""
     quantized = [p for p in plans if p.quantized and p.kind in ("linear", "embedding")]
-    if len(quantized) != len(ops):
-        raise VerifyError(f"the file has {len(ops)} fused int4 layers, the model quantizes {len(quantized)}",
-                          "pass the export's --scheme, --group-size and --quantize-embeddings (or --config), or verify without --sample")
+    mismatch = VerifyError(f"the file's fused int4 layers do not pair with the {len(quantized)} layers the model quantizes",
+                           "pass the export's --scheme, --group-size and --quantize-embeddings (or --config), or verify without --sample")
     by_shape: dict[tuple, list] = {}
     for plan in quantized:  # plans: an embedding's n is its dim, its k the vocab
-        rows, k = (plan.k, plan.n) if plan.kind == "embedding" else (plan.n, plan.k)
-        by_shape.setdefault(_shape_key(plan.kind, rows, k), []).append(plan)
+        by_shape.setdefault(_plan_key(plan), []).append(plan)
     pairs = []
     for op in ops:
         layers = by_shape.get(_shape_key(op["kind"], op["n"], op["k"]))
-        if not layers:
+        if layers:
+            pairs.append((op, layers.pop(0)))
+            continue
+        # Sibling layers stored as one op (export's merged Q/K/V): consecutive model layers, its columns in order.
+        run = _stacked_run(op, quantized, by_shape)
+        if run is None:
             raise VerifyError(f"the file's {op['op'].split('.')[1]} {op['n']}x{op['k']} matches no layer of the model left to pair",
                               "the file was not exported from this model with these options; verify without --sample")
-        pairs.append((op, layers.pop(0)))
+        start = 0
+        for plan in run:
+            by_shape[_plan_key(plan)].remove(plan)
+            pairs.append((dict(op, n=plan.n, columns=(start, start + plan.n)), plan))
+            start += plan.n
+    if len(pairs) != len(quantized):
+        raise mismatch
     return pairs
+
+
+def _plan_key(plan) -> tuple[str, int, int]:
+    rows, k = (plan.k, plan.n) if plan.kind == "embedding" else (plan.n, plan.k)
+    return _shape_key(plan.kind, rows, k)
+
+
+def _stacked_run(op: dict, quantized: list, by_shape: dict) -> list | None:
+    """The first run of two or more consecutive unpaired linear layers of the op's K whose N add up to the op's."""
+    if op["kind"] != "linear":
+        return None
+    unpaired = [p for p in quantized if p in by_shape.get(_plan_key(p), ())]
+    for s in range(len(unpaired)):
+        run, total = [], 0
+        for plan in unpaired[s:]:
+            if plan.kind != "linear" or _shape_key("linear", 0, plan.k) != _shape_key("linear", 0, op["k"]) or total + plan.n > op["n"]:
+                break
+            run.append(plan)
+            total += plan.n
+            if total == op["n"]:
+                return run if len(run) > 1 else None
+    return None
 
 
 def spread(count: int, total: int) -> list[int]:
@@ -182,7 +213,10 @@ def _check(pte: Pte, op: dict, plan, layer: nn.Module, gen: torch.Generator) -> 
         group_size = _scalar(delegate, args[6] if dynamic else args[3])
         x_scale, x_zp = torch.ops.torchao.choose_qparams_affine(*per_token_qparams_args(x, x)) if dynamic else (None, None)
 
+        first = op.get("columns", (0, plan.n))[0]  # a part of a merged op: its columns
+
         def reference_rows(n0: int, n1: int) -> torch.Tensor:  # the packed [.., N] layouts sliced by output column
+            n0, n1 = first + n0, first + n1
             b = bias[n0:n1] if bias is not None else None
             if dynamic:
                 return references.linear_dq8ca_q4gsw(x, x_scale, x_zp, weight[n0:n1], sums[:, n0:n1], scales[:, n0:n1], group_size, b)

@@ -423,3 +423,74 @@ def test_quantized_linear_ops_share_activation_qparams():
     chooses = [n for n in edge.exported_program().graph.nodes if "choose_qparams_affine" in str(n.target)]
     # q/k/v read x, gate/up read a, down reads its own input: three choices, not six.
     assert len(chooses) == 3
+
+
+class HeadProjections(torch.nn.Module):
+    """Q, K and V read one input and are each viewed as heads (GQA: K/V fewer); Q is used before K is computed,
+    as Qwen3's q_norm does; a bias on every projection or none."""
+
+    def __init__(self, d=64, head_dim=16, kv_heads=2, bias=False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q = torch.nn.Linear(d, d, bias=bias)
+        self.k = torch.nn.Linear(d, kv_heads * head_dim, bias=bias)
+        self.v = torch.nn.Linear(d, kv_heads * head_dim, bias=bias)
+        self.o = torch.nn.Linear(d, d, bias=bias)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.head_dim) * 2.0
+        k = self.k(x).view(b, s, -1, self.head_dim)
+        v = self.v(x).view(b, s, -1, self.head_dim)
+        att = (q[:, :, :2] + k) * v
+        return self.o(torch.cat([att, q[:, :, 2:]], dim=2).reshape(b, s, -1)), k
+
+
+def _fused_linear_nodes(edge):
+    return [n for n in edge.exported_program().graph.nodes if "linear_dq8ca_q4gsw" in str(n.target)
+            or "linear_q4gsw" in str(n.target)]
+
+
+@pytest.mark.parametrize("scheme", ["qta8a_qga4w", "qga4w"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_sibling_projections_merge_into_one_dispatch_with_the_same_numbers(scheme, bias, rows):
+    torch.manual_seed(0)
+    x = torch.randn(1, rows, 64)
+    model = as_quantized_linear_ops(quantize(HeadProjections(bias=bias), scheme, x))
+    ep = torch.export.export(model, (x,))
+    merged, kept = to_edge(ep), to_edge(ep)
+    report = fuse.run_fusion(merged.exported_program())
+    fuse.run_fusion(kept.exported_program(), skip=["merge_sibling_projections"])
+    assert len(_fused_linear_nodes(kept)) == 4
+    assert len(_fused_linear_nodes(merged)) == 2  # q+k+v, o
+    passes = {p["name"]: p["changes"] for p in report.passes}
+    assert passes["merge_sibling_projections"] == 1
+    notes = {info.module: info.note for info in report.layers}
+    assert notes["q"] == "one dispatch with k, v" and notes["k"] == "one dispatch with q, v" and notes["o"] is None
+    got = merged.exported_program().module()(x)
+    want = kept.exported_program().module()(x)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # each part's columns computed with the same numbers
+    # Lowered: the Vulkan graph holds two linears, the view to all heads and a slice per part.
+    graphs, _ = vk_graphs(merged.to_backend(VulkanPartitioner()).to_executorch().buffer)
+    assert len(graphs) == 1
+    chain = graphs[0][0]
+    assert sum("linear" in op for op in chain) == 2
+    assert chain.count("aten.slice_copy.Tensor") >= 3
+
+
+def test_siblings_of_different_head_sizes_stay_apart():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64)
+
+    class Mixed(HeadProjections):
+        def forward(self, x):
+            b, s, _ = x.shape
+            return self.q(x).view(b, s, -1, 16), self.k(x).view(b, s, -1, 8)
+
+    model = as_quantized_linear_ops(quantize(Mixed(), "qta8a_qga4w", x))
+    edge = to_edge(torch.export.export(model, (x,)))
+    report = fuse.run_fusion(edge.exported_program())
+    assert {p["name"]: p["changes"] for p in report.passes}["merge_sibling_projections"] == 0
+    assert len(_fused_linear_nodes(edge)) == 2

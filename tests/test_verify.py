@@ -225,3 +225,38 @@ def test_layers_report_groups_repeated_layers(tmp_path):
     full = runner.invoke(app, ["verify", str(model), str(pte), "--samples", "2", "--all-layers"])
     assert full.exit_code == 0, full.output
     assert all(f"blocks.{i} " in full.stdout for i in range(REPEATED_BLOCKS))
+
+
+def test_a_merged_projection_splits_into_its_eager_layers():
+    from qlower.verify import LayerOutput, match_layers, split_stacked
+
+    op = "et_vk.linear_dq8ca_q4gsw.default"
+    qkv = LayerOutput("", torch.arange(2 * 12.0).reshape(1, 2, 12), op, 0, 3)
+    o = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 9)
+    eager = [LayerOutput(name, torch.zeros(1, 2, n)) for name, n in (("q", 8), ("k", 2), ("v", 2), ("o", 8))]
+    layers, records = split_stacked([qkv, o], ["r_qkv", "r_o"], eager)
+    assert [tuple(layer.output.shape) for layer in layers] == [(1, 2, 8), (1, 2, 2), (1, 2, 2), (1, 2, 8)]
+    assert records == ["r_qkv", "r_qkv", "r_qkv", "r_o"]
+    assert torch.equal(torch.cat([layer.output for layer in layers[:3]], dim=-1), qkv.output)
+    assert match_layers(layers, eager) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    # A layer of the eager layer's own shape is never split.
+    same = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 1)
+    assert len(split_stacked([same], ["r"], eager)[0]) == 1
+
+
+def test_sample_pairs_each_part_of_a_merged_op_with_its_layer():
+    from types import SimpleNamespace
+
+    from qlower.errors import VerifyError
+    from qlower.verify_sample import pair_layers
+
+    def plan(name, n, k=64, kind="linear"):
+        return SimpleNamespace(name=name, n=n, k=k, kind=kind, quantized=True)
+
+    plans = [plan("q", 64), plan("k", 16), plan("v", 16), plan("o", 64)]
+    ops = [{"kind": "linear", "n": 96, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default"},
+           {"kind": "linear", "n": 64, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default"}]
+    pairs = pair_layers(ops, plans)
+    assert [(p.name, op.get("columns")) for op, p in pairs] == [("q", (0, 64)), ("k", (64, 80)), ("v", (80, 96)), ("o", None)]
+    with pytest.raises(VerifyError):
+        pair_layers(ops[:1], plans)  # o left unpaired

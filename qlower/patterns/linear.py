@@ -661,3 +661,118 @@ def register_partition_pattern() -> None:
 
     if PARTITION_PATTERN not in fusable_patterns:
         register_pattern_detector(PARTITION_PATTERN)(_detect_prefused)
+
+
+# -- sibling projections: one dispatch ------------------------------------------
+#
+# Q, K and V read the same input and each output is at once viewed as
+# [..., heads, head_dim]. On a GPU where every dispatch costs ~6 us before it does
+# any work (docs/benchmarks.md), three GEMVs and three views cost more than one
+# GEMV over the stacked weights, one view to [..., heads_q + heads_k + heads_v,
+# head_dim] and a slice per part. The packed layouts stack by output column
+# exactly (rows of the int4 weight, columns of the transposed scales and group
+# sums, the bias) when every part's N is a multiple of their padding (4), so the
+# merged op computes each part's columns with the same numbers.
+
+MERGEABLE_OPS = ("linear_dq8ca_q4gsw", "linear_q4gsw")
+# positions of (weight, group sums, scales, group size, bias) in each op's arguments
+_MERGE_ARGS = {"linear_dq8ca_q4gsw": (3, 4, 5, 6, 7), "linear_q4gsw": (1, None, 2, 3, 4)}
+
+
+@dataclass
+class Sibling:
+    node: torch.fx.Node  # the fused linear
+    view: torch.fx.Node  # its only user: the view to [..., heads, head_dim]
+    heads: int
+    head_dim: int
+
+
+def head_view(node: torch.fx.Node) -> Sibling | None:
+    """``node``'s only use, when it is a view that splits the last dimension into [heads, head_dim]."""
+    users = list(node.users)
+    if len(users) != 1 or not is_view_copy(users[0]):
+        return None
+    out, viewed = node.meta["val"].shape, users[0].meta["val"].shape
+    if len(viewed) != len(out) + 1 or tuple(viewed[:-2]) != tuple(out[:-1]):
+        return None
+    heads, head_dim = viewed[-2], viewed[-1]
+    if not all(isinstance(v, int) for v in (heads, head_dim, out[-1])) or heads * head_dim != out[-1]:
+        return None
+    return Sibling(node, users[0], heads, head_dim)
+
+
+def sibling_groups(graph: torch.fx.Graph) -> list[list[Sibling]]:
+    """Fused int4 linears that read the same input (and activation qparams) at the same group size, with or
+    without bias alike, each viewed as heads of one head size: groups of two or more, in graph order."""
+    groups: dict[tuple, list[Sibling]] = {}
+    for node in graph.nodes:
+        op = node.meta.get(FUSED_TAG) if node.op == "call_function" else None
+        if op not in MERGEABLE_OPS:
+            continue
+        sib = head_view(node)
+        if sib is None or sib.heads * sib.head_dim % pack.GROUP_SCALES_N_ALIGN:
+            continue
+        w_at, _, _, gs_at, b_at = _MERGE_ARGS[op]
+        reads = tuple(node.args[:w_at])  # the input (and its scale and zero point)
+        key = (op, reads, node.args[gs_at], node.args[b_at] is None, sib.head_dim)
+        groups.setdefault(key, []).append(sib)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: ConstantPacker) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """One fused linear over the stacked constants, a view to all heads, a slice per sibling in place of its view.
+
+    Returns the merged node and the constants the siblings no longer need."""
+    first = siblings[0].node
+    graph = first.graph
+    op = first.meta[FUSED_TAG]
+    w_at, sums_at, scales_at, _, b_at = _MERGE_ARGS[op]
+    name = _sums_name(ep, first.args[w_at]).removesuffix("_sums")
+
+    def stacked(at: int, dim: int, suffix: str) -> torch.fx.Node:
+        parts = [get_param_tensor(ep, s.node.args[at]) for s in siblings]
+        parts = [p[..., : s.heads * s.head_dim] if dim == -1 else p for p, s in zip(parts, siblings)]
+        return packer.new_constant(graph, f"{name}_merged{suffix}", torch.cat(parts, dim=dim))
+
+    args = list(first.args)
+    args[w_at] = stacked(w_at, 0, "")
+    args[scales_at] = stacked(scales_at, -1, "_scales")
+    if sums_at is not None:
+        args[sums_at] = stacked(sums_at, -1, "_sums")
+    if first.args[b_at] is not None:
+        args[b_at] = stacked(b_at, -1, "_bias")
+    orphans = [s.node.args[at] for s in siblings for at in (w_at, sums_at, scales_at, b_at)
+               if at is not None and isinstance(s.node.args[at], torch.fx.Node)]
+
+    heads = sum(s.heads for s in siblings)
+    head_dim = siblings[0].head_dim
+    out_val = first.meta["val"]
+    view_val = siblings[0].view.meta["val"]
+    dim = len(view_val.shape) - 2
+    # Before the first sibling: its inputs are defined there, and every user of a sibling's view comes later.
+    with graph.inserting_before(first):
+        merged = graph.create_node("call_function", first.target, args=tuple(args))
+    merged.meta = dict(first.meta)
+    with out_val.fake_mode:
+        merged.meta["val"] = out_val.new_empty((*out_val.shape[:-1], heads * head_dim))
+        all_heads_val = view_val.new_empty((*view_val.shape[:-2], heads, head_dim))
+    with graph.inserting_after(merged):
+        all_heads = graph.create_node("call_function", EDGE.aten.view_copy.default,
+                                      args=(merged, [*siblings[0].view.args[1][:-2], heads, head_dim]))
+    all_heads.meta = dict(siblings[0].view.meta)
+    all_heads.meta["val"] = all_heads_val
+    start, anchor = 0, all_heads
+    for s in siblings:
+        with graph.inserting_after(anchor):
+            part = graph.create_node("call_function", EDGE.aten.slice_copy.Tensor,
+                                     args=(all_heads, dim, start, start + s.heads))
+        with out_val.fake_mode:
+            part.meta = dict(s.view.meta)
+            part.meta["val"] = s.view.meta["val"].new_empty(tuple(s.view.meta["val"].shape))
+        _rename_output(ep, s.view, part)
+        s.view.replace_all_uses_with(part)
+        start, anchor = start + s.heads, part
+    for s in siblings:
+        graph.erase_node(s.view)
+        graph.erase_node(s.node)
+    return merged, orphans
