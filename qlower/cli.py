@@ -241,7 +241,7 @@ def export(
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: rtn]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
-    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
+    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, merge_sibling_projections, fuse_quantized_embedding, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
     external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
