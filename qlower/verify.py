@@ -226,8 +226,10 @@ def _stacked_parts(g: LayerOutput, eager: list[LayerOutput], j: int) -> list[int
     if j >= len(eager) or _same_shape(g.output, eager[j].output) or g.op not in FLOAT_INPUT_LINEAR_OPS:
         return None
     rows, total, widths = g.output.numel() // g.output.shape[-1], g.output.shape[-1], []
+    parent = eager[j].name.rpartition(".")[0]  # merged layers are siblings: one module's projections
     for e in eager[j:]:
-        if e.output.numel() // max(e.output.shape[-1], 1) != rows or sum(widths) + e.output.shape[-1] > total:
+        if (e.output.numel() // max(e.output.shape[-1], 1) != rows or sum(widths) + e.output.shape[-1] > total
+                or e.name.rpartition(".")[0] != parent):
             return None
         widths.append(e.output.shape[-1])
         if sum(widths) == total:

@@ -233,15 +233,17 @@ def test_a_merged_projection_splits_into_its_eager_layers():
     op = "et_vk.linear_dq8ca_q4gsw.default"
     qkv = LayerOutput("", torch.arange(2 * 12.0).reshape(1, 2, 12), op, 0, 3)
     o = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 9)
-    eager = [LayerOutput(name, torch.zeros(1, 2, n)) for name, n in (("q", 8), ("k", 2), ("v", 2), ("o", 8))]
+    eager = [LayerOutput(f"attn.{name}", torch.zeros(1, 2, n)) for name, n in (("q", 8), ("k", 2), ("v", 2), ("o", 8))]
     layers, records = split_stacked([qkv, o], ["r_qkv", "r_o"], eager)
     assert [tuple(layer.output.shape) for layer in layers] == [(1, 2, 8), (1, 2, 2), (1, 2, 2), (1, 2, 8)]
     assert records == ["r_qkv", "r_qkv", "r_qkv", "r_o"]
     assert torch.equal(torch.cat([layer.output for layer in layers[:3]], dim=-1), qkv.output)
     assert match_layers(layers, eager) == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    # A layer of the eager layer's own shape is never split.
+    # A layer of the eager layer's own shape is never split, nor one whose widths come from different modules.
     same = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 1)
     assert len(split_stacked([same], ["r"], eager)[0]) == 1
+    apart = [LayerOutput("a.x", torch.zeros(1, 2, 4)), LayerOutput("b.y", torch.zeros(1, 2, 4))]
+    assert len(split_stacked([same], ["r"], apart)[0]) == 1
 
 
 def test_sample_pairs_each_part_of_a_merged_op_with_its_layer():
