@@ -91,7 +91,7 @@ def test_hf_folder_exports_one_partition_with_kv_cache_and_metadata(hf_folder, d
     assert summary["cpu_ops"] == {}
     assert summary["runtime_problems"] == []
     assert summary["fused_ops"]["sdpa_with_kv_cache"] == 2
-    assert summary["fused_ops"]["linear_dq8ca_q4gsw"] == 15
+    assert summary["fused_ops"]["linear_dq8ca_q4gsw"] == 11  # 2 blocks of 5 (Q/K/V one op) + LM head
     # The per-layer report names layers as the folder's model does, each one fused.
     assert summary["layers"]["linear"] == summary["layers"]["fused"] == 15 and summary["layers"]["unfused"] == 0
     assert any(r["name"] == "model.layers.0.self_attn.q_proj" and r["fused_op"] for r in summary["layer_report"])
@@ -467,8 +467,8 @@ def test_inspect_groups_repeated_fused_nodes(decode_file):
     groups = vk["fused_groups"]
     assert sorted(i for g in groups for i in g["node_ids"]) == sorted(p["node_id"] for nodes in vk["fused"].values() for p in nodes)
     linears = {(g["n"], g["k"]): len(g["node_ids"]) for g in groups if g["op"] == "linear_dq8ca_q4gsw"}
-    # q, o: 64x64; k, v: 32x64; gate, up: 128x64; down: 64x128; lm_head: 256x64 (2 layers)
-    assert linears == {(64, 64): 4, (32, 64): 4, (128, 64): 4, (64, 128): 2, (256, 64): 1}
+    # q+k+v (one op), gate, up: 128x64; o: 64x64; down: 64x128; lm_head: 256x64 (2 layers)
+    assert linears == {(128, 64): 6, (64, 64): 2, (64, 128): 2, (256, 64): 1}
     grouped = runner.invoke(app, ["inspect", str(out)]).stdout
     full = runner.invoke(app, ["inspect", str(out), "--all-layers"]).stdout
     assert len(full.splitlines()) - len(grouped.splitlines()) == sum(len(g["node_ids"]) - 1 for g in groups)
