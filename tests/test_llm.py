@@ -472,4 +472,4 @@ def test_inspect_groups_repeated_fused_nodes(decode_file):
     grouped = runner.invoke(app, ["inspect", str(out)]).stdout
     full = runner.invoke(app, ["inspect", str(out), "--all-layers"]).stdout
     assert len(full.splitlines()) - len(grouped.splitlines()) == sum(len(g["node_ids"]) - 1 for g in groups)
-    assert "×4" in grouped and "×4" not in full.split("fused nodes")[1]
+    assert "×6" in grouped and "×6" not in full.split("fused nodes")[1]
