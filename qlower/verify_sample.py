@@ -45,7 +45,9 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
     found = []
     for delegate in pte.vulkan_delegates:
         graph = delegate.graph
-        for index, op in enumerate(delegate.ops):
+        ops = delegate.ops
+        users = _users(ops)
+        for index, op in enumerate(ops):
             name = qualified_op_name(op.name)
             if name not in FUSED_INT4:
                 continue
@@ -54,8 +56,33 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
             rows, half = (int(d) for d in weight.dims)
             kind = "embedding" if name.startswith("et_vk.embedding") else "linear"
             # packed int4: two values a byte along K (an embedding's K is its dim, its N the vocab)
-            found.append(dict(op=name, kind=kind, n=rows, k=half * 2, delegate=delegate, index=index, args=op.args))
+            found.append(dict(op=name, kind=kind, n=rows, k=half * 2, delegate=delegate, index=index, args=op.args,
+                              parts=merged_parts(delegate, op, users) if kind == "linear" else None))
     return found
+
+
+def merged_parts(delegate, op, users: dict[int, list]) -> list[int] | None:
+    """The output widths of the layers a linear computes at once (export's merged Q/K/V,
+    ``fuse.merge_sibling_projections``): its output viewed as heads, then sliced along them; None otherwise."""
+    views = [u for u in users.get(op.args[-1], []) if u.short_name == "view_copy"]
+    if len(views) != 1 or len(users.get(op.args[-1], [])) != 1:
+        return None
+    view = views[0]
+    slices = [u for u in users.get(view.args[-1], []) if u.short_name == "slice_copy.Tensor"]
+    if len(slices) < 2 or len(slices) != len(users.get(view.args[-1], [])):
+        return None
+    head_dim = int(delegate.graph.values[view.args[-1]].value.dims[-1])
+    spans = sorted((_scalar(delegate, u.args[2]), _scalar(delegate, u.args[3])) for u in slices)
+    return [(end - start) * head_dim for start, end in spans]
+
+
+def _users(ops) -> dict[int, list]:
+    """Value id → the ops that read it (an op's last argument is its output)."""
+    users: dict[int, list] = {}
+    for op in ops:
+        for vid in op.args[:-1]:
+            users.setdefault(vid, []).append(op)
+    return users
 
 
 def _constant(pte: Pte, delegate, vid: int) -> torch.Tensor:
@@ -100,20 +127,16 @@ def pair_layers(ops: list[dict], plans: list) -> list[tuple[dict, Any]]:
         by_shape.setdefault(_plan_key(plan), []).append(plan)
     pairs = []
     for op in ops:
-        layers = by_shape.get(_shape_key(op["kind"], op["n"], op["k"]))
-        if layers:
-            pairs.append((op, layers.pop(0)))
-            continue
-        # Sibling layers stored as one op (export's merged Q/K/V): consecutive model layers, its columns in order.
-        run = _stacked_run(op, quantized, by_shape)
-        if run is None:
-            raise VerifyError(f"the file's {op['op'].split('.')[1]} {op['n']}x{op['k']} matches no layer of the model left to pair",
-                              "the file was not exported from this model with these options; verify without --sample")
+        # Sibling layers stored as one op (export's merged Q/K/V): each part with its layer, by its columns.
         start = 0
-        for plan in run:
-            by_shape[_plan_key(plan)].remove(plan)
-            pairs.append((dict(op, n=plan.n, columns=(start, start + plan.n)), plan))
-            start += plan.n
+        for width in op.get("parts") or [op["n"]]:
+            layers = by_shape.get(_shape_key(op["kind"], width, op["k"]))
+            if not layers:
+                raise VerifyError(f"the file's {op['op'].split('.')[1]} {width}x{op['k']} matches no layer of the model left to pair",
+                                  "the file was not exported from this model with these options; verify without --sample")
+            part = op if width == op["n"] else dict(op, n=width, columns=(start, start + width))
+            pairs.append((part, layers.pop(0)))
+            start += width
     if len(pairs) != len(quantized):
         raise mismatch
     return pairs
@@ -122,23 +145,6 @@ def pair_layers(ops: list[dict], plans: list) -> list[tuple[dict, Any]]:
 def _plan_key(plan) -> tuple[str, int, int]:
     rows, k = (plan.k, plan.n) if plan.kind == "embedding" else (plan.n, plan.k)
     return _shape_key(plan.kind, rows, k)
-
-
-def _stacked_run(op: dict, quantized: list, by_shape: dict) -> list | None:
-    """The first run of two or more consecutive unpaired linear layers of the op's K whose N add up to the op's."""
-    if op["kind"] != "linear":
-        return None
-    unpaired = [p for p in quantized if p in by_shape.get(_plan_key(p), ())]
-    for s in range(len(unpaired)):
-        run, total = [], 0
-        for plan in unpaired[s:]:
-            if plan.kind != "linear" or _shape_key("linear", 0, plan.k) != _shape_key("linear", 0, op["k"]) or total + plan.n > op["n"]:
-                break
-            run.append(plan)
-            total += plan.n
-            if total == op["n"]:
-                return run if len(run) > 1 else None
-    return None
 
 
 def spread(count: int, total: int) -> list[int]:

@@ -256,9 +256,14 @@ def test_sample_pairs_each_part_of_a_merged_op_with_its_layer():
         return SimpleNamespace(name=name, n=n, k=k, kind=kind, quantized=True)
 
     plans = [plan("q", 64), plan("k", 16), plan("v", 16), plan("o", 64)]
-    ops = [{"kind": "linear", "n": 96, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default"},
-           {"kind": "linear", "n": 64, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default"}]
+    # The merged op's parts (read from the file: its view to heads and the slices after it) have widths 64, 16, 16;
+    # its N (96) is also the shape of an unrelated layer, which must not be taken for it.
+    plans.append(plan("gate", 96))
+    ops = [{"kind": "linear", "n": 96, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default", "parts": [64, 16, 16]},
+           {"kind": "linear", "n": 64, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default", "parts": None},
+           {"kind": "linear", "n": 96, "k": 64, "op": "et_vk.linear_dq8ca_q4gsw.default", "parts": None}]
     pairs = pair_layers(ops, plans)
-    assert [(p.name, op.get("columns")) for op, p in pairs] == [("q", (0, 64)), ("k", (64, 80)), ("v", (80, 96)), ("o", None)]
+    assert [(p.name, op.get("columns")) for op, p in pairs] == [
+        ("q", (0, 64)), ("k", (64, 80)), ("v", (80, 96)), ("o", None), ("gate", None)]
     with pytest.raises(VerifyError):
-        pair_layers(ops[:1], plans)  # o left unpaired
+        pair_layers(ops[:1], plans)  # o and gate left unpaired

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,18 @@ def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch)
 
     monkeypatch.setattr(VkGraphBuilder, "maybe_add_constant_tensor", copying)
     read_by_fuse: list[torch.dtype] = []
+    stacked: list[int] = []
     get_param = linear.get_param_tensor
-    monkeypatch.setattr(linear, "get_param_tensor", lambda ep, node: read_by_fuse.append(get_param(ep, node).dtype) or get_param(ep, node))
+
+    def reading(ep, node):
+        tensor = get_param(ep, node)
+        if any(frame.function == "merge_siblings" for frame in inspect.stack()[1:4]):
+            stacked.append(tensor.nbytes)  # Q/K/V stacked into one op: one layer's projections at a time
+        else:
+            read_by_fuse.append(tensor.dtype)
+        return tensor
+
+    monkeypatch.setattr(linear, "get_param_tensor", reading)
 
     options = make_options(group_size=32, quantize_embeddings=True)
     out = tmp_path / "model.pte"
@@ -75,6 +86,7 @@ def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch)
     assert job.made.store.stored_bytes > 0.8 * out.stat().st_size
     assert copied and max(copied) < 2048, f"a {max(copied)}-byte constant was copied by the Vulkan preprocess"
     assert torch.uint8 not in read_by_fuse  # packed weights (and their sums) were made by the quantize stage
+    assert stacked and max(stacked) < 64 * 1024
     assert scratch_dirs(tmp_path) == []
     in_memory = run_stages(ExportJob.of(model_path=MODELS["llama"], output=None, options=options))
     assert in_memory.made.store is None and in_memory.made.pte_bytes == out.read_bytes()
