@@ -99,16 +99,17 @@ def test_relu6_folds_only_when_int8_saturation_is_the_clamp():
 # -- references vs the PT2E graph ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(5, 7, 3, padding=1),  # odd channels
-    nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-    nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),  # depthwise, dilated
-    nn.Conv2d(16, 12, 1),  # pointwise
-    nn.Conv2d(8, 16, 3, padding=1, groups=2),  # grouped
+@pytest.mark.parametrize("make_conv", [
+    lambda: nn.Conv2d(5, 7, 3, padding=1),  # odd channels
+    lambda: nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+    lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),  # depthwise, dilated
+    lambda: nn.Conv2d(16, 12, 1),  # pointwise
+    lambda: nn.Conv2d(8, 16, 3, padding=1, groups=2),  # grouped
 ], ids=["odd", "strided", "dw_dilated", "pw", "grouped"])
-def test_reference_matches_the_quantized_graph(conv):
+def test_reference_matches_the_quantized_graph(make_conv):
     """Packed operands through the golden reference equal PT2E's dq → conv → q."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # weights made here, seeded, not at collection
+    conv = make_conv()
     model = nn.Sequential(conv, nn.ReLU()).eval()
     x = torch.randn(1, conv.in_channels, 9, 11)
     gm = quantize_pt2e_static(model, x)
