@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -78,8 +80,6 @@ def _median(xs: list[float]) -> float:
 def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Path, real_loader: str,
                  timestamps: bool) -> dict:
     """One run of ``pte`` under the vkprof loader; the decode steps of the timed run, summarised."""
-    import os
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vkprof.json"
         env = dict(os.environ, VKPROF_REAL_LOADER=real_loader, VKPROF_TIMESTAMPS="1" if timestamps else "0",

@@ -186,8 +186,7 @@ def merge_sibling_projections(ep: ExportedProgram, ctx: FusionContext) -> int:
     merged = 0
     for group in linear_family.sibling_groups(ep.graph_module.graph):
         modules = [linear_family.module_fqn(s.node) for s in group]
-        _, orphans = linear_family.merge_siblings(ep, group, ctx.packer)
-        ctx.orphans.extend(orphans)
+        ctx.orphans.extend(linear_family.merge_siblings(ep, group, ctx.packer))
         for module in modules:
             info = infos.get(module)
             if info is not None:

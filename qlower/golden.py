@@ -50,6 +50,7 @@ class OpRecord:
     name: str  # qualified op name
     args: list[Any]  # resolved inputs
     output: Any
+    blob: int = -1  # the delegate (``Pte.delegates`` index) whose graph holds the op
 
 
 @dataclass
@@ -255,7 +256,7 @@ class GoldenExecutor:
         else:
             env[out_id] = self._cast(graph, out_id, result)
         if self.on_op is not None:
-            self.on_op(OpRecord(call_index, index, name, args, env[out_id]))
+            self.on_op(OpRecord(call_index, index, name, args, env[out_id], blob_index))
 
     def _vk_value(self, graph, blob_index: int, env: dict, vid: int):
         if vid in env:

@@ -37,6 +37,7 @@ from .golden import GoldenExecutor, OpRecord
 from .groups import group_rows
 from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, compare, conclude, quality_finding, sqnr_db, thresholds_for
 from .patterns.conv import PT2E_CONV_TARGETS
+from .verify_sample import file_layers
 from .loader import describe_tensor, random_like, read_input_batches
 from .provenance import algorithm_options, options_for
 from .pte import Pte, read_pte
@@ -195,46 +196,21 @@ def eager_counterpart(record: OpRecord, eager: torch.Tensor) -> torch.Tensor:
     return eager
 
 
-def split_stacked(golden: list[LayerOutput], records: list, eager: list[LayerOutput]) -> tuple[list[LayerOutput], list]:
+def split_stacked(golden: list[LayerOutput], records: list[OpRecord], parts: dict[tuple[int, int], list[int]]
+                  ) -> tuple[list[LayerOutput], list[OpRecord]]:
     """A fused linear that computes several eager layers at once (export's merged Q/K/V:
     ``fuse.merge_sibling_projections``) as one golden layer per part, its output columns in order.
 
-    Walking both lists in order as :func:`match_layers` does: where the next eager layer has not the golden
-    layer's shape but it and the ones after it split the golden layer's last dimension exactly, the golden
-    layer is split; the parts share the op's record (and so its input)."""
-    out_layers, out_records, j = [], [], 0
+    ``parts``: (delegate blob, op index) → the widths the file gives the op's parts
+    (:func:`qlower.verify_sample.file_layers`). The parts share the op's record (and so its input)."""
+    out_layers, out_records = [], []
     for g, record in zip(golden, records):
-        parts = _stacked_parts(g, eager, j)
-        if parts is None:
-            out_layers.append(g)
-            out_records.append(record)
-            k = j
-            while k < len(eager) and not _same_shape(g.output, eager[k].output):
-                k += 1
-            j = k + 1 if k < len(eager) else j
-            continue
         start = 0
-        for width in parts:
+        for width in parts.get((record.blob, record.index)) or [g.output.shape[-1]]:
             out_layers.append(LayerOutput(g.name, g.output[..., start:start + width], g.op, g.delegate, g.op_index))
             out_records.append(record)
             start += width
-        j += len(parts)
     return out_layers, out_records
-
-
-def _stacked_parts(g: LayerOutput, eager: list[LayerOutput], j: int) -> list[int] | None:
-    if j >= len(eager) or _same_shape(g.output, eager[j].output) or g.op not in FLOAT_INPUT_LINEAR_OPS:
-        return None
-    rows, total, widths = g.output.numel() // g.output.shape[-1], g.output.shape[-1], []
-    parent = eager[j].name.rpartition(".")[0]  # merged layers are siblings: one module's projections
-    for e in eager[j:]:
-        if (e.output.numel() // max(e.output.shape[-1], 1) != rows or sum(widths) + e.output.shape[-1] > total
-                or e.name.rpartition(".")[0] != parent):
-            return None
-        widths.append(e.output.shape[-1])
-        if sum(widths) == total:
-            return widths if len(widths) > 1 else None
-    return None
 
 
 def match_layers(golden: list[LayerOutput], eager: list[LayerOutput]) -> list[tuple[int, int | None]]:
@@ -400,6 +376,7 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
     layer_golden: list[list[torch.Tensor]] = []
     layer_eager: list[list[torch.Tensor]] = []
     layer_info: list[dict[str, Any]] = []
+    merged = {(op["delegate"].index, op["index"]): op["parts"] for op in file_layers(pte) if op["parts"]}
     for batch in batches:
         records: list[OpRecord] = []
         executor = GoldenExecutor(pte, on_op=lambda r: records.append(r) if r.name in references.LAYER_OPS else None)
@@ -413,7 +390,7 @@ def compare_models(pte: Pte, models: Models, batches: list[tuple], thresholds: T
         golden_out.append(golden)
         float_out.append(fl)
         quant_out.append(q)
-        golden_layers, records = split_stacked([golden_layer(r) for r in records], records, eager_layers)
+        golden_layers, records = split_stacked([golden_layer(r) for r in records], records, merged)
         pairs = match_layers(golden_layers, eager_layers)
         if not layer_info:
             for (i, k), g in zip(pairs, golden_layers):

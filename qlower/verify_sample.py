@@ -64,12 +64,12 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
 def merged_parts(delegate, op, users: dict[int, list]) -> list[int] | None:
     """The output widths of the layers a linear computes at once (export's merged Q/K/V,
     ``fuse.merge_sibling_projections``): its output viewed as heads, then sliced along them; None otherwise."""
-    views = [u for u in users.get(op.args[-1], []) if u.short_name == "view_copy"]
-    if len(views) != 1 or len(users.get(op.args[-1], [])) != 1:
+    readers = users.get(op.args[-1], [])
+    if len(readers) != 1 or readers[0].short_name != "view_copy":
         return None
-    view = views[0]
-    slices = [u for u in users.get(view.args[-1], []) if u.short_name == "slice_copy.Tensor"]
-    if len(slices) < 2 or len(slices) != len(users.get(view.args[-1], [])):
+    view = readers[0]
+    slices = users.get(view.args[-1], [])
+    if len(slices) < 2 or any(u.short_name != "slice_copy.Tensor" for u in slices):
         return None
     head_dim = int(delegate.graph.values[view.args[-1]].value.dims[-1])
     spans = sorted((_scalar(delegate, u.args[2]), _scalar(delegate, u.args[3])) for u in slices)

@@ -228,22 +228,24 @@ def test_layers_report_groups_repeated_layers(tmp_path):
 
 
 def test_a_merged_projection_splits_into_its_eager_layers():
+    from qlower.golden import OpRecord
     from qlower.verify import LayerOutput, match_layers, split_stacked
 
     op = "et_vk.linear_dq8ca_q4gsw.default"
     qkv = LayerOutput("", torch.arange(2 * 12.0).reshape(1, 2, 12), op, 0, 3)
     o = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 9)
+    r_qkv, r_o = OpRecord(0, 3, op, [], None, blob=0), OpRecord(0, 9, op, [], None, blob=0)
     eager = [LayerOutput(f"attn.{name}", torch.zeros(1, 2, n)) for name, n in (("q", 8), ("k", 2), ("v", 2), ("o", 8))]
-    layers, records = split_stacked([qkv, o], ["r_qkv", "r_o"], eager)
+    parts = {(0, 3): [8, 2, 2]}  # what the file says of op 3 (qlower.verify_sample.file_layers)
+    layers, records = split_stacked([qkv, o], [r_qkv, r_o], parts)
     assert [tuple(layer.output.shape) for layer in layers] == [(1, 2, 8), (1, 2, 2), (1, 2, 2), (1, 2, 8)]
-    assert records == ["r_qkv", "r_qkv", "r_qkv", "r_o"]
+    assert records == [r_qkv, r_qkv, r_qkv, r_o]
     assert torch.equal(torch.cat([layer.output for layer in layers[:3]], dim=-1), qkv.output)
     assert match_layers(layers, eager) == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    # A layer of the eager layer's own shape is never split, nor one whose widths come from different modules.
-    same = LayerOutput("", torch.zeros(1, 2, 8), op, 0, 1)
-    assert len(split_stacked([same], ["r"], eager)[0]) == 1
-    apart = [LayerOutput("a.x", torch.zeros(1, 2, 4)), LayerOutput("b.y", torch.zeros(1, 2, 4))]
-    assert len(split_stacked([same], ["r"], apart)[0]) == 1
+    # A layer the file does not split stays whole, whatever the eager layers' widths; so does one of another delegate.
+    same = LayerOutput("", torch.zeros(1, 2, 12), op, 0, 3)
+    assert len(split_stacked([same], [OpRecord(0, 3, op, [], None, blob=1)], parts)[0]) == 1
+    assert len(split_stacked([o], [r_o], parts)[0]) == 1
 
 
 def test_sample_pairs_each_part_of_a_merged_op_with_its_layer():

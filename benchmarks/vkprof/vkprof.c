@@ -535,6 +535,11 @@ __attribute__((destructor)) static void dump(void) {
   static bucket_t buckets[4096];
   int n_buckets = 0;
   long total = n_samples;
+  /* libc's copy routines are not exported under their own names: name the 64 KiB block memcpy resolved to */
+  Dl_info mc;
+  void *memcpy_at = dlsym(RTLD_DEFAULT, "memcpy");
+  const void *memcpy_base = memcpy_at && dladdr(memcpy_at, &mc) ? mc.dli_fbase : NULL;
+  uintptr_t memcpy_block = memcpy_base ? ((uintptr_t)memcpy_at - (uintptr_t)memcpy_base) >> 16 : 0;
   for (long i = 0; i < total; i++) {
     Dl_info info;
     const char *lib = "?", *sym = "";
@@ -545,12 +550,7 @@ __attribute__((destructor)) static void dump(void) {
       lib = strrchr(info.dli_fname, '/') ? strrchr(info.dli_fname, '/') + 1 : info.dli_fname;
       if (info.dli_sname) sym = info.dli_sname;
       else block = (sample_ip[i] - (uintptr_t)info.dli_fbase) >> 16;
-      /* libc's copy routines are not exported under their own names: name the block memcpy resolved to */
-      Dl_info mc;
-      void *memcpy_at = dlsym(RTLD_DEFAULT, "memcpy");
-      if (!info.dli_sname && memcpy_at && dladdr(memcpy_at, &mc) && mc.dli_fbase == info.dli_fbase &&
-          (((uintptr_t)memcpy_at - (uintptr_t)mc.dli_fbase) >> 16) == block)
-        sym = "memcpy (its 64 KiB block)";
+      if (!info.dli_sname && memcpy_base == info.dli_fbase && block == memcpy_block) sym = "memcpy (its 64 KiB block)";
     }
     int k;
     for (k = 0; k < n_buckets; k++)

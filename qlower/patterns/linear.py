@@ -525,10 +525,15 @@ class ConstantPacker:
             )
 
 
-def _sums_name(ep: ExportedProgram, weight: torch.fx.Node) -> str:
+def _constant_name(ep: ExportedProgram, weight: torch.fx.Node, suffix: str) -> str:
+    """A name for a constant derived from ``weight``: its state-dict name with ``suffix``, dots as underscores."""
     sig = ep.graph_signature
     fqn = sig.inputs_to_parameters.get(weight.name) or sig.inputs_to_buffers.get(weight.name) or weight.name
-    return (fqn + "_sums").replace(".", "_")
+    return (fqn + suffix).replace(".", "_")
+
+
+def _sums_name(ep: ExportedProgram, weight: torch.fx.Node) -> str:
+    return _constant_name(ep, weight, "_sums")
 
 
 def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torch.fx.Node:
@@ -719,20 +724,20 @@ def sibling_groups(graph: torch.fx.Graph) -> list[list[Sibling]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: ConstantPacker) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: ConstantPacker) -> list[torch.fx.Node]:
     """One fused linear over the stacked constants, a view to all heads, a slice per sibling in place of its view.
 
-    Returns the merged node and the constants the siblings no longer need."""
+    Returns the constants the siblings no longer need."""
     first = siblings[0].node
     graph = first.graph
     op = first.meta[FUSED_TAG]
     w_at, sums_at, scales_at, _, b_at = _MERGE_ARGS[op]
-    name = _sums_name(ep, first.args[w_at]).removesuffix("_sums")
 
     def stacked(at: int, dim: int, suffix: str) -> torch.fx.Node:
         parts = [get_param_tensor(ep, s.node.args[at]) for s in siblings]
         parts = [p[..., : s.heads * s.head_dim] if dim == -1 else p for p, s in zip(parts, siblings)]
-        return packer.new_constant(graph, f"{name}_merged{suffix}", torch.cat(parts, dim=dim))
+        name = _constant_name(ep, first.args[w_at], f"_merged{suffix}")
+        return packer.new_constant(graph, name, torch.cat(parts, dim=dim))
 
     args = list(first.args)
     args[w_at] = stacked(w_at, 0, "")
@@ -775,4 +780,4 @@ def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: Constan
     for s in siblings:
         graph.erase_node(s.view)
         graph.erase_node(s.node)
-    return merged, orphans
+    return orphans
