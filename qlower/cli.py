@@ -19,6 +19,7 @@ from typer._click import exceptions as click_exc
 
 from . import console
 from .config import SCHEMES, WEIGHT_ALGORITHMS
+from .vkops import RUNTIMES
 from .errors import QlowerError
 
 class QlowerGroup(typer.core.TyperGroup):
@@ -241,7 +242,8 @@ def export(
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: rtn]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
-    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, merge_sibling_projections, fuse_quantized_embedding, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", callback=lambda v: _check_choice(v, RUNTIMES), help="Which ExecuTorch Vulkan runtime the file is for: stock (any ET-VK runtime), or qlower (one linked with qlower's op library, runtime/: fewer, faster dispatches a decode step; a stock runtime refuses the file at load) [default: stock]."),
+    dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, merge_sibling_projections, merge_gate_up (--runtime qlower), fuse_quantized_embedding, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
     external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
@@ -281,6 +283,7 @@ def export(
             weight_algorithm=weight_algorithm,
             calibration_text=str(calibration_text) if calibration_text else None,
             calibration_tokens=calibration_tokens,
+            runtime=runtime,
         )
     finally:
         progress.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .vkops import RUNTIME_STOCK, RUNTIMES
 
 # scheme name -> what it means; the fused op is documented in docs/quantization.md.
 SCHEMES = {
@@ -89,6 +90,7 @@ class ExportOptions:
     weight_algorithm: str = DEFAULT_WEIGHT_ALGORITHM  # WEIGHT_ALGORITHMS: int4 values by rtn, hqq or gptq
     calibration_text: str | None = None  # text file whose tokens calibrate gptq (a Hugging Face folder's tokenizer)
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # how many of its tokens gptq calibrates on
+    runtime: str = RUNTIME_STOCK  # RUNTIMES: "qlower" writes qlower's own runtime ops (vkops/), for a linked runtime
 
     def __post_init__(self):
         _check_scheme(self.scheme, "scheme")
@@ -97,6 +99,8 @@ class ExportOptions:
             raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}", "use e.g. 2048")
         if self.metadata is not None:
             parse_metadata(self.metadata)
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime: unknown runtime {self.runtime!r}", f"legal runtimes: {', '.join(RUNTIMES)}")
         if self.calibration_batches <= 0:
             raise ConfigError(f"calibration_batches must be positive, got {self.calibration_batches}", "use e.g. 8")
         if self.weight_algorithm not in WEIGHT_ALGORITHMS:

@@ -30,6 +30,11 @@ Passes (:data:`FUSION_PASSES`, run in order, each ``fn(ep, ctx) -> changes``):
     viewed as [..., heads, head_dim] (Q, K and V) become one linear over the
     stacked constants, one view to all heads and a slice per part: the same
     numbers in fewer dispatches (each costs ~6 us on a GPU before any work).
+``merge_gate_up``
+    Only for ``export --runtime qlower``: an MLP's gate and up linears, which read the same
+    input and meet in ``silu(gate) * up``, become one linear over the stacked constants and a
+    slice of its columns each; the Vulkan preprocess pass of :mod:`qlower.vkops.rewrite` then
+    folds the slices and the SiLU·mul into qlower's runtime linear.
 ``fuse_quantized_embedding``
     The quantize stage's ``qlower.embedding_int4`` (its table already in the
     fused linears' int4 layout) → ``et_vk.embedding_q4gsw``.
@@ -198,6 +203,24 @@ def merge_sibling_projections(ep: ExportedProgram, ctx: FusionContext) -> int:
     return merged
 
 
+def merge_gate_up(ep: ExportedProgram, ctx: FusionContext) -> int:
+    """(``--runtime qlower``) gate/up linears meeting in ``silu(gate) * up`` → one linear over the stacked
+    constants and a slice of its columns each; qlower's runtime op then computes the product in its epilogue."""
+    infos = {info.module: info for info in ctx.report.layers if info.fused_op}
+    merged = 0
+    for gate, up in linear_family.gate_up_pairs(ep.graph_module.graph):
+        modules = [linear_family.module_fqn(n) for n in (gate, up)]
+        ctx.orphans.extend(linear_family.merge_gate_up(ep, gate, up, ctx.packer))
+        for module, other in (modules, modules[::-1]):
+            info = infos.get(module)
+            if info is not None:
+                info.note = "; ".join(filter(None, [info.note, f"one dispatch with {other.rsplit('.', 1)[-1]} and SiLU·mul"]))
+        merged += 1
+    if merged:
+        ep.graph_module.graph.eliminate_dead_code()
+    return merged
+
+
 def fuse_quantized_embedding(ep: ExportedProgram, ctx: FusionContext) -> int:
     """``qlower.embedding_int4`` → ``et_vk.embedding_q4gsw`` reading the table as a linear's int4 weight.
 
@@ -280,12 +303,15 @@ FUSION_PASSES: list[tuple[str, Callable[[ExportedProgram, FusionContext], int]]]
     ("share_act_qparams", share_act_qparams),
     ("fuse_quantized_linear", fuse_quantized_linear),
     ("merge_sibling_projections", merge_sibling_projections),
+    ("merge_gate_up", merge_gate_up),
     ("fuse_quantized_embedding", fuse_quantized_embedding),
     ("fuse_q8ta_conv", fuse_q8ta_conv),
     ("fuse_q8ta_add", fuse_q8ta_add),
     ("drop_unused_constants", drop_unused_constants),
 ]
 PASS_NAMES = [name for name, _ in FUSION_PASSES]
+# Passes that only serve files for qlower's runtime ops (export --runtime qlower).
+QLOWER_RUNTIME_PASSES = frozenset({"merge_gate_up"})
 
 
 def run_fusion(
@@ -295,6 +321,7 @@ def run_fusion(
     log: Log | None = None,
     skip: Iterable[str] = (),
     store=None,
+    runtime: str = "stock",
 ) -> FusionReport:
     """Run :data:`FUSION_PASSES` on ``edge_program`` in place; return the report.
 
@@ -312,6 +339,8 @@ def run_fusion(
                 f"unknown fusion pass {name!r}", hint=f"passes: {', '.join(PASS_NAMES)}"
             )
     log = log or (lambda s: print(s, file=sys.stderr))
+    if runtime != "qlower":
+        skip |= QLOWER_RUNTIME_PASSES
     ctx = FusionContext(report=FusionReport(), packer=linear_family.ConstantPacker(edge_program, store))
     gm = edge_program.graph_module
     for name, fn in FUSION_PASSES:

@@ -162,7 +162,8 @@ def stage_fuse(job: ExportJob) -> None:
 
     made = job.made
     ep = made.edge.exported_program()
-    made.fusion = run_fusion(ep, dump_after=job.request.dump_after, log=job.request.log, store=made.store)
+    made.fusion = run_fusion(ep, dump_after=job.request.dump_after, log=job.request.log, store=made.store,
+                             runtime=job.request.options.runtime)
     if made.kv_cache:  # the decoder wraps the loaded model: report layers by their loaded names
         for info in made.fusion.layers:
             info.module = made.decode_source_name(info.module)
@@ -175,11 +176,13 @@ def stage_lower(job: ExportJob) -> None:
     from executorch.exir import ExecutorchBackendConfig
 
     from .lower_speedups import vulkan_patterns_once
+    from .vkops.rewrite import runtime_ops
     from .weight_store import vulkan_constants_from_store
 
     asked, made = job.request, job.made
     try:
-        with vulkan_patterns_once(made.edge.exported_program()), vulkan_constants_from_store(made.store):
+        with vulkan_patterns_once(made.edge.exported_program()), vulkan_constants_from_store(made.store), \
+                runtime_ops(asked.options.runtime):
             lowered = made.edge.to_backend({"forward": make_partitioner(asked.options, asked.external_weights)})
         # The delegate blob holds the packed weights now; let the edge program's copy go
         # before serializing makes another one (peak RSS).

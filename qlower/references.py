@@ -400,6 +400,57 @@ def select_as_symint(x, dim, index):
     return int(x.select(dim, index).item())
 
 
+# --- qlower's own runtime ops (qlower/vkops; the op library in runtime/) -------------
+
+
+def rms_norm(x, weight, eps):
+    """``x * rsqrt(mean(x², -1) + eps) * weight``, accumulated in float32, as ET-VK's ``rms_norm``."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float(eps)) * weight.float()
+    return y.to(x.dtype)
+
+
+def dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True):
+    """An int4 linear as ET-VK's stock ops compute it: int8 per-token activations (``choose_qparams_affine`` then
+    ``linear_dq8ca_q4gsw``) for several rows, weight-only in float for one row (:func:`is_gemv`) or when
+    ``quantize_input`` is off (``linear_q4gsw``)."""
+    if not quantize_input or is_gemv(x):
+        return linear_q4gsw(x, weights, weight_scales, group_size, bias)
+    block = [1] * (x.dim() - 1) + [x.shape[-1]]  # per token, as quantized_linear.per_token_qparams_args
+    scales, zps = torch.ops.torchao.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, INT8_MIN, INT8_MAX,
+                                                          None, None, torch.int8)
+    return linear_dq8ca_q4gsw(x, scales, zps, weights, weight_sums, weight_scales, group_size, bias)
+
+
+EPILOGUES = ("none", "silu_mul")
+
+
+def qlower_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, residual=None,
+                        quantize_input=True, epilogue="none"):
+    """``qlower.linear_q4gsw``: :func:`dynamic_linear_q4gsw`, then the epilogue, then ``+ residual``.
+
+    ``epilogue``: ``"none"``, or ``"silu_mul"`` for gate rows stacked over up rows (N = 2F):
+    ``silu(y[..., :F]) * y[..., F:]``.
+    """
+    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+    if epilogue == "silu_mul":
+        f = y.shape[-1] // 2
+        y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
+    elif epilogue != "none":
+        raise ValueError(f"unknown linear epilogue {epilogue!r} (known: {', '.join(EPILOGUES)})")
+    return y if residual is None else y + residual
+
+
+def qlower_linear_q4gsw_split(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True,
+                              split_sizes=(), head_dim=1):
+    """``qlower.linear_q4gsw_split``: one int4 linear whose output columns are cut into parts, each viewed as
+    ``[..., n_i / head_dim, head_dim]`` (a merged Q/K/V projection and its heads)."""
+    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+    head_dim = int(head_dim)
+    return [part.reshape(*part.shape[:-1], part.shape[-1] // head_dim, head_dim).contiguous()
+            for part in torch.split(y, [int(n) for n in split_sizes], dim=-1)]
+
+
 # Quantized et_vk ops → qlower's references (operands as serialized).
 OPS: dict[str, Callable] = {
     "llama.sdpa_with_kv_cache.default": sdpa_with_kv_cache,
@@ -417,6 +468,10 @@ OPS: dict[str, Callable] = {
     "et_vk.q8ta_add.default": q8ta_add,
     "et_vk.embedding_q4gsw.default": embedding_q4gsw,
     "et_vk.conv_with_clamp.default": conv_with_clamp,
+    "qlower.rms_norm.default": rms_norm,
+    "qlower.linear_q4gsw.default": qlower_linear_q4gsw,
+    "qlower.linear_q4gsw_split.default": qlower_linear_q4gsw_split,
+    "qlower.sdpa_with_kv_cache.default": sdpa_with_kv_cache,
 }
 
 # Float et_vk ops whose ExecuTorch CPU implementation computes what the

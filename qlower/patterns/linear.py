@@ -724,19 +724,18 @@ def sibling_groups(graph: torch.fx.Graph) -> list[list[Sibling]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: ConstantPacker) -> list[torch.fx.Node]:
-    """One fused linear over the stacked constants, a view to all heads, a slice per sibling in place of its view.
-
-    Returns the constants the siblings no longer need."""
-    first = siblings[0].node
+def _stacked_args(ep: ExportedProgram, nodes: list[torch.fx.Node], widths: list[int], packer: ConstantPacker,
+                  suffix: str) -> tuple[list, list[torch.fx.Node]]:
+    """The first node's arguments with each constant replaced by the nodes' constants stacked by output column
+    (each cut to its node's width), and the constants the nodes no longer need."""
+    first = nodes[0]
     graph = first.graph
-    op = first.meta[FUSED_TAG]
-    w_at, sums_at, scales_at, _, b_at = _MERGE_ARGS[op]
+    w_at, sums_at, scales_at, _, b_at = _MERGE_ARGS[first.meta[FUSED_TAG]]
 
-    def stacked(at: int, dim: int, suffix: str) -> torch.fx.Node:
-        parts = [get_param_tensor(ep, s.node.args[at]) for s in siblings]
-        parts = [p[..., : s.heads * s.head_dim] if dim == -1 else p for p, s in zip(parts, siblings)]
-        name = _constant_name(ep, first.args[w_at], f"_merged{suffix}")
+    def stacked(at: int, dim: int, what: str) -> torch.fx.Node:
+        parts = [get_param_tensor(ep, n.args[at]) for n in nodes]
+        parts = [p[..., :width] if dim == -1 else p for p, width in zip(parts, widths)]
+        name = _constant_name(ep, first.args[w_at], f"_{suffix}{what}")
         return packer.new_constant(graph, name, torch.cat(parts, dim=dim))
 
     args = list(first.args)
@@ -746,8 +745,19 @@ def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: Constan
         args[sums_at] = stacked(sums_at, -1, "_sums")
     if first.args[b_at] is not None:
         args[b_at] = stacked(b_at, -1, "_bias")
-    orphans = [s.node.args[at] for s in siblings for at in (w_at, sums_at, scales_at, b_at)
-               if at is not None and isinstance(s.node.args[at], torch.fx.Node)]
+    orphans = [n.args[at] for n in nodes for at in (w_at, sums_at, scales_at, b_at)
+               if at is not None and isinstance(n.args[at], torch.fx.Node)]
+    return args, orphans
+
+
+def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: ConstantPacker) -> list[torch.fx.Node]:
+    """One fused linear over the stacked constants, a view to all heads, a slice per sibling in place of its view.
+
+    Returns the constants the siblings no longer need."""
+    first = siblings[0].node
+    graph = first.graph
+    args, orphans = _stacked_args(ep, [s.node for s in siblings], [s.heads * s.head_dim for s in siblings], packer,
+                                  "merged")
 
     heads = sum(s.heads for s in siblings)
     head_dim = siblings[0].head_dim
@@ -780,4 +790,78 @@ def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: Constan
     for s in siblings:
         graph.erase_node(s.view)
         graph.erase_node(s.node)
+    return orphans
+
+
+# -- gate and up: one dispatch with the SiLU·mul after it (export --runtime qlower) ----
+#
+# An MLP's gate and up projections read the same input and meet in silu(gate) * up.
+# Stacked (gate rows over up rows) they are one linear whose two column halves feed
+# that product; qlower's runtime op computes the product in the linear's epilogue
+# (qlower/vkops/rewrite.py), so the stock slices, sigmoid and muls never run.
+
+
+def _silu_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node computing ``silu(node)`` when that is all ``node`` is used for (silu, or node * sigmoid(node))."""
+    users = list(node.users)
+    if len(users) == 1 and op_name(users[0]) == "silu.default":
+        return users[0]
+    sig = next((u for u in users if op_name(u) == "sigmoid.default"), None)
+    if len(users) != 2 or sig is None or len(sig.users) != 1:
+        return None
+    mul = next(iter(sig.users))
+    if op_name(mul) != "mul.Tensor" or set(mul.args) != {node, sig} or mul not in users:
+        return None
+    return mul
+
+
+def gate_up_pairs(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(gate, up) fused int4 linears: same input, op, group size and bias-ness, equal widths (a multiple of the
+    scales' padding), meeting only in ``silu(gate) * up``."""
+    pairs = []
+    for node in graph.nodes:
+        op = node.meta.get(FUSED_TAG) if node.op == "call_function" else None
+        if op not in MERGEABLE_OPS:
+            continue
+        silu = _silu_of(node)
+        if silu is None or len(silu.users) != 1:
+            continue
+        mul = next(iter(silu.users))
+        if op_name(mul) != "mul.Tensor" or len(mul.args) != 2 or silu not in mul.args:
+            continue
+        up = mul.args[1] if mul.args[0] is silu else mul.args[0]
+        if not isinstance(up, torch.fx.Node) or up.meta.get(FUSED_TAG) != op or len(up.users) != 1:
+            continue
+        w_at, _, _, gs_at, b_at = _MERGE_ARGS[op]
+        n = node.meta["val"].shape[-1]
+        if (tuple(up.args[:w_at]) != tuple(node.args[:w_at]) or up.args[gs_at] != node.args[gs_at]
+                or (up.args[b_at] is None) != (node.args[b_at] is None) or up.meta["val"].shape[-1] != n
+                or not isinstance(n, int) or n % pack.GROUP_SCALES_N_ALIGN):
+            continue
+        pairs.append((node, up))
+    return pairs
+
+
+def merge_gate_up(ep: ExportedProgram, gate: torch.fx.Node, up: torch.fx.Node, packer: ConstantPacker) -> list[torch.fx.Node]:
+    """One fused linear over gate's rows stacked on up's, a slice of its columns for each; returns the orphans."""
+    graph = gate.graph
+    n = gate.meta["val"].shape[-1]
+    args, orphans = _stacked_args(ep, [gate, up], [n, n], packer, "gate_up")
+    first, second = (gate, up) if list(graph.nodes).index(gate) < list(graph.nodes).index(up) else (up, gate)
+    with graph.inserting_before(first):
+        merged = graph.create_node("call_function", gate.target, args=tuple(args))
+    merged.meta = dict(gate.meta)
+    out_val = gate.meta["val"]
+    with out_val.fake_mode:
+        merged.meta["val"] = out_val.new_empty((*out_val.shape[:-1], 2 * n))
+    last = len(out_val.shape) - 1
+    anchor = merged
+    for part, start in ((gate, 0), (up, n)):
+        with graph.inserting_after(anchor):
+            piece = graph.create_node("call_function", EDGE.aten.slice_copy.Tensor, args=(merged, last, start, start + n))
+        piece.meta = {k: v for k, v in part.meta.items() if k != FUSED_TAG}
+        part.replace_all_uses_with(piece)
+        anchor = piece
+    graph.erase_node(gate)
+    graph.erase_node(up)
     return orphans
