@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .vkops import OP_NAMESPACE, RUNTIME_QLOWER, RUNTIME_STOCK, SCHEMAS
 from .groups import group_rows
 from .pte import (FUSED_OP_ARGS, read_quantization_record, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
                   short_op_name, size_breakdown)
@@ -195,7 +196,7 @@ def decode_section(methods: list[dict[str, Any]], vulkan: list[dict[str, Any]]) 
     caches = []
     for v in vulkan:
         for op in v["ops"]:
-            if op["short_name"] != "sdpa_with_kv_cache":
+            if op["short_name"] not in ("sdpa_with_kv_cache", "qlower.sdpa_with_kv_cache"):
                 continue
             for arg in op["args"]:
                 if arg["name"] in ("key_cache", "value_cache") and arg.get("kind") == "tensor":
@@ -235,6 +236,9 @@ def schema_arg_names(qualified: str) -> tuple[str, ...] | None:
 
         if namespace in OP_SCHEMA_NAMESPACES:
             return _known_arg_names().get(qualified if overload else f"{qualified}.default")
+        if namespace == OP_NAMESPACE:  # qlower's runtime ops
+            schema = next((s for s in SCHEMAS if s.startswith(base + "(")), None)
+            return None if schema is None else tuple(a.name for a in torch._C.parse_schema(f"{namespace}::{schema}").arguments)
         packet = getattr(getattr(torch.ops, namespace), base)
         return tuple(a.name for a in getattr(packet, overload or "default")._schema.arguments)
     except Exception:  # an op this torch does not know: show positions instead of names
@@ -589,8 +593,15 @@ def _runtime_caps():
 
 
 def _runtime_section(pte: Pte) -> dict[str, Any]:
+    """The runtime the file needs (``stock``, or ``qlower``: linked with qlower's op library) and what the stock
+    runtime would abort on while loading it."""
     problems = runtime_problems(pte)
-    return {"runtime_check": "unavailable" if problems is None else "qlower.runtime_caps", "runtime_problems": problems}
+    caps = _runtime_caps()
+    needs = None if caps is None else (
+        RUNTIME_QLOWER if any(caps.required_runtime(d.graph) == RUNTIME_QLOWER for d in pte.vulkan_delegates)
+        else RUNTIME_STOCK)
+    return {"runtime": needs, "runtime_check": "unavailable" if problems is None else "qlower.runtime_caps",
+            "runtime_problems": problems}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .pte import Pte, fused_op_histogram, read_quantization_record
+from .pte import Pte, fused_op_histogram, int4_linear, read_quantization_record
 
 
 def infer_scheme(pte: Pte) -> tuple[str, int | None, bool]:
@@ -23,12 +23,12 @@ def infer_scheme(pte: Pte) -> tuple[str, int | None, bool]:
     ops = fused_op_histogram(pte)
     record = read_quantization_record(pte.named_bytes, pte.named_sizes) or {}
     group_size = record.get("group_size")
-    for d in pte.vulkan_delegates:
+    for d in pte.vulkan_delegates:  # qlower's runtime linears count as the stock op they compute
         for op in d.ops:
-            if op.short_name in ("linear_dq8ca_q4gsw", "linear_q4gsw") and group_size is None:
-                position = 6 if op.short_name == "linear_dq8ca_q4gsw" else 3
-                value = d.graph.values[op.args[position]].value
-                group_size = getattr(value, "int_val", None)
+            linear = int4_linear(d, op)
+            if linear is not None:
+                ops[linear[0]] += 1
+                group_size = linear[1] if group_size is None else group_size
     embeddings = "embedding_q4gsw" in ops
     if "linear_dq8ca_q4gsw" in ops:
         return "qta8a_qga4w", group_size, embeddings

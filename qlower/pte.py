@@ -59,6 +59,9 @@ BARE_NAME_NAMESPACES = {"sdpa_with_kv_cache": "llama", "update_cache": "llama", 
                         "sym_size": "aten", "sym_numel": "aten", "sym_stride": "aten"}
 # Fused ops outside et_vk (ET-VK's fusion of update_cache + custom_sdpa).
 FUSED_OTHER_OPS = {"llama.sdpa_with_kv_cache.default"}
+# qlower's own runtime ops (export --runtime qlower; qlower/vkops): they need an ET-VK runtime linked with
+# qlower's op library. Their short names keep the namespace ("qlower.linear_q4gsw"), apart from ET-VK's.
+QLOWER_NAMESPACE = "qlower"
 
 
 def qualified_op_name(name: str) -> str:
@@ -76,12 +79,15 @@ def short_op_name(name: str) -> str:
     base, _, overload = rest.partition(".")
     if namespace == "et_vk":
         return base
+    if namespace == QLOWER_NAMESPACE:
+        return f"{namespace}.{base}"
     return base if overload in ("", "default") else f"{base}.{overload}"
 
 
 def is_fused_op(name: str) -> bool:
     qualified = qualified_op_name(name)
-    return (qualified.startswith("et_vk.") and short_op_name(qualified) not in NOT_FUSED_ET_VK) or qualified in FUSED_OTHER_OPS
+    return ((qualified.startswith("et_vk.") and short_op_name(qualified) not in NOT_FUSED_ET_VK)
+            or qualified in FUSED_OTHER_OPS or qualified.startswith(QLOWER_NAMESPACE + "."))
 
 
 @dataclass
@@ -639,6 +645,8 @@ FUSED_OP_ARGS = {
     "q8ta_linear": {"weights": (3,), "scales": (4, 5)},
     "q8ta_linear_gemv": {"weights": (3,), "scales": (4, 5)},
     "embedding_q4gsw": {"weights": (0,), "scales": (1,)},
+    "qlower.linear_q4gsw": {"weights": (1,), "scales": (2, 3)},
+    "qlower.linear_q4gsw_split": {"weights": (1,), "scales": (2, 3)},
     **{op: {"weights": (3,), "scales": (4, 5)}
        for op in ("q8ta_conv2d", "q8ta_conv2d_pw", "q8ta_conv2d_dw", "q8ta_conv2d_transposed")},
 }
@@ -659,7 +667,27 @@ def cpu_operators(pte: Pte) -> Counter:
 
 
 # Ops that take a KV cache, and the argument positions that hold it (its initial contents are a constant).
-CACHE_ARGS = {"sdpa_with_kv_cache": (3, 4), "update_cache": (1,)}
+CACHE_ARGS = {"sdpa_with_kv_cache": (3, 4), "update_cache": (1,), "qlower.sdpa_with_kv_cache": (3, 4)}
+# Where an int4 linear keeps its group size, and what it computes as ET-VK's op of the scheme:
+# op short name → (group size position, position of the quantize-input flag or None, stock op when it is off / on).
+INT4_LINEAR_OPS = {
+    "linear_dq8ca_q4gsw": (6, None, "linear_dq8ca_q4gsw"),
+    "linear_q4gsw": (3, None, "linear_q4gsw"),
+    "qlower.linear_q4gsw": (4, 7, ("linear_q4gsw", "linear_dq8ca_q4gsw")),
+    "qlower.linear_q4gsw_split": (4, 6, ("linear_q4gsw", "linear_dq8ca_q4gsw")),
+}
+
+
+def int4_linear(d: "Delegate", op: VkOp) -> tuple[str, int | None] | None:
+    """(the stock int4 op ``op`` computes as, its group size) for an int4 linear of either runtime; None otherwise."""
+    spec = INT4_LINEAR_OPS.get(op.short_name)
+    if spec is None:
+        return None
+    gs_at, flag_at, stock = spec
+    value = lambda at: d.graph.values[op.args[at]].value  # noqa: E731
+    if flag_at is not None:
+        stock = stock[bool(getattr(value(flag_at), "bool_val", False))]
+    return stock, getattr(value(gs_at), "int_val", None)
 # The parts of a file's bytes, in the order they are shown; they add up to the file size.
 SIZE_PARTS = ("packed_weights", "scales", "float_weights", "kv_cache", "other_constants", "shared", "program_and_headers")
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .console import out
 from .groups import compact_numbers
+from .vkops import NEEDS_LIBRARY, RUNTIME_QLOWER
 
 
 def human_bytes(n: int) -> str:
@@ -41,6 +42,8 @@ def render_export(summary: dict[str, Any], all_layers: bool = False) -> None:
         out.print(f"note: {note}")
     for note in summary["cpu_notes"]:
         out.print(f"[yellow]stays on the CPU[/]: {note['node']} ({note['op']}): {note['reason']}")
+    if summary.get("runtime") == RUNTIME_QLOWER:
+        out.print(f"runtime: needs {NEEDS_LIBRARY}; a stock runtime refuses it at load")
     for problem in summary["runtime_problems"]:
         out.print(f"[red]will abort at load[/]: {problem['message']} (Vulkan node {problem['node_id']})")
     if summary.get("verification"):
@@ -197,6 +200,8 @@ def render_inspect(report: dict[str, Any], ops: bool = False, tensors: bool = Fa
         objects = sum(len(v["memory"]["shared_objects"]) for v in report["vulkan"])
         out.print(f"GPU memory (estimate): {human_bytes(s['gpu_memory_bytes'])} = constants {human_bytes(consts)} + {objects} shared objects {human_bytes(shared)}")
     problems = report["runtime_problems"]
+    if report.get("runtime") == RUNTIME_QLOWER:
+        out.print(f"runtime: needs {NEEDS_LIBRARY}")
     if problems is None:
         out.print("runtime check: unavailable (qlower.runtime_caps is not installed)")
     elif problems:

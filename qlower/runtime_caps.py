@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Callable, Iterable, Optional
 
 from .et_modules import load_serialization
+from .vkops import LIBRARY_OPS, RUNTIME_QLOWER, RUNTIME_STOCK
 
 load_serialization()  # the Vulkan graph schema, without the backend's package __init__
 from executorch.backends.vulkan.serialization import vulkan_graph_schema as vk  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "load_problems",
     "op_supported",
     "predict_shaders",
+    "required_runtime",
     "runtime_ops",
     "runtime_shaders",
     "shader_exists",
@@ -72,9 +74,15 @@ def runtime_shaders() -> frozenset[str]:
     return _read_names("et_vk_runtime_shaders.txt")
 
 
-def op_supported(name: str) -> bool:
-    """``name`` as in a VkGraph ``OperatorCall`` (``aten.add.Tensor``)."""
-    return name in runtime_ops()
+def op_supported(name: str, runtime: str = RUNTIME_STOCK) -> bool:
+    """``name`` as in a VkGraph ``OperatorCall`` (``aten.add.Tensor``), on the stock runtime or on one linked
+    with qlower's op library (``runtime="qlower"``)."""
+    return name in runtime_ops() or (runtime == RUNTIME_QLOWER and name in LIBRARY_OPS)
+
+
+def required_runtime(graph: vk.VkGraph) -> str:
+    """``"qlower"`` when the graph calls an op of qlower's op library, else ``"stock"``."""
+    return RUNTIME_QLOWER if any(call.name in LIBRARY_OPS for call in graph.chain) else RUNTIME_STOCK
 
 
 def shader_exists(name: str) -> bool:
@@ -277,12 +285,12 @@ def predict_shaders(graph: vk.VkGraph) -> list[ShaderLookup]:
     return out
 
 
-def load_problems(graph: vk.VkGraph) -> list[LoadProblem]:
-    """Every reason the runtime would abort while loading ``graph``."""
+def load_problems(graph: vk.VkGraph, runtime: str = RUNTIME_STOCK) -> list[LoadProblem]:
+    """Every reason the runtime (stock, or linked with qlower's op library) would abort while loading ``graph``."""
     problems = [
         LoadProblem(node_id, name, f"Missing operator: {name}")
         for node_id, name, _ in _op_calls(graph)
-        if not op_supported(name)
+        if not op_supported(name, runtime)
     ]
     problems += [
         LoadProblem(s.node_id, s.op, f"Could not find ShaderInfo with name {s.shader}")

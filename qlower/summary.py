@@ -46,8 +46,10 @@ def export_summary(job) -> dict[str, Any]:
         "fusion_passes": job.made.fusion.passes if job.made.fusion else [],
         "delegation_passes": list(job.made.delegation_passes),
         "cpu_notes": [{"node": n.node, "op": n.op, "reason": n.reason} for n in job.made.cpu_notes],
+        "runtime": job.request.options.runtime,
         "runtime_problems": [{"node_id": p.node_id, "op": p.op, "message": p.message}
-                             for d in pte.vulkan_delegates for p in load_problems(d.graph)],
+                             for d in pte.vulkan_delegates
+                             for p in load_problems(d.graph, job.request.options.runtime)],
         **counts,
         "decode": decode_summary(job) if job.made.kv_cache and job.made.decode_info else None,
         "written": [str(p) for p in job.made.written],

@@ -21,3 +21,17 @@ RUNTIME_STOCK = "stock"
 RUNTIME_QLOWER = "qlower"
 RUNTIMES = (RUNTIME_STOCK, RUNTIME_QLOWER)
 OP_NAMESPACE = "qlower"
+# The ops' schemas: the op library's contract (runtime/README.md), inputs in this order, then the output(s).
+LINEAR_SCHEMA = ("linear_q4gsw(Tensor x, Tensor weights, Tensor? weight_sums, Tensor weight_scales, int group_size, "
+                 "Tensor? bias, Tensor? residual, bool quantize_input, str epilogue) -> Tensor")
+SPLIT_SCHEMA = ("linear_q4gsw_split(Tensor x, Tensor weights, Tensor? weight_sums, Tensor weight_scales, "
+                "int group_size, Tensor? bias, bool quantize_input, int[] split_sizes, int head_dim) -> Tensor[]")
+RMS_NORM_SCHEMA = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"
+# The same arguments as ExecuTorch's llama::sdpa_with_kv_cache (extension/llm/custom_ops).
+SDPA_SCHEMA = ("sdpa_with_kv_cache(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, "
+               "Tensor(b!) value_cache, SymInt start_pos, SymInt seq_len, Tensor? attn_mask=None, "
+               "float drpout_p=0., bool is_causal=False, float? scale=None) -> Tensor")
+SCHEMAS = (LINEAR_SCHEMA, SPLIT_SCHEMA, RMS_NORM_SCHEMA, SDPA_SCHEMA)
+# The operators the op library registers, as a VkGraph names them.
+LIBRARY_OPS = frozenset(f"{OP_NAMESPACE}.{s.split('(', 1)[0]}.default" for s in SCHEMAS)
+NEEDS_LIBRARY = "an ExecuTorch Vulkan runtime linked with qlower's op library (runtime/README.md)"

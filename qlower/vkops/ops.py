@@ -2,8 +2,8 @@
 
 Importing this module defines the ops (idempotent); :func:`register_vulkan_features`
 tells ET-VK's op registry how their tensors may be stored, which its memory-layout pass
-reads. The schemas are the op library's contract (``runtime/README.md``): inputs in this
-order, then the output(s).
+reads. The schemas (:data:`qlower.vkops.SCHEMAS`) are the op library's contract
+(``runtime/README.md``): inputs in this order, then the output(s).
 """
 
 from __future__ import annotations
@@ -11,18 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import references
-
-LINEAR_SCHEMA = ("linear_q4gsw(Tensor x, Tensor weights, Tensor? weight_sums, Tensor weight_scales, int group_size, "
-                 "Tensor? bias, Tensor? residual, bool quantize_input, str epilogue) -> Tensor")
-SPLIT_SCHEMA = ("linear_q4gsw_split(Tensor x, Tensor weights, Tensor? weight_sums, Tensor weight_scales, "
-                "int group_size, Tensor? bias, bool quantize_input, int[] split_sizes, int head_dim) -> Tensor[]")
-RMS_NORM_SCHEMA = "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"
-# The same arguments as ExecuTorch's llama::sdpa_with_kv_cache (extension/llm/custom_ops).
-SDPA_SCHEMA = ("sdpa_with_kv_cache(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, "
-               "Tensor(b!) value_cache, SymInt start_pos, SymInt seq_len, Tensor? attn_mask=None, "
-               "float drpout_p=0., bool is_causal=False, float? scale=None) -> Tensor")
-SCHEMAS = (LINEAR_SCHEMA, SPLIT_SCHEMA, RMS_NORM_SCHEMA, SDPA_SCHEMA)
-OP_NAMES = tuple(f"qlower.{s.split('(', 1)[0]}.default" for s in SCHEMAS)
+from . import SCHEMAS
 
 _LIB: torch.library.Library | None = None
 
