@@ -63,7 +63,7 @@ from torch.export import ExportedProgram
 from torch.export.exported_program import InputKind, InputSpec, TensorArgument
 from torch.utils import _pytree as pytree
 
-from .patterns.linear import _rename_output
+from .patterns.linear import rename_output
 
 __all__ = [
     "CpuNote",
@@ -509,7 +509,7 @@ def fold_inverse_permutes(ep: ExportedProgram) -> bool:
         if [p[i] for i in q] != list(range(rank)):
             continue
         node.replace_all_uses_with(inner.args[0])
-        _rename_output(ep, node, inner.args[0])
+        rename_output(ep, node, inner.args[0])
         ep.graph.erase_node(node)
         changed = True
     if changed:
@@ -538,7 +538,7 @@ def dedupe_copies(ep: ExportedProgram) -> bool:
         first = seen.setdefault(key, node)
         if first is not node:
             node.replace_all_uses_with(first)
-            _rename_output(ep, node, first)
+            rename_output(ep, node, first)
             ep.graph.erase_node(node)
             changed = True
     if changed:
@@ -568,7 +568,7 @@ def split_to_slices(ep: ExportedProgram) -> bool:
                 piece = ep.graph.call_function(aten.slice_copy.Tensor, (src, dim, starts[i], starts[i] + sizes[i], 1))
             piece.meta = dict(user.meta)
             user.replace_all_uses_with(piece)
-            _rename_output(ep, user, piece)
+            rename_output(ep, user, piece)
             ep.graph.erase_node(user)
         ep.graph.erase_node(node)
         changed = True

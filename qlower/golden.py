@@ -230,7 +230,13 @@ class GoldenExecutor:
         *arg_ids, out_id = op.args
         args = [self._vk_value(graph, blob_index, env, vid) for vid in arg_ids]
         kwargs: dict = {}
-        if name in references.OPS:
+        if name in references.RUNTIME_LINEARS:  # recorded as the stock layer op it computes, then its epilogue
+            stock, stock_args, after = references.runtime_linear_steps(name, args)
+            layer = self._call(references.OPS[stock], stock, stock_args, {}, blob_index, index)
+            if self.on_op is not None:
+                self.on_op(OpRecord(call_index, index, stock, stock_args, layer, blob_index))
+            fn = lambda *_: after(layer)  # noqa: E731
+        elif name in references.OPS:
             fn = references.OPS[name]
         elif name.startswith("et_vk.") and name not in references.FLOAT_ET_VK_OPS:
             raise VerifyError(f"the golden executor has no reference for {name} (op {index} of Vulkan delegate {blob_index})",
@@ -239,14 +245,7 @@ class GoldenExecutor:
             overload = _resolve(name, f"op {name} (op {index} of Vulkan delegate {blob_index})")
             args, kwargs = _schema_args(overload, args, graph, out_id)
             fn = overload
-        try:
-            result = fn(*args, **kwargs)
-        except VerifyError:
-            raise
-        except Exception as exc:
-            raise VerifyError(f"{name} (op {index} of Vulkan delegate {blob_index}) failed on the CPU: "
-                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-                              "the .pte's graph does not fit its own values; it may be corrupted") from exc
+        result = self._call(fn, name, args, kwargs, blob_index, index)
         out_value = graph.values[out_id].value
         if type(out_value).__name__ == "ValueList":
             results = list(result) if isinstance(result, (tuple, list)) else [result]
@@ -257,6 +256,17 @@ class GoldenExecutor:
             env[out_id] = self._cast(graph, out_id, result)
         if self.on_op is not None:
             self.on_op(OpRecord(call_index, index, name, args, env[out_id], blob_index))
+
+    @staticmethod
+    def _call(fn, name: str, args: list, kwargs: dict, blob_index: int, index: int):
+        try:
+            return fn(*args, **kwargs)
+        except VerifyError:
+            raise
+        except Exception as exc:
+            raise VerifyError(f"{name} (op {index} of Vulkan delegate {blob_index}) failed on the CPU: "
+                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                              "the .pte's graph does not fit its own values; it may be corrupted") from exc
 
     def _vk_value(self, graph, blob_index: int, env: dict, vid: int):
         if vid in env:

@@ -20,7 +20,7 @@ Each op has two layers:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import math
 
@@ -410,29 +410,28 @@ def rms_norm(x, weight, eps):
     return y.to(x.dtype)
 
 
-def dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True):
-    """An int4 linear as ET-VK's stock ops compute it: int8 per-token activations (``choose_qparams_affine`` then
-    ``linear_dq8ca_q4gsw``) for several rows, weight-only in float for one row (:func:`is_gemv`) or when
-    ``quantize_input`` is off (``linear_q4gsw``)."""
-    if not quantize_input or is_gemv(x):
-        return linear_q4gsw(x, weights, weight_scales, group_size, bias)
+def stock_linear_call(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True
+                      ) -> tuple[str, list]:
+    """(stock op, its operands as serialized) that qlower's runtime linear computes its layer output as:
+    ``choose_qparams_affine`` per token then ``linear_dq8ca_q4gsw`` (which is weight-only in float on one row,
+    :func:`is_gemv`), or ``linear_q4gsw`` when ``quantize_input`` is off."""
+    if not quantize_input:
+        return "et_vk.linear_q4gsw.default", [x, weights, weight_scales, group_size, bias]
     block = [1] * (x.dim() - 1) + [x.shape[-1]]  # per token, as quantized_linear.per_token_qparams_args
     scales, zps = torch.ops.torchao.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, INT8_MIN, INT8_MAX,
                                                           None, None, torch.int8)
-    return linear_dq8ca_q4gsw(x, scales, zps, weights, weight_sums, weight_scales, group_size, bias)
+    return "et_vk.linear_dq8ca_q4gsw.default", [x, scales, zps, weights, weight_sums, weight_scales, group_size, bias]
 
 
-EPILOGUES = ("none", "silu_mul")
+def dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True):
+    """An int4 linear as ET-VK's stock ops compute it (:func:`stock_linear_call`)."""
+    name, args = stock_linear_call(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+    return OPS[name](*args)
 
 
-def qlower_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, residual=None,
-                        quantize_input=True, epilogue="none"):
-    """``qlower.linear_q4gsw``: :func:`dynamic_linear_q4gsw`, then the epilogue, then ``+ residual``.
-
-    ``epilogue``: ``"none"``, or ``"silu_mul"`` for gate rows stacked over up rows (N = 2F):
-    ``silu(y[..., :F]) * y[..., F:]``.
-    """
-    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+def linear_epilogue(y, residual=None, epilogue="none"):
+    """What qlower's runtime linear does after the layer: ``"silu_mul"`` (gate rows stacked over up rows, N = 2F:
+    ``silu(y[..., :F]) * y[..., F:]``) or ``"none"``, then ``+ residual``."""
     if epilogue == "silu_mul":
         f = y.shape[-1] // 2
         y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
@@ -441,14 +440,47 @@ def qlower_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias
     return y if residual is None else y + residual
 
 
-def qlower_linear_q4gsw_split(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True,
-                              split_sizes=(), head_dim=1):
-    """``qlower.linear_q4gsw_split``: one int4 linear whose output columns are cut into parts, each viewed as
-    ``[..., n_i / head_dim, head_dim]`` (a merged Q/K/V projection and its heads)."""
-    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+def split_heads(y, split_sizes, head_dim):
+    """``y``'s columns cut into parts, each viewed as ``[..., n_i / head_dim, head_dim]``."""
     head_dim = int(head_dim)
     return [part.reshape(*part.shape[:-1], part.shape[-1] // head_dim, head_dim).contiguous()
             for part in torch.split(y, [int(n) for n in split_sizes], dim=-1)]
+
+
+EPILOGUES = ("none", "silu_mul")
+
+
+def qlower_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias=None, residual=None,
+                        quantize_input=True, epilogue="none"):
+    """``qlower.linear_q4gsw``: :func:`dynamic_linear_q4gsw`, then :func:`linear_epilogue`."""
+    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+    return linear_epilogue(y, residual, epilogue)
+
+
+def qlower_linear_q4gsw_split(x, weights, weight_sums, weight_scales, group_size, bias=None, quantize_input=True,
+                              split_sizes=(), head_dim=1):
+    """``qlower.linear_q4gsw_split``: one int4 linear whose output columns are cut into parts, each viewed as
+    heads (a merged Q/K/V projection): :func:`dynamic_linear_q4gsw`, then :func:`split_heads`."""
+    y = dynamic_linear_q4gsw(x, weights, weight_sums, weight_scales, group_size, bias, quantize_input)
+    return split_heads(y, split_sizes, head_dim)
+
+
+# qlower's runtime linears as a stock layer op and what follows it: op → (where its quantize_input flag is
+# among the operands after the first six, which are stock_linear_call's; the rest → the op's result).
+RUNTIME_LINEARS: dict[str, tuple[int, Callable]] = {
+    "qlower.linear_q4gsw.default": (1, lambda y, residual, quantize_input, epilogue:
+                                    linear_epilogue(y, residual, epilogue)),
+    "qlower.linear_q4gsw_split.default": (0, lambda y, quantize_input, split_sizes, head_dim:
+                                          split_heads(y, split_sizes, head_dim)),
+}
+
+
+def runtime_linear_steps(name: str, args: list) -> tuple[str, list, Callable[[torch.Tensor], Any]]:
+    """A qlower runtime linear as (stock layer op, its operands, layer output → the op's result)."""
+    flag_at, after = RUNTIME_LINEARS[name]
+    rest = args[6:]
+    stock, stock_args = stock_linear_call(*args[:6], quantize_input=bool(rest[flag_at]))
+    return stock, stock_args, lambda y: after(y, *rest)
 
 
 # Quantized et_vk ops → qlower's references (operands as serialized).

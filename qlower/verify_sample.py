@@ -48,17 +48,45 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
         ops = delegate.ops
         users = _users(ops)
         for index, op in enumerate(ops):
-            name = qualified_op_name(op.name)
+            name, args, parts = qualified_op_name(op.name), op.args, None
+            if name in RUNTIME_LINEARS:
+                name, args, parts = _as_stock_linear(delegate, op)
             if name not in FUSED_INT4:
                 continue
             w_at, _ = FUSED_INT4[name]
-            weight = graph.values[op.args[w_at]].value
+            weight = graph.values[args[w_at]].value
             rows, half = (int(d) for d in weight.dims)
             kind = "embedding" if name.startswith("et_vk.embedding") else "linear"
+            if kind == "linear" and parts is None:
+                parts = merged_parts(delegate, op, users)
             # packed int4: two values a byte along K (an embedding's K is its dim, its N the vocab)
-            found.append(dict(op=name, kind=kind, n=rows, k=half * 2, delegate=delegate, index=index, args=op.args,
-                              parts=merged_parts(delegate, op, users) if kind == "linear" else None))
+            found.append(dict(op=name, kind=kind, n=rows, k=half * 2, delegate=delegate, index=index, args=args,
+                              parts=parts))
     return found
+
+
+# qlower's runtime linears (export --runtime qlower): where their operands are.
+RUNTIME_LINEARS = {"qlower.linear_q4gsw.default": 7, "qlower.linear_q4gsw_split.default": 6}  # quantize_input's position
+
+
+def _as_stock_linear(delegate, op) -> tuple[str, list[int], list[int] | None]:
+    """A qlower runtime linear as the stock op it computes its layer with: (its name, the operand ids in that op's
+    order, -1 for the per-token qparams it computes itself), and the widths of the layers it computes at once
+    (a merged Q/K/V's parts, or gate and up under ``epilogue="silu_mul"``; None for one layer)."""
+    x, w, sums, scales, gs, bias = op.args[:6]
+    graph = delegate.graph
+    quantize_input = _scalar(delegate, op.args[RUNTIME_LINEARS[qualified_op_name(op.name)]])
+    if quantize_input:
+        name, args = "et_vk.linear_dq8ca_q4gsw.default", [x, -1, -1, w, sums, scales, gs, bias, op.args[-1]]
+    else:
+        name, args = "et_vk.linear_q4gsw.default", [x, w, scales, gs, bias, op.args[-1]]
+    n = int(graph.values[w].value.dims[0])
+    if qualified_op_name(op.name) == "qlower.linear_q4gsw_split.default":
+        parts = [int(v) for v in graph.values[op.args[7]].value.items]
+    else:
+        epilogue = graph.values[op.args[8]].value
+        parts = [n // 2, n // 2] if getattr(epilogue, "string_val", "none") == "silu_mul" else None
+    return name, args, parts
 
 
 def merged_parts(delegate, op, users: dict[int, list]) -> list[int] | None:

@@ -68,7 +68,7 @@ from qlower.patterns.linear import (
     ConstantPacker,
     _fake_run,
     _is_constant,
-    _rename_output,
+    rename_output,
     _sums_name,
     is_dq,
     is_q,
@@ -344,7 +344,7 @@ def _insert(ep: ExportedProgram, output: torch.fx.Node, target, args, tag: str) 
     fused.meta = dict(output.meta)
     fused.meta[FUSED_TAG] = tag
     fused.meta["val"] = _fake_run(target, args)
-    _rename_output(ep, output, fused)
+    rename_output(ep, output, fused)
     output.replace_all_uses_with(fused)
     return fused
 

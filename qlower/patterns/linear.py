@@ -588,13 +588,13 @@ def replace(ep: ExportedProgram, m: LinearMatch, packer: ConstantPacker) -> torc
     # The replaced node may be a 2-D mm inside view_copys; record the shape the op
     # really returns (a following view_copy then becomes a no-op).
     fused.meta["val"] = _linear_out_val(m.x, m.output)
-    _rename_output(ep, m.output, fused)
+    rename_output(ep, m.output, fused)
     m.output.replace_all_uses_with(fused)
     # The view_copy that restored the 3-D shape after a 2-D mm is now a no-op
     # (ExecuTorch's backend folds it the same way, via addmm → linear).
     for user in list(fused.users):
         if is_view_copy(user) and tuple(user.meta["val"].shape) == tuple(fused.meta["val"].shape):
-            _rename_output(ep, user, fused)
+            rename_output(ep, user, fused)
             user.replace_all_uses_with(fused)
     return fused
 
@@ -617,7 +617,7 @@ def restated_note(group_size: int, stored: int) -> str:
             f"ET-VK is wrong at {group_size} on multi-row inputs")
 
 
-def _rename_output(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
+def rename_output(ep: ExportedProgram, old: torch.fx.Node, new: torch.fx.Node) -> None:
     """Keep the graph signature's output names in step when ``new`` replaces ``old``."""
     for spec in ep.graph_signature.output_specs:
         if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
@@ -784,7 +784,7 @@ def merge_siblings(ep: ExportedProgram, siblings: list[Sibling], packer: Constan
         with out_val.fake_mode:
             part.meta = dict(s.view.meta)
             part.meta["val"] = s.view.meta["val"].new_empty(tuple(s.view.meta["val"].shape))
-        _rename_output(ep, s.view, part)
+        rename_output(ep, s.view, part)
         s.view.replace_all_uses_with(part)
         start, anchor = start + s.heads, part
     for s in siblings:

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from . import RUNTIME_QLOWER
+from ..patterns.linear import rename_output
 from .ops import edge_ops, register_vulkan_features
 
 _LINEAR_ARGS = {  # positions of (x, weights, weight_sums, weight_scales, group_size, bias)
@@ -46,22 +47,25 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _replace(node: torch.fx.Node, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    """A new node computing ``like``'s value from ``args``, inserted before ``node``; ``like``'s uses move to it."""
+def _replace(program, node: torch.fx.Node, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
+    """A new node computing ``like``'s value from ``args``, inserted before ``node``; ``like``'s uses (and its
+    place among the program's outputs) move to it."""
     graph = node.graph
     with graph.inserting_before(node):
         new = graph.create_node("call_function", target, args=args)
     new.meta = dict(like.meta)
     like.replace_all_uses_with(new)
+    rename_output(program, like, new)
     return new
 
 
-def _rename(graph: torch.fx.Graph, names: dict[str, Any]) -> int:
+def _rename(program, names: dict[str, Any]) -> int:
+    graph = program.graph_module.graph
     done = 0
     for node in list(graph.nodes):
         target = names.get(full_name(node))
         if target is not None:
-            new = _replace(node, target, tuple(node.args), node)
+            new = _replace(program, node, target, tuple(node.args), node)
             new.kwargs = dict(node.kwargs)
             graph.erase_node(node)
             done += 1
@@ -147,7 +151,8 @@ def _head_slices(y: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node], 
     return view, [p[2] for p in parts], head_dim
 
 
-def _fuse_linears(graph: torch.fx.Graph, linear_op, split_op) -> int:
+def _fuse_linears(program, linear_op, split_op) -> int:
+    graph = program.graph_module.graph
     done = 0
     for node in list(graph.nodes):
         at = _LINEAR_ARGS.get(".".join(full_name(node).split(".")[-2:])) if full_name(node).startswith("et_vk.") else None
@@ -169,6 +174,7 @@ def _fuse_linears(graph: torch.fx.Graph, linear_op, split_op) -> int:
                     item = graph.create_node("call_function", operator.getitem, args=(new, i))
                 item.meta = dict(part.meta)
                 part.replace_all_uses_with(item)
+                rename_output(program, part, item)
                 graph.erase_node(part)
             graph.erase_node(view)
             graph.erase_node(node)
@@ -184,7 +190,7 @@ def _fuse_linears(graph: torch.fx.Graph, linear_op, split_op) -> int:
             if residual is not None:
                 last = add
         # The residual must exist where the new node goes (before `last`, after `node`): it does, as `last` reads it.
-        new = _replace(last, linear_op, (x, w, sums, scales, gs, bias, residual, quantize_input, epilogue), last)
+        new = _replace(program, last, linear_op, (x, w, sums, scales, gs, bias, residual, quantize_input, epilogue), last)
         dead = [last]
         while dead:
             n = dead.pop()
@@ -211,8 +217,8 @@ def to_qlower_ops(program):
     """The preprocess pass: rewrite ``program``'s graph in place (see the module docstring); returns it."""
     linear_op, split_op, rms_op, sdpa_op = edge_ops()
     graph = program.graph_module.graph
-    _rename(graph, {"et_vk.rms_norm.default": rms_op, "llama.sdpa_with_kv_cache.default": sdpa_op})
-    _fuse_linears(graph, linear_op, split_op)
+    _rename(program, {"et_vk.rms_norm.default": rms_op, "llama.sdpa_with_kv_cache.default": sdpa_op})
+    _fuse_linears(program, linear_op, split_op)
     _check_order(graph)
     program.graph_module.recompile()
     return program
