@@ -159,8 +159,11 @@ void add_stock_epilogue(
   if (a.mode == kSiluMul) {
     const ValueRef gate = slice(y, 0, n_out);
     const ValueRef up = slice(y, n_out, 2 * n_out);
+    // silu(g) = g * sigmoid(g) (ET-VK registers no aten.silu).
+    const ValueRef sig = temp_like(graph, gate, n_out);
+    call_stock_op(graph, "aten.sigmoid.default", {gate, sig});
     const ValueRef act = temp_like(graph, gate, n_out);
-    call_stock_op(graph, "aten.silu.default", {gate, act});
+    call_stock_op(graph, "aten.mul.Tensor", {gate, sig, act});
     const ValueRef prod = is_valid(a.residual) ? temp_like(graph, act, n_out) : out;
     call_stock_op(graph, "aten.mul.Tensor", {act, up, prod});
     v = prod;
@@ -176,14 +179,16 @@ void add_stock_epilogue(
 
 void build_linear(ComputeGraph& graph, const LinearArgs& a) {
   VK_CHECK_COND(graph.val_is_tref(a.weights) && graph.val_is_tref(a.weight_scales));
-  const TensorRefPtr wt = graph.get_tref(a.weights);
-  const TensorRefPtr st = graph.get_tref(a.weight_scales);
-  VK_CHECK_COND(wt->sizes.size() == 2 && st->sizes.size() == 2);
-  const int64_t N = wt->sizes[0];
-  const int64_t Kp = 2 * wt->sizes[1];
+  // Copies: no TensorRefPtr may live while values are added to the graph.
+  const std::vector<int64_t> w_sizes = graph.get_tref(a.weights)->sizes;
+  const std::vector<int64_t> s_sizes = graph.get_tref(a.weight_scales)->sizes;
+  const vkapi::ScalarType s_dtype = graph.get_tref(a.weight_scales)->dtype;
+  VK_CHECK_COND(w_sizes.size() == 2 && s_sizes.size() == 2);
+  const int64_t N = w_sizes[0];
+  const int64_t Kp = 2 * w_sizes[1];
   const int64_t K = graph.size_at<int64_t>(-1, a.x);
   const int64_t gs = graph.extract_scalar<int64_t>(a.group_size);
-  const int64_t scale_stride = st->sizes[1];
+  const int64_t scale_stride = s_sizes[1];
   const bool has_bias = !graph.val_is_none(a.bias);
   const bool has_res = is_valid(a.residual);
 
@@ -212,8 +217,8 @@ void build_linear(ComputeGraph& graph, const LinearArgs& a) {
     io.push_back(a.residual);
   }
   bool fast = all_fp32_contiguous_buffers(graph, io) && K == Kp && K % 8 == 0 &&
-      gs > 0 && gs % 8 == 0 && Kp % gs == 0 && st->dtype == vkapi::kFloat &&
-      st->sizes[0] * gs == Kp && scale_stride >= N &&
+      gs > 0 && gs % 8 == 0 && Kp % gs == 0 && s_dtype == vkapi::kFloat &&
+      s_sizes[0] * gs == Kp && scale_stride >= N &&
       (n_out + kGemvRows - 1) / kGemvRows <= 65535 && a.outs.size() <= 4;
   if (has_bias) {
     fast = fast && graph.val_is_tref(a.bias) &&
@@ -380,8 +385,10 @@ void linear_q4gsw_split(ComputeGraph& graph, const std::vector<ValueRef>& args) 
   a.quantize_input = extract_bool(graph, args.at(i++));
   a.split_sizes = *graph.get_int_list(args.at(i++));
   a.head_dim = graph.extract_scalar<int64_t>(args.at(i++));
-  const ValueListPtr outs = graph.get_value_list(args.at(i++));
-  a.outs.assign(outs->begin(), outs->end());
+  {
+    const ValueListPtr outs = graph.get_value_list(args.at(i++));
+    a.outs.assign(outs->begin(), outs->end());
+  }
   a.mode = kSplit;
   build_linear(graph, a);
 }

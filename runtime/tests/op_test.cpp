@@ -431,11 +431,14 @@ int main(int argc, char** argv) {
     test_linear({256, 96, 64, false, true, true, "silu_mul"});
     test_linear({72, 40, 8, false, true, false, "silu_mul"});
     test_linear({256, 96, 32, false, false, false, "silu_mul", {}, 0, utils::kTexture3D});
+    test_linear({256, 96, 32, true, true, true, "silu_mul", {}, 0, utils::kTexture3D});
+    test_linear({256, 64, 64, true, false, true, "none", {}, 0, utils::kTexture3D});
   }
   if (want("split")) {
     test_linear({256, 256, 32, false, false, false, "split", {128, 64, 64}, 32});
     test_linear({256, 384, 64, true, false, true, "split", {256, 64, 64}, 64});
     test_linear({72, 24, 8, true, false, false, "split", {8, 8, 4, 4}, 4});
+    test_linear({256, 256, 32, false, false, false, "split", {128, 64, 64}, 32, utils::kTexture3D});
   }
   if (want("sdpa")) {
     const std::vector<std::pair<int64_t, int64_t>> a = {
