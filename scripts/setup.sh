@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install everything qlower and its tests need on a fresh Debian/Ubuntu machine:
-# the Vulkan loader and its headers (benchmarks/vkprof), Mesa's CPU Vulkan device (lavapipe) and glslc from apt,
+# the Vulkan loader and its headers (benchmarks/vkprof), Mesa's CPU Vulkan device (lavapipe), glslc, and the
+# C++ toolchain that builds qlower's ET-VK op library (cmake, ninja, g++; scripts/build_runtime.sh) from apt,
 # then the package with its pinned PyTorch/ExecuTorch/torchao from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="libvulkan1 libvulkan-dev mesa-vulkan-drivers glslc"
+APT_PACKAGES="libvulkan1 libvulkan-dev mesa-vulkan-drivers glslc cmake ninja-build g++ xz-utils"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=""

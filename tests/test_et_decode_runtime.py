@@ -5,6 +5,10 @@ Vulkan backend) and VK_ICD_FILENAMES to a Vulkan driver. Each bundled decoder an
 a few more families, is exported with ``--kv-cache``; the runtime prefills 8 tokens in one call and decodes
 16 greedy steps; every call's logits are compared with qlower's golden executor and the quantized eager
 model fed the same tokens.
+
+Set QLOWER_VK_OPS_STEP_RUNNER to ``llm_step_runner`` linked with qlower's op library (runtime/,
+``scripts/build_runtime.sh``) to run the same decoders exported with ``--runtime qlower`` too (and the
+stock files on that runner: the library leaves the stock ops as they are).
 """
 
 from __future__ import annotations
@@ -29,7 +33,20 @@ from qlower.metrics import THRESHOLDS, sqnr_db
 from .conftest import EXAMPLES, MODELS, ROOT
 
 STEP_RUNNER = os.environ.get("QLOWER_ET_STEP_RUNNER")
-pytestmark = pytest.mark.skipif(not STEP_RUNNER, reason="set QLOWER_ET_STEP_RUNNER to llm_step_runner built with Vulkan")
+VK_OPS_STEP_RUNNER = os.environ.get("QLOWER_VK_OPS_STEP_RUNNER")
+REQUIRED = os.environ.get("QLOWER_REQUIRE_RUNTIME") == "1"  # CI: a missing runner fails instead of skipping
+pytestmark = pytest.mark.skipif(not (STEP_RUNNER or VK_OPS_STEP_RUNNER or REQUIRED),
+                                reason="set QLOWER_ET_STEP_RUNNER (and QLOWER_VK_OPS_STEP_RUNNER) to llm_step_runner built with Vulkan")
+# (file's runtime, runner): stock files on the stock runner and on the one linked with the library; qlower files on it.
+RUNS = [("stock", "stock"), ("stock", "vk_ops"), ("qlower", "vk_ops")]
+
+
+def runner_for(kind: str) -> str:
+    path = STEP_RUNNER if kind == "stock" else VK_OPS_STEP_RUNNER
+    if not path:
+        variable = "QLOWER_ET_STEP_RUNNER" if kind == "stock" else "QLOWER_VK_OPS_STEP_RUNNER"
+        (pytest.fail if REQUIRED else pytest.skip)(f"set {variable}")
+    return path
 
 PROMPT = [3, 17, 42, 99, 5, 8, 120, 7]
 STEPS = 16
@@ -52,9 +69,9 @@ def hf_family_folder(family: str, root: Path) -> Path:
 
 
 def step(pte: Path, workdir: Path, feed: list[int] | None = None, prompt: list[int] = PROMPT,
-         steps: int = STEPS) -> tuple[list[int], torch.Tensor]:
+         steps: int = STEPS, runner: str | None = None) -> tuple[list[int], torch.Tensor]:
     out = workdir / "logits.bin"
-    cmd = [STEP_RUNNER, "--model", str(pte), "--prompt", ",".join(map(str, prompt)), "--steps", str(steps), "--out", str(out)]
+    cmd = [runner or runner_for("stock"), "--model", str(pte), "--prompt", ",".join(map(str, prompt)), "--steps", str(steps), "--out", str(out)]
     if feed:
         cmd += ["--feed", ",".join(map(str, feed))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -64,11 +81,15 @@ def step(pte: Path, workdir: Path, feed: list[int] | None = None, prompt: list[i
     return doc["tokens"], logits
 
 
-def check_decoder(model: Path, tmp_path: Path, scheme: str = "qta8a_qga4w") -> None:
+def check_decoder(model: Path, tmp_path: Path, scheme: str = "qta8a_qga4w", run: tuple[str, str] = ("stock", "stock")) -> None:
+    file_runtime, runner = run
+    runner = runner_for(runner)
     pte = tmp_path / "decoder.pte"
-    summary = qlower.export(model, pte, scheme=scheme, kv_cache=True, max_seq_len=MAX_SEQ_LEN)
-    assert summary["vulkan_partitions"] == 1 and summary["cpu_ops"] == {}
-    tokens, runtime = step(pte, tmp_path)
+    summary = qlower.export(model, pte, scheme=scheme, kv_cache=True, max_seq_len=MAX_SEQ_LEN, runtime=file_runtime)
+    assert summary["vulkan_partitions"] == 1 and summary["cpu_ops"] == {} and summary["runtime_problems"] == []
+    if file_runtime == "qlower":
+        assert any(op.startswith("qlower.") for op in summary["fused_ops"])
+    tokens, runtime = step(pte, tmp_path, runner=runner)
     fed = tokens[:-1]
     golden = torch.stack(teacher_forced(GoldenDecoder(read_pte(pte)), PROMPT, fed))
     options = make_options(scheme=scheme, kv_cache=True, max_seq_len=MAX_SEQ_LEN)
@@ -86,21 +107,30 @@ def check_decoder(model: Path, tmp_path: Path, scheme: str = "qta8a_qga4w") -> N
     assert tokens[0] == int(golden[0].argmax())
 
 
+@pytest.mark.parametrize("run", RUNS, ids="-on-".join)
 @pytest.mark.parametrize("name", sorted(DECODERS))
-def test_bundled_decoder_steps_on_runtime(name, tmp_path):
+def test_bundled_decoder_steps_on_runtime(name, run, tmp_path):
     if name.startswith("hf_"):
         pytest.importorskip("transformers")
-    check_decoder(DECODERS[name], tmp_path)
+    check_decoder(DECODERS[name], tmp_path, run=run)
 
 
+@pytest.mark.parametrize("run", RUNS, ids="-on-".join)
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3"])
-def test_hf_family_steps_on_runtime(family, tmp_path):
+def test_hf_family_steps_on_runtime(family, run, tmp_path):
     pytest.importorskip("transformers")
-    check_decoder(hf_family_folder(family, tmp_path), tmp_path)
+    check_decoder(hf_family_folder(family, tmp_path), tmp_path, run=run)
 
 
-def test_fp32_decoder_is_exact_on_runtime(tmp_path):
-    check_decoder(MODELS["llama"], tmp_path, scheme="fp32")
+@pytest.mark.parametrize("scheme", ["qga4w", "qta8a_qga4w"])
+def test_qlower_runtime_decoder_other_scheme_and_group_size(scheme, tmp_path):
+    """Weight-only int4 (no activation quantization on any path) next to the default, at g32."""
+    check_decoder(MODELS["llama"], tmp_path, scheme=scheme, run=("qlower", "vk_ops"))
+
+
+@pytest.mark.parametrize("run", [("stock", "stock"), ("qlower", "vk_ops")], ids="-on-".join)
+def test_fp32_decoder_is_exact_on_runtime(run, tmp_path):
+    check_decoder(MODELS["llama"], tmp_path, scheme="fp32", run=run)
 
 
 # A Llama-3.2-1B-shaped decoder (dim 2048, 16 layers, 32/8 heads, FFN 8192, vocab 128256, tied
