@@ -19,6 +19,11 @@ a second run with a timestamp after every dispatch gives the GPU's time per disp
 
     python benchmarks/llm_decode_bench.py --runner ./llm_step_runner --vkprof /tmp/vkprof \
         --real-loader /usr/lib/x86_64-linux-gnu/libvulkan.so.1 export_llama.pte qlower.pte --json
+
+``--llama-bench PATH --gguf MODEL.gguf`` also runs llama.cpp's ``llama-bench`` on the same GPU in the same
+run (``-p PROMPT_LEN -n STEPS -d PROMPT_LEN``: decode after a context as long as the prompt, as the files
+are stepped; ``-dev Vulkan0`` so it fails rather than fall back to the CPU) and reports its tokens/s and
+prefill time beside the files, with its ratios against the first file.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ def run_once(runner: str, pte: Path, prompt_len: int, steps: int, warmup: int, v
 
 # What a kernel is, read from the names its shader gives its tensors (benchmarks/vkprof records them).
 KERNEL_KINDS = (
+    # qlower's op library (qlower/shaders/runtime/)
+    ("t_x t_w t_scales", "linear int4"),
+    ("t_y t_res", "linear epilogue"),
+    ("t_out t_in t_weight", "rms norm"),
+    ("t_part t_kcache t_vcache", "attention decode (split-K)"),
+    ("t_out t_part", "attention decode combine"),
+    ("t_dst t_src", "prepack"),
+    # ExecuTorch's
     ("t_packed_int4_weight", "linear int4"),
     ("t_packed_int8_weight", "linear int8"),
     ("t_qmat2", "linear"),
@@ -143,6 +156,23 @@ def profile_once(runner: str, pte: Path, prompt_len: int, steps: int, vkprof: Pa
     return result
 
 
+def llama_bench(path: str, gguf: Path, prompt_len: int, steps: int, rounds: int, device: str = "Vulkan0") -> dict:
+    """llama.cpp's ``llama-bench``: prefill of ``prompt_len`` tokens and ``steps`` decode steps after a context of
+    ``prompt_len`` (its ``-d``), ``rounds`` repetitions, as {decode_ms_median, tokens_per_s, prefill_ms_median}."""
+    cmd = [path, "-m", str(gguf), "-ngl", "99", "-dev", device, "-p", str(prompt_len), "-n", str(steps),
+           "-d", str(prompt_len), "-r", str(rounds), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-bench: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'failed'}")
+    rows = json.loads(proc.stdout)
+    gen = next(r for r in rows if r.get("n_gen", 0) > 0)
+    pre = next(r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
+    return {"file": f"llama.cpp {gguf.name}", "decode_ms_median": 1000.0 / gen["avg_ts"], "tokens_per_s": gen["avg_ts"],
+            "prefill_ms_median": 1000.0 * pre["n_prompt"] / pre["avg_ts"], "prompt_len": pre["n_prompt"],
+            "decode_calls": gen["n_gen"] * rounds, "device": gen.get("gpu_info") or gen.get("backends"),
+            "command": " ".join(cmd)}
+
+
 def bytes_per_token(pte: Path, position: int) -> dict | None:
     """Bytes a decode step reads, from the file (needs qlower): every constant an op other than the token
     embedding reads (once per reading op: each prepacks its own copy), one embedding row, and the K and V
@@ -205,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-loader", default="/usr/lib/x86_64-linux-gnu/libvulkan.so.1",
                         help="the real Vulkan loader, for --vkprof")
     parser.add_argument("--profile-steps", type=int, default=100, help="decode steps of a --vkprof run")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench: run it on --gguf in the same run")
+    parser.add_argument("--gguf", type=Path, help="the GGUF model for --llama-bench")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if bool(args.llama_bench) != bool(args.gguf):
+        parser.error("--llama-bench and --gguf go together")
     runs: dict[str, list[dict]] = {str(f): [] for f in args.files}
     for _ in range(args.rounds):
         for f in args.files:
@@ -219,12 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"file": str(f), "decode_ms_median": med, "tokens_per_s": 1000.0 / med,
                         "prefill_ms_median": statistics.median(prefill), "prompt_len": args.prompt_len,
                         "decode_calls": len(decode)})
+    if args.llama_bench:
+        results.append(llama_bench(args.llama_bench, args.gguf, args.prompt_len, args.steps, args.rounds))
     base = results[0]
     for r in results:
         r["decode_speedup"] = base["decode_ms_median"] / r["decode_ms_median"]
         r["prefill_speedup"] = base["prefill_ms_median"] / r["prefill_ms_median"]
     if args.vkprof:
         for r in results:
+            if "command" in r:  # llama.cpp: not an ExecuTorch file
+                continue
             f = Path(r["file"])
             r["breakdown"] = {
                 "cpu": profile_once(args.runner, f, args.prompt_len, args.profile_steps, args.vkprof,

@@ -34,6 +34,11 @@ import llm_decode_bench as bench  # noqa: E402
     ("t_in t_out", "unary / copy / view"),
     ("t_weight t_indicesBuffer t_scalesBuffer t_outBuffer", "embedding"),
     ("t_inpBuffer", "other"),
+    ("t_out0Buffer t_out1Buffer t_out2Buffer t_out3Buffer t_xBuffer t_wBuffer t_scalesBuffer t_biasBuffer t_resBuffer",
+     "linear int4"),
+    ("t_outBuffer t_inBuffer t_weightBuffer", "rms norm"),
+    ("t_partBuffer t_kcacheBuffer t_vcacheBuffer t_qBuffer t_kBuffer t_vBuffer", "attention decode (split-K)"),
+    ("t_outBuffer t_partBuffer", "attention decode combine"),
 ])
 def test_kernel_kind(tensors, kind):
     assert bench.kernel_kind(tensors) == kind
@@ -112,6 +117,37 @@ def test_main_adds_the_breakdown(fake_runner, tmp_path, capsys):
     assert [r["decode_speedup"] for r in results] == [1.0, 1.0]
     assert "bytes_per_token" not in results[0]["breakdown"]   # an empty file: inspect cannot read it
     assert results[1]["breakdown"]["cpu"]["reencodes_per_100_tokens"] == 25.0
+
+
+FAKE_LLAMA_BENCH = textwrap.dedent('''\
+    #!{python}
+    """Stands in for llama.cpp's llama-bench -o json: a prefill row and a decode row after the context."""
+    import json, sys
+    args = sys.argv[1:]
+    value = lambda flag: int(args[args.index(flag) + 1])
+    assert args[args.index("-dev") + 1] == "Vulkan0" and args[args.index("-o") + 1] == "json"
+    print(json.dumps([
+        {{"n_prompt": value("-p"), "n_gen": 0, "n_depth": value("-d"), "avg_ts": 16000.0, "gpu_info": "GPU"}},
+        {{"n_prompt": 0, "n_gen": value("-n"), "n_depth": value("-d"), "avg_ts": 625.0, "gpu_info": "GPU"}},
+    ]))
+''')
+
+
+def test_llama_bench_runs_beside_the_files(fake_runner, tmp_path, capsys):
+    tool = tmp_path / "llama-bench"
+    tool.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    tool.chmod(0o755)
+    a = tmp_path / "a.pte"
+    a.write_bytes(b"")
+    assert bench.main(["--runner", str(fake_runner), "--prompt-len", "512", "--steps", "4", "--rounds", "1", str(a),
+                       "--llama-bench", str(tool), "--gguf", str(tmp_path / "m.gguf"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    peer = results[-1]
+    assert peer["file"] == "llama.cpp m.gguf" and peer["tokens_per_s"] == 625.0
+    assert peer["decode_ms_median"] == pytest.approx(1.6) and peer["prefill_ms_median"] == pytest.approx(32.0)
+    assert peer["decode_speedup"] == pytest.approx(results[0]["decode_ms_median"] / 1.6)
+    with pytest.raises(SystemExit):
+        bench.main(["--runner", str(fake_runner), str(a), "--llama-bench", str(tool)])
 
 
 def test_bytes_per_token_counts_each_reading_op(tmp_path, monkeypatch):
