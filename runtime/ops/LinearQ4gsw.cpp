@@ -345,8 +345,8 @@ bool extract_bool(ComputeGraph& graph, ValueRef v) {
   return !graph.val_is_none(v) && graph.extract_scalar<bool>(v);
 }
 
-void linear_q4gsw(ComputeGraph& graph, const std::vector<ValueRef>& args) {
-  LinearArgs a;
+// The arguments both linear ops start with: x, weights, weight_sums, weight_scales, group_size, bias.
+int read_linear_args(const std::vector<ValueRef>& args, LinearArgs& a) {
   int i = 0;
   a.x = args.at(i++);
   a.weights = args.at(i++);
@@ -354,6 +354,12 @@ void linear_q4gsw(ComputeGraph& graph, const std::vector<ValueRef>& args) {
   a.weight_scales = args.at(i++);
   a.group_size = args.at(i++);
   a.bias = args.at(i++);
+  return i;
+}
+
+void linear_q4gsw(ComputeGraph& graph, const std::vector<ValueRef>& args) {
+  LinearArgs a;
+  int i = read_linear_args(args, a);
   const ValueRef residual = args.at(i++);
   a.quantize_input = extract_bool(graph, args.at(i++));
   const ValueRef epilogue = args.at(i++);
@@ -375,13 +381,7 @@ void linear_q4gsw(ComputeGraph& graph, const std::vector<ValueRef>& args) {
 
 void linear_q4gsw_split(ComputeGraph& graph, const std::vector<ValueRef>& args) {
   LinearArgs a;
-  int i = 0;
-  a.x = args.at(i++);
-  a.weights = args.at(i++);
-  a.weight_sums = args.at(i++);
-  a.weight_scales = args.at(i++);
-  a.group_size = args.at(i++);
-  a.bias = args.at(i++);
+  int i = read_linear_args(args, a);
   a.quantize_input = extract_bool(graph, args.at(i++));
   a.split_sizes = *graph.get_int_list(args.at(i++));
   a.head_dim = graph.extract_scalar<int64_t>(args.at(i++));
