@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .vkops import OP_NAMESPACE, RUNTIME_QLOWER, RUNTIME_STOCK, SCHEMAS
+from .vkops import OP_NAMESPACE, SCHEMAS, required_runtime
 from .groups import group_rows
 from .pte import (FUSED_OP_ARGS, read_quantization_record, INLINE_CONSTANT, VULKAN_BACKEND, Delegate, Pte, is_fused_op, qualified_op_name, read_pte,
                   short_op_name, size_breakdown)
@@ -596,10 +596,7 @@ def _runtime_section(pte: Pte) -> dict[str, Any]:
     """The runtime the file needs (``stock``, or ``qlower``: linked with qlower's op library) and what the stock
     runtime would abort on while loading it."""
     problems = runtime_problems(pte)
-    caps = _runtime_caps()
-    needs = None if caps is None else (
-        RUNTIME_QLOWER if any(caps.required_runtime(d.graph) == RUNTIME_QLOWER for d in pte.vulkan_delegates)
-        else RUNTIME_STOCK)
+    needs = required_runtime(op.name for d in pte.vulkan_delegates for op in d.ops)
     return {"runtime": needs, "runtime_check": "unavailable" if problems is None else "qlower.runtime_caps",
             "runtime_problems": problems}
 

@@ -44,7 +44,6 @@ __all__ = [
     "load_problems",
     "op_supported",
     "predict_shaders",
-    "required_runtime",
     "runtime_ops",
     "runtime_shaders",
     "shader_exists",
@@ -78,11 +77,6 @@ def op_supported(name: str, runtime: str = RUNTIME_STOCK) -> bool:
     """``name`` as in a VkGraph ``OperatorCall`` (``aten.add.Tensor``), on the stock runtime or on one linked
     with qlower's op library (``runtime="qlower"``)."""
     return name in runtime_ops() or (runtime == RUNTIME_QLOWER and name in LIBRARY_OPS)
-
-
-def required_runtime(graph: vk.VkGraph) -> str:
-    """``"qlower"`` when the graph calls an op of qlower's op library, else ``"stock"``."""
-    return RUNTIME_QLOWER if any(call.name in LIBRARY_OPS for call in graph.chain) else RUNTIME_STOCK
 
 
 def shader_exists(name: str) -> bool:

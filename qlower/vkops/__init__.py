@@ -35,3 +35,9 @@ SCHEMAS = (LINEAR_SCHEMA, SPLIT_SCHEMA, RMS_NORM_SCHEMA, SDPA_SCHEMA)
 # The operators the op library registers, as a VkGraph names them.
 LIBRARY_OPS = frozenset(f"{OP_NAMESPACE}.{s.split('(', 1)[0]}.default" for s in SCHEMAS)
 NEEDS_LIBRARY = "an ExecuTorch Vulkan runtime linked with qlower's op library (runtime/README.md)"
+
+
+def required_runtime(op_names) -> str:
+    """``"qlower"`` when any of a Vulkan graph's op names (``qlower.rms_norm.default``) is the op library's,
+    else ``"stock"``."""
+    return RUNTIME_QLOWER if any(name in LIBRARY_OPS for name in op_names) else RUNTIME_STOCK
