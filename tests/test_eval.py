@@ -45,6 +45,7 @@ INT4_NOISE_PCT = 0.5
 # The runtime and the golden executor on the same windows of the same file.
 RUNTIME_VS_GOLDEN_PCT = 1.0
 STEP_RUNNER = os.environ.get("QLOWER_ET_STEP_RUNNER")
+VK_OPS_STEP_RUNNER = os.environ.get("QLOWER_VK_OPS_STEP_RUNNER")  # llm_step_runner linked with qlower's op library
 
 
 def counting_text(words: int, seed: int) -> str:
@@ -87,15 +88,16 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_file(trained, tmp_path_factory):
-    """eval_file(scheme, kv_cache=True) -> .pte of the trained model, exported once per session."""
-    cache: dict[tuple[str, bool], Path] = {}
+    """eval_file(scheme, kv_cache=True, runtime="stock") -> .pte of the trained model, exported once per session."""
+    cache: dict[tuple[str, bool, str], Path] = {}
     directory = tmp_path_factory.mktemp("eval_pte")
 
-    def get(scheme: str, kv_cache: bool = True) -> Path:
-        key = (scheme, kv_cache)
+    def get(scheme: str, kv_cache: bool = True, runtime: str = "stock") -> Path:
+        key = (scheme, kv_cache, runtime)
         if key not in cache:
-            out = directory / f"{scheme}_{'decode' if kv_cache else 'prefill'}.pte"
-            qlower.export(trained[0], out, scheme=scheme, group_size=32, max_seq_len=MAX_SEQ_LEN, kv_cache=kv_cache)
+            out = directory / f"{scheme}_{'decode' if kv_cache else 'prefill'}_{runtime}.pte"
+            qlower.export(trained[0], out, scheme=scheme, group_size=32, max_seq_len=MAX_SEQ_LEN, kv_cache=kv_cache,
+                          runtime=runtime)
             cache[key] = out
         return cache[key]
 
@@ -259,3 +261,18 @@ def test_runtime_perplexity_matches_golden(trained, eval_file, scheme):
     runtime = evaluate(folder, pte, text=text, tokens=TOKENS, windows=WINDOWS, skip="float,quantized", runner=STEP_RUNNER)
     assert runtime["file_executor"] == "runtime" and runtime["window_starts"] == golden["window_starts"]
     assert pct(runtime["perplexity"]["file"], golden["perplexity"]["file"]) < RUNTIME_VS_GOLDEN_PCT
+
+
+@pytest.mark.skipif(not VK_OPS_STEP_RUNNER, reason="set QLOWER_VK_OPS_STEP_RUNNER to llm_step_runner linked with qlower's op library")
+def test_qlower_runtime_file_perplexity_matches_golden_and_the_stock_file(trained, eval_file):
+    """export --runtime qlower: the same perplexity on the runtime with the library as its golden run, and as the
+    stock file's (the same quantized model)."""
+    folder, text = trained
+    pte = eval_file("qta8a_qga4w", runtime="qlower")
+    golden = evaluate(folder, pte, text=text, tokens=TOKENS, windows=WINDOWS, skip="float,quantized")
+    runtime = evaluate(folder, pte, text=text, tokens=TOKENS, windows=WINDOWS, skip="float,quantized",
+                       runner=VK_OPS_STEP_RUNNER)
+    stock = evaluate(folder, eval_file("qta8a_qga4w"), text=text, tokens=TOKENS, windows=WINDOWS, skip="float,quantized")
+    assert runtime["file_executor"] == "runtime"
+    assert pct(runtime["perplexity"]["file"], golden["perplexity"]["file"]) < RUNTIME_VS_GOLDEN_PCT
+    assert pct(golden["perplexity"]["file"], stock["perplexity"]["file"]) < RUNTIME_VS_GOLDEN_PCT
