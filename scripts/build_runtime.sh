@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds qlower's ET-VK operator library (runtime/), its op test and
-# llm_step_runner linked with it, against the prebuilt ET-VK SDK.
+# Builds qlower's ET-VK operator library (runtime/), its op test and the
+# runners linked with it (llm_step_runner, pte_runner: tools/CMakeLists.txt),
+# against the prebuilt ET-VK SDK.
 #
 #   scripts/build_runtime.sh [BUILD_DIR]      (default: <repo>/build/runtime)
 #
@@ -36,7 +37,15 @@ if ! "$python" -c 'import yaml' 2>/dev/null; then
   exit 2
 fi
 
-nice -n 10 cmake -S "$repo/tools/llm_step_runner" -B "$build/cmake" -G Ninja \
+# The tree was once configured from tools/llm_step_runner alone; CMake keeps a
+# tree to the source folder it was made from, so such a tree is started again.
+if [ -f "$build/cmake/CMakeCache.txt" ] &&
+   ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$repo/tools" "$build/cmake/CMakeCache.txt"; then
+  echo "build_runtime: $build/cmake was configured from another source folder; starting it again"
+  rm -rf "$build/cmake"
+fi
+
+nice -n 10 cmake -S "$repo/tools" -B "$build/cmake" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release \
   -DEXECUTORCH_INSTALL_DIR="$sdk/prefix" \
   -DQLOWER_VK_OPS=ON \
@@ -49,3 +58,4 @@ echo "build_runtime: op library   $build/cmake/qlower_vk_ops/libqlower_vk_ops.a"
 echo "build_runtime: shader lib   $build/cmake/qlower_vk_ops/libqlower_vk_shaders.a"
 echo "build_runtime: op test      $build/cmake/qlower_vk_ops/qlower_vk_op_test"
 echo "build_runtime: step runner  $build/cmake/llm_step_runner"
+echo "build_runtime: pte runner   $build/cmake/pte_runner"

@@ -28,19 +28,17 @@
 // Errors: one line `llm_step_runner: error: ...` on stderr; exit 2 for usage
 // errors, 1 for everything else.
 
+#include "common/runner_common.h"
+
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/core/exec_aten/util/scalar_type_util.h>
-#include <executorch/runtime/platform/platform.h>
-#include <executorch/runtime/platform/runtime.h>
 
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -51,119 +49,19 @@ using executorch::extension::from_blob;
 using executorch::extension::Module;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
+using qlower_runner::clear_runtime_errors;
+using qlower_runner::fail;
+using qlower_runner::init_runner;
+using qlower_runner::load_program;
+using qlower_runner::runtime_error;
+using qlower_runner::usage_error;
 
 namespace {
 
-const char* kProg = "llm_step_runner";
 const char* kUsage =
     "usage: llm_step_runner --model PATH.pte [--data PATH.ptd] "
     "--prompt 1,2,3 --steps N [--feed 5,6,7] [--out logits.bin] "
     "[--warmup K]";
-
-// ---------------------------------------------------------------- errors --
-
-// The runtime logs through the PAL. Its messages are kept (not printed) so
-// that the one error line can name the runtime's own reason; set
-// LLM_STEP_RUNNER_LOG=1 to see them all as they come.
-bool g_log_passthrough = false;
-std::string g_first_runtime_error;
-std::string g_last_runtime_error;
-
-std::string one_line(const char* s, size_t n) {
-  std::string out(s, n);
-  for (char& c : out) {
-    if (c == '\n' || c == '\r') {
-      c = ' ';
-    }
-  }
-  while (!out.empty() && out.back() == ' ') {
-    out.pop_back();
-  }
-  return out;
-}
-
-void emit_log(
-    et_timestamp_t /*timestamp*/,
-    et_pal_log_level_t level,
-    const char* filename,
-    const char* /*function*/,
-    size_t line,
-    const char* message,
-    size_t length) {
-  std::string msg = one_line(message, length);
-  if (g_log_passthrough) {
-    std::fprintf(
-        stderr, "%c %s:%zu] %s\n", static_cast<char>(level), filename, line,
-        msg.c_str());
-  }
-  if (level == kError || level == kFatal) {
-    if (g_first_runtime_error.empty()) {
-      g_first_runtime_error = msg;
-    }
-    g_last_runtime_error = msg;
-  }
-  if (level == kFatal && !g_log_passthrough) {
-    // The runtime aborts right after a fatal message.
-    std::fprintf(stderr, "%s: error: runtime abort: %s\n", kProg, msg.c_str());
-    std::fflush(stderr);
-  }
-}
-
-void clear_runtime_errors() {
-  g_first_runtime_error.clear();
-  g_last_runtime_error.clear();
-}
-
-std::string runtime_reason() {
-  if (g_first_runtime_error.empty()) {
-    return "";
-  }
-  std::string r = " (runtime: " + g_first_runtime_error;
-  if (g_last_runtime_error != g_first_runtime_error) {
-    r += "; " + g_last_runtime_error;
-  }
-  return r + ")";
-}
-
-[[noreturn]] void fail(int code, const std::string& msg) {
-  std::fflush(stdout);
-  std::fprintf(stderr, "%s: error: %s\n", kProg, msg.c_str());
-  std::fflush(stderr);
-  std::exit(code);
-}
-
-[[noreturn]] void usage_error(const std::string& msg) {
-  fail(2, msg + " (" + kUsage + ")");
-}
-
-[[noreturn]] void runtime_error(const std::string& what, Error err) {
-  fail(
-      1,
-      what + ": " + executorch::runtime::to_string(err) + runtime_reason());
-}
-
-// The Vulkan backend reports failures as C++ exceptions. The runtime between
-// it and this file is built without unwind tables, so such an exception ends
-// in std::terminate; say what it was in one line instead of libstdc++'s two.
-[[noreturn]] void on_terminate() {
-  std::string what = "unknown exception";
-  if (std::exception_ptr p = std::current_exception()) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
-  } else {
-    what = "std::terminate without an exception";
-  }
-  std::fflush(stdout);
-  std::fprintf(
-      stderr, "%s: error: the runtime threw: %s\n", kProg,
-      one_line(what.data(), what.size()).c_str());
-  std::fflush(stderr);
-  std::_Exit(1);
-}
 
 // -------------------------------------------------------------- arguments --
 
@@ -281,11 +179,6 @@ Args parse_args(int argc, char** argv) {
 }
 
 // --------------------------------------------------------------- running --
-
-bool file_readable(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return f.good();
-}
 
 // Value of a constant method such as get_max_seq_len, or -1 when the program
 // does not have it.
@@ -443,37 +336,12 @@ RunResult run_sequence(Module& m, const Plan& plan, const Args& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::set_terminate(on_terminate);
-  const char* env_log = std::getenv("LLM_STEP_RUNNER_LOG");
-  g_log_passthrough = env_log != nullptr && std::strcmp(env_log, "0") != 0 &&
-      env_log[0] != '\0';
-  executorch::runtime::register_pal(
-      executorch::runtime::PalImpl::create(emit_log, __FILE__));
-  executorch::runtime::runtime_init();
+  init_runner("llm_step_runner", kUsage, "LLM_STEP_RUNNER_LOG");
 
   Args a = parse_args(argc, argv);
 
-  if (!file_readable(a.model)) {
-    fail(1, "cannot read --model " + a.model);
-  }
-  if (!a.data.empty() && !file_readable(a.data)) {
-    fail(1, "cannot read --data " + a.data);
-  }
-
   auto load_t0 = std::chrono::steady_clock::now();
-  std::unique_ptr<Module> m;
-  if (a.data.empty()) {
-    m = std::make_unique<Module>(
-        a.model, Module::LoadMode::MmapUseMlockIgnoreErrors);
-  } else {
-    m = std::make_unique<Module>(
-        a.model, a.data, Module::LoadMode::MmapUseMlockIgnoreErrors);
-  }
-  clear_runtime_errors();
-  Error err = m->load();
-  if (err != Error::Ok) {
-    runtime_error("loading program " + a.model, err);
-  }
+  std::unique_ptr<Module> m = load_program(a.model, a.data, "--model", "--data");
 
   auto meta = m->method_meta("forward");
   if (!meta.ok()) {
@@ -545,7 +413,7 @@ int main(int argc, char** argv) {
   }
 
   clear_runtime_errors();
-  err = m->load_method("forward");
+  Error err = m->load_method("forward");
   if (err != Error::Ok) {
     runtime_error("loading method forward", err);
   }
