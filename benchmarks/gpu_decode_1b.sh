@@ -14,6 +14,7 @@
 #   libvulkan1_*.deb               Debian's Vulkan loader
 #   llama.cpp-vulkan.tar.xz zero-1b-q4_0.gguf.xz   llama.cpp's llama-bench and the zero-weight 1B GGUF
 # OUT receives decode.json (llm_decode_bench.py --json, llama.cpp's row last) and the logs.
+# ROUNDS (default 3) interleaved timing rounds; PROFILE_STEPS (default 100) decode steps of each --vkprof run.
 set -euo pipefail
 in="$(cd "$1" && pwd)"
 out="$2"
@@ -39,7 +40,7 @@ python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2
 chmod +x $(find "$work/llama" -type f -name "llama-*")
 bench=$(find "$work/llama" -name llama-bench -type f | head -n 1)
 python3 "$(dirname "$0")/llm_decode_bench.py" --runner "$work/llm_step_runner" --prompt-len 512 --steps 64 \
-  --rounds 3 --vkprof "$work/vkprof" --real-loader "$loader" --profile-steps 100 \
+  --rounds "${ROUNDS:-3}" --vkprof "$work/vkprof" --real-loader "$loader" --profile-steps "${PROFILE_STEPS:-100}" \
   --llama-bench "$bench" --gguf "$work/zero-1b-q4_0.gguf" \
   "$work/export_llama.pte" "$work/qlower.pte" "$work/qlower_vkops.pte" --json > "$out/decode.json" 2> "$out/bench.log"
 python3 - "$out/decode.json" <<'PY'
