@@ -13,7 +13,8 @@
 #   libvulkan.so.1                 benchmarks/vkprof built as the loader stand-in (its README)
 #   libvulkan1_*.deb               Debian's Vulkan loader
 #   llama.cpp-vulkan.tar.xz zero-1b-q4_0.gguf.xz   llama.cpp's llama-bench and the zero-weight 1B GGUF
-# OUT receives decode.json (llm_decode_bench.py --json, llama.cpp's row last) and the logs.
+# OUT receives decode.json (llm_decode_bench.py --json, llama.cpp's row last), breakdown.json (the --vkprof
+# breakdown of each file) and the logs.
 # ROUNDS (default 3) interleaved timing rounds; PROFILE_STEPS (default 100) decode steps of each --vkprof run.
 set -euo pipefail
 in="$(cd "$1" && pwd)"
@@ -39,14 +40,20 @@ chmod +x "$work/llm_step_runner"
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$in/llama.cpp-vulkan.tar.xz" "$work/llama"
 chmod +x $(find "$work/llama" -type f -name "llama-*")
 bench=$(find "$work/llama" -name llama-bench -type f | head -n 1)
+files=("$work/export_llama.pte" "$work/qlower.pte" "$work/qlower_vkops.pte")
+# Timing first (with llama.cpp), then the breakdown (dispatches, GPU time per kernel) in a run of its own, so
+# the timing is written even if the breakdown does not finish.
 python3 "$(dirname "$0")/llm_decode_bench.py" --runner "$work/llm_step_runner" --prompt-len 512 --steps 64 \
-  --rounds "${ROUNDS:-3}" --vkprof "$work/vkprof" --real-loader "$loader" --profile-steps "${PROFILE_STEPS:-100}" \
-  --llama-bench "$bench" --gguf "$work/zero-1b-q4_0.gguf" \
-  "$work/export_llama.pte" "$work/qlower.pte" "$work/qlower_vkops.pte" --json > "$out/decode.json" 2> "$out/bench.log"
-python3 - "$out/decode.json" <<'PY'
+  --rounds "${ROUNDS:-3}" --llama-bench "$bench" --gguf "$work/zero-1b-q4_0.gguf" "${files[@]}" --json \
+  > "$out/decode.json" 2> "$out/bench.log"
+python3 "$(dirname "$0")/llm_decode_bench.py" --runner "$work/llm_step_runner" --prompt-len 512 --steps 8 --rounds 1 \
+  --vkprof "$work/vkprof" --real-loader "$loader" --profile-steps "${PROFILE_STEPS:-100}" "${files[@]}" --json \
+  > "$out/breakdown.json" 2>> "$out/bench.log"
+python3 - "$out/decode.json" "$out/breakdown.json" <<'PY'
 import json, sys
+breakdown = {r["file"]: r["breakdown"] for r in json.load(open(sys.argv[2]))}
 for r in json.load(open(sys.argv[1])):
-    b = r.get("breakdown", {}).get("gpu", {})
+    b = breakdown.get(r["file"], {}).get("gpu", {})
     print(f"{r['file'].rsplit('/', 1)[-1]:<28} decode {r['decode_ms_median']:.3f} ms ({r['tokens_per_s']:.0f} tok/s, "
           f"x{r['decode_speedup']:.2f})  prefill {r['prefill_ms_median']:.1f} ms (x{r['prefill_speedup']:.2f})  "
           f"dispatches/token {b.get('dispatches_per_token', '-')}")
