@@ -72,7 +72,7 @@ def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch)
 
     def reading(ep, node):
         tensor = get_param(ep, node)
-        if any(frame.function == "merge_siblings" for frame in inspect.stack()[1:4]):
+        if any(frame.function == "_stacked_args" for frame in inspect.stack()[1:5]):
             stacked.append(tensor.nbytes)  # Q/K/V stacked into one op: one layer's projections at a time
         else:
             read_by_fuse.append(tensor.dtype)
