@@ -91,6 +91,13 @@ PRESETS = {
         exclude_dirs=["c++", "node", "llvm-*", "unicode"],
         description="the C headers under /usr/include",
     ),
+    "pm-llama": dict(
+        family="llama",
+        root="/usr",
+        pattern="*.pm",
+        exclude_dirs=[],
+        description="the Perl modules (*.pm) under /usr",
+    ),
 }
 
 SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
@@ -206,10 +213,25 @@ def prepare(preset: str, work: Path, seed: int, root: str | None) -> None:
 
 # ---------------------------------------------------------------- train (GPU)
 
-def build_model(family: str, vocab_size: int):
+def model_shape(hidden: int | None = None, layers: int | None = None, heads: int | None = None,
+                kv_heads: int | None = None, mlp: int | None = None, tied: bool | None = None) -> dict:
+    """SHAPE with the given changes (head dim stays 64: heads default to hidden / 64)."""
+    shape = dict(SHAPE)
+    if hidden is not None:
+        shape["hidden_size"] = hidden
+        shape["num_attention_heads"] = hidden // shape["head_dim"]
+        shape["intermediate_size"] = hidden * 3
+    for key, value in (("num_hidden_layers", layers), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                       ("intermediate_size", mlp), ("tie_word_embeddings", tied)):
+        if value is not None:
+            shape[key] = value
+    return shape
+
+
+def build_model(family: str, vocab_size: int, shape: dict | None = None):
     import transformers
 
-    common = dict(SHAPE, vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    common = dict(shape or SHAPE, vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False)
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
@@ -250,7 +272,7 @@ def wait_for_peers(barrier: str | None) -> None:
 
 
 def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: int, lr: float, seed: int,
-          barrier: str | None = None) -> None:
+          barrier: str | None = None, shape: dict | None = None, family: str | None = None) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -272,7 +294,7 @@ def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: in
         f"(tokenized in {time.time() - t0:.1f}s)")
 
     torch.manual_seed(seed)
-    model = build_model(manifest["family"], tok.get_vocab_size()).to(device)
+    model = build_model(family or manifest["family"], tok.get_vocab_size(), shape).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -333,7 +355,7 @@ def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: in
     for name in (*TOKENIZER_FILES, "heldout.txt", "calibration.txt", "corpus.json"):
         shutil.copyfile(work / name, out / name)
     info = {
-        "family": manifest["family"], "architecture": type(model).__name__, "parameters": n_params,
+        "family": family or manifest["family"], "shape": shape or SHAPE, "architecture": type(model).__name__, "parameters": n_params,
         "steps": step, "batch": batch, "seq_len": seq, "lr": lr, "seed": seed,
         "train_tokens_seen": step * batch * seq, "corpus_tokens": len(stream),
         "heldout_tokens": len(heldout), "train_seconds": round(train_seconds, 1),
@@ -362,7 +384,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--barrier", metavar="DIR:N", help="runs sharing one GPU: start training when N are ready")
+    parser.add_argument("--family", choices=["llama", "qwen3"], help="model family instead of the preset's (train)")
+    parser.add_argument("--hidden", type=int, help="hidden size (query heads of dim 64; MLP 3x) instead of 256")
+    parser.add_argument("--layers", type=int, help="decoder layers instead of 3")
+    parser.add_argument("--kv-heads", type=int, help="KV heads instead of 2")
+    parser.add_argument("--mlp", type=int, help="MLP width instead of 3 x hidden")
+    parser.add_argument("--untied", action="store_true", help="an LM head of its own (not the embedding's)")
     args = parser.parse_args()
+    shape = model_shape(args.hidden, args.layers, None, args.kv_heads, args.mlp, False if args.untied else None)
     if args.stage in ("prepare", "all"):
         if not args.preset:
             parser.error("prepare needs --preset")
@@ -370,7 +399,8 @@ def main() -> None:
     if args.stage in ("train", "all"):
         if not args.out:
             parser.error("train needs --out")
-        train(args.work, args.out, args.steps, args.minutes, args.batch, args.seq, args.lr, args.seed, args.barrier)
+        train(args.work, args.out, args.steps, args.minutes, args.batch, args.seq, args.lr, args.seed, args.barrier,
+              shape, args.family)
 
 
 if __name__ == "__main__":

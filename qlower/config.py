@@ -37,8 +37,9 @@ WEIGHT_ALGORITHMS = {
     "rtn": "round to nearest, scale max|w|/7.5 per group (data-free)",
     "hqq": "HQQ scale-only: least-squares scale per group (data-free, torchao)",
     "gptq": "GPTQ: error feedback through the layer's calibration Hessian (needs calibration text or inputs)",
+    "auto": "per layer, the one of rtn/hqq/gptq with the least output error on held-out calibration windows (rtn unless another beats it)",
 }
-CALIBRATED_ALGORITHMS = ("gptq",)
+CALIBRATED_ALGORITHMS = ("gptq", "auto")
 DEFAULT_WEIGHT_ALGORITHM = "rtn"
 DEFAULT_CALIBRATION_TOKENS = 4096
 GROUPED_SCHEMES = ("qta8a_qga4w", "qga4w")

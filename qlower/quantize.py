@@ -282,7 +282,7 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
 Rows = Callable[[int, int], torch.Tensor]
 
 
-def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian: torch.Tensor | None = None) -> nn.Module:
+def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian=None) -> nn.Module:
     """The quantized replacement of one planned linear or embedding (eager schemes).
 
     Export's quantize stage calls this for every layer, whether the model was
@@ -292,11 +292,17 @@ def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, 
     reads the weight's rows (``layer.weight`` then only gives its shape): a
     large weight is never whole in memory. ``plan.algorithm`` picks how the
     int4 values are chosen (:mod:`qlower.weight_quant`); ``gptq`` needs the
-    layer's ``hessian`` (``2 XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`).
+    layer's ``hessian`` (``weight_quant.Hessians``: ``2/T XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`);
+    ``auto`` its held-out part too, and ``plan.algorithm`` becomes what it picked (``rtn+gptq`` when the
+    row chunks of a large layer picked differently).
     """
     if plan.kind == "embedding":
         return Int4Embedding.from_float(layer, plan.group_size, rows, plan.algorithm)
-    return quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian)
+    picks: list[str] = []
+    quantized = quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian, picks.append)
+    if plan.algorithm == "auto":
+        plan.algorithm = "+".join(sorted(set(picks)))
+    return quantized
 
 
 def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
@@ -304,21 +310,60 @@ def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
     return rows or (lambda start, end: weight[start:end])
 
 
-def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian: torch.Tensor | None):
-    """chunk(w float32 [rows, K]) -> (int8 values, scales, zero points, torchao-style attributes)."""
+def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=None,
+                          chose: Callable[[str], None] = lambda algorithm: None):
+    """chunk(w float32 [rows, K]) -> (int8 values, scales, zero points, torchao-style attributes).
+
+    ``hessian``: a :class:`weight_quant.Hessians` (or the fitted Hessian alone) for gptq and auto.
+    ``auto`` tries rtn, hqq and gptq on each chunk and keeps the one whose layer output error on the
+    held-out calibration windows (``hessian.held_out``) is smallest, rtn unless another beats it by
+    AUTO_MIN_GAIN; ``chose`` hears of each chunk's pick.
+    """
     dynamic = scheme == "qta8a_qga4w"
+    if algorithm in ("gptq", "auto") and hessian is None:
+        raise ExportError(f"{algorithm} needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
+    hessians = hessian if isinstance(hessian, weight_quant.Hessians) or hessian is None else weight_quant.Hessians(hessian)
     if algorithm == "gptq":
-        if hessian is None:
-            raise ExportError("gptq needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
-        settings = weight_quant.DEFAULT_GPTQ
-        prepared = weight_quant.prepare(hessian, settings)
+        return _gptq_chunk(dynamic, group_size, hessians.fit)
+    if algorithm != "auto":
+        return _torchao_chunk(dynamic, group_size, algorithm)
+    if hessians.held_out is None:
+        raise ExportError("auto needs the layer's held-out calibration Hessian", "this is a bug: quantize through quantize_model")
+    candidates = {"rtn": _torchao_chunk(dynamic, group_size, "rtn"), "hqq": _torchao_chunk(dynamic, group_size, "hqq"),
+                  "gptq": _gptq_chunk(dynamic, group_size, hessians.fit)}
 
-        def chunk(w: torch.Tensor):
-            q, scales = weight_quant.gptq(w, None, group_size, settings, prepared)
-            attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
-            return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs
-        return chunk
+    def chunk(w: torch.Tensor):
+        best, best_error, rtn_error = None, None, None
+        for name, quantize_chunk in candidates.items():
+            result = quantize_chunk(w)
+            q, scale = result[0], result[1].reshape(w.shape[0], -1)
+            error = float(weight_quant.output_error(w, weight_quant.dequantize(q, scale, group_size), hessians.held_out).sum())
+            if name == "rtn":
+                best, best_error, rtn_error = (name, result), error, error
+            elif error < best_error and error < (1.0 - AUTO_MIN_GAIN) * rtn_error:
+                best, best_error = (name, result), error
+        chose(best[0])
+        return best[1]
+    return chunk
 
+
+# auto keeps another algorithm's values only where their held-out layer output error is below RTN's by this share.
+AUTO_MIN_GAIN = 0.0
+
+
+def _gptq_chunk(dynamic: bool, group_size: int, hessian: torch.Tensor):
+    settings = weight_quant.DEFAULT_GPTQ
+    prepared = weight_quant.prepare(hessian, settings)
+
+    def chunk(w: torch.Tensor):
+        q, scales = weight_quant.gptq(w, None, group_size, settings, prepared)
+        attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
+        return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs
+    return chunk
+
+
+def _torchao_chunk(dynamic: bool, group_size: int, algorithm: str):
+    """torchao's own round-to-nearest (``rtn``) or HQQ scale-only (``hqq``)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
@@ -342,10 +387,11 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian:
 
 
 def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None,
-                    algorithm: str = "rtn", hessian: torch.Tensor | None = None) -> QuantizedLinear:
+                    algorithm: str = "rtn", hessian=None, chose: Callable[[str], None] = lambda algorithm: None) -> QuantizedLinear:
     """Group-wise symmetric int4 quantization of ``layer`` as a :class:`QuantizedLinear` (torchao's
-    round-to-nearest or HQQ, or GPTQ from the layer's ``hessian``)."""
-    quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian)
+    round-to-nearest or HQQ, GPTQ from the layer's ``hessian``, or auto's pick among them: ``chose``
+    hears of it, for each chunk of rows)."""
+    quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian, chose)
     read = _weight_rows(layer, rows)
     n, k = layer.weight.shape
     dynamic = scheme == "qta8a_qga4w"

@@ -194,6 +194,22 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     return q[:, torch.argsort(p.perm)].contiguous(), scales
 
 
+@dataclass(frozen=True)
+class Hessians:
+    """A calibrated layer's ``2/T XᵀX``: over the windows its values are fitted on (``fit``), and over the
+    calibration windows held out from fitting (``held_out``: None when nothing was held out)."""
+
+    fit: torch.Tensor
+    held_out: torch.Tensor | None = None
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row of ``w`` [N, K]: ``(w − deq) H (w − deq)ᵀ`` = the layer output's squared error summed over
+    the tokens ``H = 2/T XᵀX`` was taken on (times 2/T). Rows are independent: sums over rows add."""
+    d = (w.to(torch.float32) - deq).to(torch.float64)
+    return ((d @ h.to(torch.float64)) * d).sum(dim=1)
+
+
 def layer_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:
     """‖XWᵀ − XŴᵀ‖² summed over the rows of ``x`` [T, K]."""
     return float(((x @ w.T - x @ dequantize(q, scales, group_size).T) ** 2).sum())
