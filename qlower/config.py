@@ -111,7 +111,7 @@ class ExportOptions:
         if self.calibration_text is not None and self.weight_algorithm not in CALIBRATED_ALGORITHMS:
             raise ConfigError(f"calibration_text calibrates {', '.join(CALIBRATED_ALGORITHMS)}; "
                               f"weight_algorithm {self.weight_algorithm} is data-free",
-                              "add --weight-algorithm gptq, or drop --calibration-text")
+                              "add --weight-algorithm gptq (or auto), or drop --calibration-text")
 
     def layer_choice(self, name: str) -> tuple[str, int]:
         """(scheme or "skip", group size) for one module; the first matching override wins."""
