@@ -170,7 +170,11 @@ class HessianHooks:
         key = self.group_of[name]
         fit = self.sums[(False, key)] / max(1, self.rows[(False, key)])
         held = self.sums.get((True, key))
-        return Hessians(fit, None if held is None else held / max(1, self.rows[(True, key)]))
+        if held is None:
+            return Hessians(fit)
+        rows = self.rows[(True, key)]
+        whole = (self.sums[(False, key)] + held) / max(1, self.rows[(False, key)] + rows)
+        return Hessians(fit, held / max(1, rows), whole)
 
     def groups(self) -> list[list[str]]:
         by_key: dict[int, list[str]] = {}

@@ -18,7 +18,7 @@ import typer
 from typer._click import exceptions as click_exc
 
 from . import console
-from .config import SCHEMES, WEIGHT_ALGORITHMS
+from .config import GPTQ_DEVICES, SCHEMES, WEIGHT_ALGORITHMS
 from .errors import QlowerError
 
 class QlowerGroup(typer.core.TyperGroup):
@@ -241,6 +241,8 @@ def export(
     weight_algorithm: Optional[str] = _weight_algorithm_option("[default: rtn]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
+    gptq_device: Optional[str] = typer.Option(None, "--gptq-device", callback=lambda v: _check_choice(v, GPTQ_DEVICES),
+                                              help="Where gptq (and auto's gptq) runs: auto (a CUDA GPU when torch sees one), cpu, cuda; the same bits on each [default: auto]."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, merge_sibling_projections, fuse_quantized_embedding, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
@@ -281,6 +283,7 @@ def export(
             weight_algorithm=weight_algorithm,
             calibration_text=str(calibration_text) if calibration_text else None,
             calibration_tokens=calibration_tokens,
+            gptq_device=gptq_device,
         )
     finally:
         progress.close()

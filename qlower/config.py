@@ -41,6 +41,8 @@ WEIGHT_ALGORITHMS = {
 }
 CALIBRATED_ALGORITHMS = ("gptq", "auto")
 DEFAULT_WEIGHT_ALGORITHM = "rtn"
+# --gptq-device: where GPTQ's column loop runs; the bits are the same on each (weight_quant.gptq).
+GPTQ_DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CALIBRATION_TOKENS = 4096
 GROUPED_SCHEMES = ("qta8a_qga4w", "qga4w")
 FLOAT_SCHEMES = ("fp16", "fp32")
@@ -90,6 +92,7 @@ class ExportOptions:
     weight_algorithm: str = DEFAULT_WEIGHT_ALGORITHM  # WEIGHT_ALGORITHMS: int4 values by rtn, hqq or gptq
     calibration_text: str | None = None  # text file whose tokens calibrate gptq (a Hugging Face folder's tokenizer)
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # how many of its tokens gptq calibrates on
+    gptq_device: str = "auto"  # GPTQ_DEVICES: "auto" runs GPTQ on a CUDA GPU when torch sees one
 
     def __post_init__(self):
         _check_scheme(self.scheme, "scheme")
@@ -106,6 +109,8 @@ class ExportOptions:
         if self.weight_algorithm != DEFAULT_WEIGHT_ALGORITHM and self.scheme not in GROUPED_SCHEMES:
             raise ConfigError(f"weight_algorithm {self.weight_algorithm} applies to the int4 schemes, not {self.scheme}",
                               f"use --scheme {' or '.join(GROUPED_SCHEMES)}, or drop --weight-algorithm")
+        if self.gptq_device not in GPTQ_DEVICES:
+            raise ConfigError(f"gptq_device: unknown device {self.gptq_device!r}", f"legal devices: {', '.join(GPTQ_DEVICES)}")
         if not isinstance(self.calibration_tokens, int) or isinstance(self.calibration_tokens, bool) or self.calibration_tokens <= 0:
             raise ConfigError(f"calibration_tokens must be a positive integer, got {self.calibration_tokens!r}", "use e.g. 4096")
         if self.calibration_text is not None and self.weight_algorithm not in CALIBRATED_ALGORITHMS:
@@ -178,7 +183,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> dict[str, Any]
             continue
         expected = {"strict": bool, "quantize_embeddings": bool, "kv_cache": bool, "calibration": str,
                     "metadata": str, "scheme": str, "weight_algorithm": str,
-                    "calibration_text": str}.get(key, int)
+                    "calibration_text": str, "gptq_device": str}.get(key, int)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{origin}: {key} must be {expected.__name__}, got {value!r}", f"e.g. {key} = {_example(key)}")
         out[key] = value
@@ -207,7 +212,7 @@ def _example(key: str) -> str:
     return {"scheme": '"qta8a_qga4w"', "group_size": "128", "strict": "true", "quantize_embeddings": "true",
             "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0", "kv_cache": "true",
             "max_seq_len": "2048", "weight_algorithm": '"gptq"',
-            "calibration_text": '"calibration.txt"', "calibration_tokens": "4096", "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
+            "calibration_text": '"calibration.txt"', "calibration_tokens": "4096", "gptq_device": '"auto"', "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
 
 
 def make_options(config: str | Path | None = None, **flags: Any) -> ExportOptions:

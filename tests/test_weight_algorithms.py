@@ -270,6 +270,7 @@ def test_auto_keeps_rtn_unless_another_is_better_on_the_held_out_windows(monkeyp
     from qlower.quantize import _int4_chunk_quantizer
 
     gen = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(quantize, "AUTO_REFIT_GPTQ", False)  # the pick as judged; the refit is tested below
     for trial in range(4):
         fit, held = _inputs(512, 64, gen, samples=2)
         w = torch.randn(16, 64, generator=gen) * 0.05
@@ -279,14 +280,25 @@ def test_auto_keeps_rtn_unless_another_is_better_on_the_held_out_windows(monkeyp
         rtn_q, rtn_s, _, _ = _int4_chunk_quantizer("qga4w", 32, "rtn")(w)
         w_rtn = wq.dequantize(rtn_q, rtn_s.reshape(16, -1), 32)
         rtn_error = float(wq.output_error(w, w_rtn, h_held).sum())
-        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held), 32)
+        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_fit), 32)
         assert float(wq.output_error(w, deq, h_held).sum()) <= rtn_error
         if trial == 0:  # the same distribution held out: GPTQ's error feedback wins
             assert pick == "gptq" and float(wq.output_error(w, deq, h_held).sum()) < 0.9 * rtn_error
         monkeypatch.setattr(quantize, "AUTO_MIN_GAIN", 1.0)  # nothing beats RTN by 100%: RTN's own bits
-        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held), 32)
+        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_fit), 32)
         assert pick == "rtn" and torch.equal(deq, w_rtn)
-        monkeypatch.undo()
+        monkeypatch.setattr(quantize, "AUTO_MIN_GAIN", 0.0)
+
+
+def test_auto_refits_gptq_on_every_window():
+    gen = torch.Generator().manual_seed(6)
+    fit, held = _inputs(512, 64, gen, samples=2)
+    w = torch.randn(16, 64, generator=gen) * 0.05
+    h_fit, h_held = 2 * fit.T @ fit / len(fit), 2 * held.T @ held / len(held)
+    h_whole = (h_fit + h_held) / 2
+    pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_whole), 32)
+    q, s = wq.gptq(w, h_whole, 32)
+    assert pick == "gptq" and torch.equal(deq, wq.dequantize(q, s, 32))
 
 
 def test_auto_holds_out_every_fourth_window():
@@ -338,3 +350,28 @@ def test_auto_is_never_worse_than_rtn_on_the_shipped_models(model):
         return math.exp(float(torch.stack(nll).mean()))
 
     assert ppl("auto") <= ppl("rtn") * (1 + AUTO_MAX_LOSS_VS_RTN)
+
+
+# --- GPTQ on a CUDA GPU: the CPU's bits -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("settings", [wq.GptqSettings(), TOY])
+def test_gptq_on_cuda_gives_the_cpus_bits(settings):
+    gen = torch.Generator().manual_seed(11)
+    x, = _inputs(1024, 256, gen)
+    w = torch.randn(96, 256, generator=gen) * 0.05
+    h = 2 * x.T @ x / len(x)
+    cpu = wq.gptq(w, h, 64, settings, device="cpu")
+    cuda = wq.gptq(w, h, 64, settings, device="cuda")
+    assert torch.equal(cpu[0], cuda[0]) and torch.equal(cpu[1], cuda[1])
+
+
+def test_gptq_device_option():
+    from qlower.llm.load import load_any  # noqa: F401  (the option reaches export through quantize_model)
+
+    assert wq.gptq_device("cpu") == torch.device("cpu")
+    assert wq.gptq_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        make_options(gptq_device="tpu")
+    assert make_options().gptq_device == "auto"
