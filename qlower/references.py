@@ -352,15 +352,16 @@ def unpack_embedding_int4(weight: torch.Tensor, is_linear_weight: bool = False) 
 
 
 def embedding_q4gsw(weight, weight_scales, group_size, indices, is_linear_weight=False):
-    """Group-wise int4 embedding: scales [vocab, dim / group_size]."""
-    def table() -> torch.Tensor:
-        w = unpack_embedding_int4(weight, bool(is_linear_weight))
-        vocab, dim = w.shape
-        groups = dim // int(group_size)
-        scales = weight_scales.reshape(vocab, -1)[:, :groups].to(torch.float32)
-        return (w.to(torch.float32).reshape(vocab, groups, -1) * scales.unsqueeze(-1)).reshape(vocab, dim)
-    rows = CACHE.get("embedding_q4gsw", (weight, weight_scales), (int(group_size), bool(is_linear_weight)), table)
-    return torch.nn.functional.embedding(indices.to(torch.int64), rows)
+    """Group-wise int4 embedding: scales [vocab, dim / group_size]. Only the looked-up rows are unpacked
+    (row by row the same values as the whole table's)."""
+    flat = indices.reshape(-1).to(torch.int64)
+    vocab = weight.shape[0]
+    w = unpack_embedding_int4(weight[flat], bool(is_linear_weight))
+    dim = w.shape[1]
+    groups = dim // int(group_size)
+    scales = weight_scales.reshape(vocab, -1)[flat, :groups].to(torch.float32)
+    rows = (w.to(torch.float32).reshape(len(flat), groups, -1) * scales.unsqueeze(-1)).reshape(len(flat), dim)
+    return rows.reshape(*indices.shape, dim)
 
 
 def conv_with_clamp(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,

@@ -56,3 +56,15 @@ def test_cached_linear_is_the_uncached_bit_for_bit(monkeypatch):
     first, second = references.linear_q4gsw(x, packed, scales, group), references.linear_q4gsw(x, packed, scales, group)
     assert references.CACHE.hits == 1
     assert torch.equal(uncached, expected) and torch.equal(first, uncached) and torch.equal(second, uncached)
+
+
+def test_embedding_unpacks_only_the_looked_up_rows_and_gets_the_whole_tables_values():
+    gen = torch.Generator().manual_seed(1)
+    vocab, dim, group = 37, 64, 32
+    q = torch.randint(-8, 8, (vocab, dim), generator=gen, dtype=torch.int8)
+    scales = torch.rand(vocab, dim // group, generator=gen)
+    packed = pack.pack_int4(q)
+    indices = torch.tensor([[3, 36, 0, 3]])
+    table = (q.to(torch.float32).reshape(vocab, -1, group) * scales.unsqueeze(-1)).reshape(vocab, dim)
+    got = references.embedding_q4gsw(packed, scales, group, indices, is_linear_weight=True)
+    assert got.shape == (1, 4, dim) and torch.equal(got, torch.nn.functional.embedding(indices, table))
