@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -100,9 +101,23 @@ def gap_closed(rows: list[dict]) -> list[dict]:
                 continue
             gap = rtn[f"ppl_{which}"] - rtn["ppl_float"]
             if gap > 0:
-                out.append({"model": row.get("model"), "scheme": row["scheme"], "group_size": row["group_size"], "algorithm": row["algorithm"],
-                            "measured_on": which, "gap_closed_pct": round(100 * (rtn[f"ppl_{which}"] - row[f"ppl_{which}"]) / gap, 1)})
+                entry = {"model": row.get("model"), "scheme": row["scheme"], "group_size": row["group_size"], "algorithm": row["algorithm"],
+                         "measured_on": which, "gap_closed_pct": round(100 * (rtn[f"ppl_{which}"] - row[f"ppl_{which}"]) / gap, 1)}
+                entry.update(paired_vs_rtn(row, rtn, which))
+                out.append(entry)
     return out
+
+
+def paired_vs_rtn(row: dict, rtn: dict, which: str) -> dict:
+    """The change of perplexity against RTN's on the same windows, with its standard error over windows
+    (windows of equal length: the mean of the per-window log ratios is the log of the ratio)."""
+    a, b = row.get(f"window_{which}"), rtn.get(f"window_{which}")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return {}
+    d = [math.log(x / y) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return {"vs_rtn_pct": round(100 * (math.exp(mean) - 1), 2), "vs_rtn_se_pct": round(100 * se, 2)}
 
 
 def render(rows: list[dict], closed: list[dict]) -> str:
@@ -114,12 +129,15 @@ def render(rows: list[dict], closed: list[dict]) -> str:
                      f"| {r['ppl_file']:.3f} ({r['file_on']}) | {r['delta_pct_file']:+.2f}% | {r['export_s']:.1f} "
                      f"| {r['pte_bytes'] / 1024:.0f} |")
     if closed:
-        lines += ["", "| model | scheme | g | algorithm | RTN gap closed (eager) | RTN gap closed (file) |", "|---|---|---|---|---|---|"]
+        lines += ["", "| model | scheme | g | algorithm | RTN gap closed (eager) | RTN gap closed (file) | file vs RTN (± s.e. over windows) |",
+                  "|---|---|---|---|---|---|---|"]
         keys = sorted({(c.get("model") or "", c["scheme"], c["group_size"], c["algorithm"]) for c in closed})
         for key in keys:
-            vals = {c["measured_on"]: c["gap_closed_pct"] for c in closed
-                    if (c.get("model") or "", c["scheme"], c["group_size"], c["algorithm"]) == key}
-            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {vals.get('quantized', '–')}% | {vals.get('file', '–')}% |")
+            mine = [c for c in closed if (c.get("model") or "", c["scheme"], c["group_size"], c["algorithm"]) == key]
+            vals = {c["measured_on"]: c["gap_closed_pct"] for c in mine}
+            paired = next((f"{c['vs_rtn_pct']:+.2f}% ± {c['vs_rtn_se_pct']:.2f}" for c in mine
+                           if c["measured_on"] == "file" and "vs_rtn_pct" in c), "–")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {vals.get('quantized', '–')}% | {vals.get('file', '–')}% | {paired} |")
     return "\n".join(lines)
 
 
