@@ -24,7 +24,7 @@ Two stages, which can run on different machines:
     for m in py-llama c-qwen3; do python3 benchmarks/train_lm.py train --work /tmp/lm/$m \\
         --out out/$m --barrier /tmp/lm/barrier:2 & done; wait
 
-Presets (``--preset``): ``py-llama`` (LlamaForCausalLM on the ``*.py`` files of the running
+Presets (``--preset``): ``pm-llama`` (the Perl modules ``*.pm`` under /usr), ``py-llama`` (LlamaForCausalLM on the ``*.py`` files of the running
 Python's standard library, its tests included, without site-packages and encodings/, whose
 codec tables are generated) and ``c-qwen3``
 (Qwen3ForCausalLM on ``/usr/include/**/*.h``, without the C++ trees c++/, node/, llvm-*/ and
@@ -34,6 +34,17 @@ identical files are kept once, so no held-out file has a copy in the training se
 Shapes: hidden 256, MLP 768, 3 layers, 4 query heads and 2 KV heads of dim 64, tied
 embeddings, vocab 4096, 1024 positions: every linear's K (256 or 768) is divisible by each
 group size 32..256, and the bf16 folder stays under 8 MB (4 layers would be 8.4 MB).
+``train`` takes other shapes (``--hidden`` with heads of dim 64, ``--layers``, ``--kv-heads``,
+``--mlp``, ``--untied``) and ``--family`` other than the preset's; the models of the quality table in
+docs/quantization.md ("auto") were made so, five at once on one H200 for 3.3 minutes each:
+
+    T="python3 benchmarks/train_lm.py train --steps auto --minutes 3.3 --barrier /tmp/m/barrier:5"
+    $T --work /tmp/lm/py-llama --out out/py-llama-384x6 --family llama --hidden 384 --layers 6 --mlp 1024 &
+    $T --work /tmp/lm/c-qwen3 --out out/c-qwen3-512x3 --family qwen3 --hidden 512 --layers 3 --mlp 1024 &
+    $T --work /tmp/lm/pm-llama --out out/pm-llama-256x4-untied --family llama --hidden 256 --layers 4 --mlp 768 --untied &
+    $T --work /tmp/lm/pm-llama --out out/pm-qwen3-384x3-untied --family qwen3 --hidden 384 --layers 3 --mlp 1024 --untied &
+    $T --work /tmp/lm/c-qwen3 --out out/c-llama-640x2 --family llama --hidden 640 --layers 2 --mlp 1024 &
+    wait
 
 Training: windows of 256 tokens drawn at random from the stream of training files (each
 file as ``<s> text </s>``), batch 128, AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1),
