@@ -367,11 +367,18 @@ def test_gptq_on_cuda_gives_the_cpus_bits(settings):
     assert torch.equal(cpu[0], cuda[0]) and torch.equal(cpu[1], cuda[1])
 
 
-def test_gptq_device_option():
-    from qlower.llm.load import load_any  # noqa: F401  (the option reaches export through quantize_model)
+def test_gptq_device_option(folders, calibration_file):
+    from qlower.errors import ExportError
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model
 
     assert wq.gptq_device("cpu") == torch.device("cpu")
     assert wq.gptq_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         make_options(gptq_device="tpu")
     assert make_options().gptq_device == "auto"
+    if not torch.cuda.is_available():  # asked for a GPU torch does not see: one error line, not a crash
+        options = make_options(group_size=32, kv_cache=False, weight_algorithm="gptq", calibration=str(calibration_file),
+                               gptq_device="cuda")
+        with pytest.raises(ExportError, match="torch sees no CUDA GPU"):
+            quantize_model(load_any(folders[True], options)[0], options, lambda m: None)
