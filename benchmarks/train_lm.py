@@ -24,7 +24,7 @@ Two stages, which can run on different machines:
     for m in py-llama c-qwen3; do python3 benchmarks/train_lm.py train --work /tmp/lm/$m \\
         --out out/$m --barrier /tmp/lm/barrier:2 & done; wait
 
-Presets (``--preset``): ``py-llama`` (LlamaForCausalLM on the ``*.py`` files of the running
+Presets (``--preset``): ``pm-llama`` (the Perl modules ``*.pm`` under /usr), ``py-llama`` (LlamaForCausalLM on the ``*.py`` files of the running
 Python's standard library, its tests included, without site-packages and encodings/, whose
 codec tables are generated) and ``c-qwen3``
 (Qwen3ForCausalLM on ``/usr/include/**/*.h``, without the C++ trees c++/, node/, llvm-*/ and
@@ -34,6 +34,17 @@ identical files are kept once, so no held-out file has a copy in the training se
 Shapes: hidden 256, MLP 768, 3 layers, 4 query heads and 2 KV heads of dim 64, tied
 embeddings, vocab 4096, 1024 positions: every linear's K (256 or 768) is divisible by each
 group size 32..256, and the bf16 folder stays under 8 MB (4 layers would be 8.4 MB).
+``train`` takes other shapes (``--hidden`` with heads of dim 64, ``--layers``, ``--kv-heads``,
+``--mlp``, ``--untied``) and ``--family`` other than the preset's; the models of the quality table in
+docs/quantization.md ("auto") were made so, five at once on one H200 for 3.3 minutes each:
+
+    T="python3 benchmarks/train_lm.py train --steps auto --minutes 3.3 --barrier /tmp/m/barrier:5"
+    $T --work /tmp/lm/py-llama --out out/py-llama-384x6 --family llama --hidden 384 --layers 6 --mlp 1024 &
+    $T --work /tmp/lm/c-qwen3 --out out/c-qwen3-512x3 --family qwen3 --hidden 512 --layers 3 --mlp 1024 &
+    $T --work /tmp/lm/pm-llama --out out/pm-llama-256x4-untied --family llama --hidden 256 --layers 4 --mlp 768 --untied &
+    $T --work /tmp/lm/pm-llama --out out/pm-qwen3-384x3-untied --family qwen3 --hidden 384 --layers 3 --mlp 1024 --untied &
+    $T --work /tmp/lm/c-qwen3 --out out/c-llama-640x2 --family llama --hidden 640 --layers 2 --mlp 1024 &
+    wait
 
 Training: windows of 256 tokens drawn at random from the stream of training files (each
 file as ``<s> text </s>``), batch 128, AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1),
@@ -90,6 +101,13 @@ PRESETS = {
         pattern="*.h",
         exclude_dirs=["c++", "node", "llvm-*", "unicode"],
         description="the C headers under /usr/include",
+    ),
+    "pm-llama": dict(
+        family="llama",
+        root="/usr",
+        pattern="*.pm",
+        exclude_dirs=[],
+        description="the Perl modules (*.pm) under /usr",
     ),
 }
 
@@ -206,10 +224,25 @@ def prepare(preset: str, work: Path, seed: int, root: str | None) -> None:
 
 # ---------------------------------------------------------------- train (GPU)
 
-def build_model(family: str, vocab_size: int):
+def model_shape(hidden: int | None = None, layers: int | None = None, heads: int | None = None,
+                kv_heads: int | None = None, mlp: int | None = None, tied: bool | None = None) -> dict:
+    """SHAPE with the given changes (head dim stays 64: heads default to hidden / 64)."""
+    shape = dict(SHAPE)
+    if hidden is not None:
+        shape["hidden_size"] = hidden
+        shape["num_attention_heads"] = hidden // shape["head_dim"]
+        shape["intermediate_size"] = hidden * 3
+    for key, value in (("num_hidden_layers", layers), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                       ("intermediate_size", mlp), ("tie_word_embeddings", tied)):
+        if value is not None:
+            shape[key] = value
+    return shape
+
+
+def build_model(family: str, vocab_size: int, shape: dict | None = None):
     import transformers
 
-    common = dict(SHAPE, vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    common = dict(shape or SHAPE, vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False)
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
@@ -250,7 +283,7 @@ def wait_for_peers(barrier: str | None) -> None:
 
 
 def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: int, lr: float, seed: int,
-          barrier: str | None = None) -> None:
+          barrier: str | None = None, shape: dict | None = None, family: str | None = None) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -272,7 +305,7 @@ def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: in
         f"(tokenized in {time.time() - t0:.1f}s)")
 
     torch.manual_seed(seed)
-    model = build_model(manifest["family"], tok.get_vocab_size()).to(device)
+    model = build_model(family or manifest["family"], tok.get_vocab_size(), shape).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -333,7 +366,7 @@ def train(work: Path, out: Path, steps: str, minutes: float, batch: int, seq: in
     for name in (*TOKENIZER_FILES, "heldout.txt", "calibration.txt", "corpus.json"):
         shutil.copyfile(work / name, out / name)
     info = {
-        "family": manifest["family"], "architecture": type(model).__name__, "parameters": n_params,
+        "family": family or manifest["family"], "shape": shape or SHAPE, "architecture": type(model).__name__, "parameters": n_params,
         "steps": step, "batch": batch, "seq_len": seq, "lr": lr, "seed": seed,
         "train_tokens_seen": step * batch * seq, "corpus_tokens": len(stream),
         "heldout_tokens": len(heldout), "train_seconds": round(train_seconds, 1),
@@ -362,7 +395,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--barrier", metavar="DIR:N", help="runs sharing one GPU: start training when N are ready")
+    parser.add_argument("--family", choices=["llama", "qwen3"], help="model family instead of the preset's (train)")
+    parser.add_argument("--hidden", type=int, help="hidden size (query heads of dim 64; MLP 3x) instead of 256")
+    parser.add_argument("--layers", type=int, help="decoder layers instead of 3")
+    parser.add_argument("--kv-heads", type=int, help="KV heads instead of 2")
+    parser.add_argument("--mlp", type=int, help="MLP width instead of 3 x hidden")
+    parser.add_argument("--untied", action="store_true", help="an LM head of its own (not the embedding's)")
     args = parser.parse_args()
+    shape = model_shape(args.hidden, args.layers, None, args.kv_heads, args.mlp, False if args.untied else None)
     if args.stage in ("prepare", "all"):
         if not args.preset:
             parser.error("prepare needs --preset")
@@ -370,7 +410,8 @@ def main() -> None:
     if args.stage in ("train", "all"):
         if not args.out:
             parser.error("train needs --out")
-        train(args.work, args.out, args.steps, args.minutes, args.batch, args.seq, args.lr, args.seed, args.barrier)
+        train(args.work, args.out, args.steps, args.minutes, args.batch, args.seq, args.lr, args.seed, args.barrier,
+              shape, args.family)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Perplexity of int4 weight algorithms on a trained Hugging Face folder (eager, as export quantizes).
 
     python3 benchmarks/weight_quality.py FOLDER [--heldout heldout.txt] [--calibration calibration.txt]
-        [--groups 32,64,128] [--algorithms rtn,hqq,gptq] [--windows 16] [--window 256] [--json out.json]
+        [--groups 32,64,128] [--algorithms rtn,hqq,gptq,auto] [--windows 16] [--window 256] [--json out.json]
 
 Non-overlapping windows of ``--window`` tokens from the start of the held-out text, each run from
 position 0; the float model and each algorithm's quantize_model output (the function export calls).
@@ -30,7 +30,8 @@ def windows(folder: Path, text_file: Path, count: int, length: int) -> list[torc
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(folder), local_files_only=True).encode(text_file.read_text(), add_special_tokens=False)
-    out = [torch.tensor([ids[i * length:(i + 1) * length]]) for i in range(min(count, len(ids) // length))]
+    available = len(ids) // length
+    out = [torch.tensor([ids[i * length:(i + 1) * length]]) for i in range(available if count <= 0 else min(count, available))]
     if len(out) < count:
         print(f"note: only {len(out)} windows of {length} tokens in {text_file}", file=sys.stderr)
     return out
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--groups", default="32,64,128")
     parser.add_argument("--algorithms", default="rtn,hqq,gptq")
     parser.add_argument("--scheme", default="qta8a_qga4w")
-    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=16, help="0: every whole window of the text")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -89,29 +90,38 @@ def main() -> None:
                "float": math.exp(statistics.mean(float_nll)), "rows": []}
     print(f"float ppl {results['float']:.4f} over {len(batches)} windows of {args.window}", flush=True)
     for group in (int(g) for g in args.groups.split(",")):
-        rtn_ppl = None
+        rtn_ppl, rtn_nll = None, None
         for spec in args.algorithms.split(","):
             name, settings = parse_algorithm(spec)
             weight_quant.DEFAULT_GPTQ = settings
-            calibrated = name == "gptq"
+            calibrated = name in ("gptq", "auto")
             options = make_options(scheme=args.scheme, group_size=group, kv_cache=False, weight_algorithm=name,
                                    calibration_text=str(calibration) if calibrated else None,
                                    calibration_tokens=args.calibration_tokens)
             loaded = load_any(args.folder, options, stream=True)[0]
             start = time.perf_counter()
-            model, _ = quantize_model(loaded, options, lambda m: print("warning:", m, file=sys.stderr))
+            model, plans = quantize_model(loaded, options, lambda m: print("warning:", m, file=sys.stderr))
             seconds = time.perf_counter() - start
             nll = window_nll(model, batches)
             ppl = math.exp(statistics.mean(nll))
             ratios = [math.exp(q - f) for q, f in zip(nll, float_nll)]
-            rtn_ppl = ppl if name == "rtn" else rtn_ppl
+            rtn_ppl, rtn_nll = (ppl, nll) if name == "rtn" else (rtn_ppl, rtn_nll)
             closed = (rtn_ppl - ppl) / (rtn_ppl - results["float"]) if rtn_ppl and rtn_ppl != results["float"] else None
+            # against RTN on the same windows: mean log ratio and its standard error over windows
+            diff = [q - r for q, r in zip(nll, rtn_nll)] if rtn_nll else []
+            se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else None
+            picks = {}
+            for plan in plans:
+                if plan.quantized and plan.algorithm:
+                    picks[plan.algorithm] = picks.get(plan.algorithm, 0) + 1
             row = {"group_size": group, "algorithm": spec, "ppl": ppl, "ratio_mean": statistics.mean(ratios),
                    "ratio_stdev": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
-                   "gap_closed": closed, "quantize_s": seconds}
+                   "gap_closed": closed, "vs_rtn_pct": 100 * (math.exp(statistics.mean(diff)) - 1) if diff else None,
+                   "vs_rtn_se_pct": None if se is None else 100 * se, "layers": picks, "quantize_s": seconds}
             results["rows"].append(row)
+            paired = "" if se is None or name == "rtn" else f"  vs rtn {row['vs_rtn_pct']:+.2f}% ± {row['vs_rtn_se_pct']:.2f}"
             print(f"g{group:<4} {spec:<40} ppl {ppl:.4f}  ratio {row['ratio_mean']:.4f}±{row['ratio_stdev']:.4f}  "
-                  f"gap closed {'' if closed is None else f'{closed:+.0%}'}  {seconds:.1f}s", flush=True)
+                  f"gap closed {'' if closed is None else f'{closed:+.0%}'}{paired}  {seconds:.1f}s  {picks}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -28,9 +28,14 @@ from torch import nn
 from .config import CALIBRATED_ALGORITHMS, ExportOptions
 from .errors import CalibrationError, ExportError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
+from .weight_quant import Hessians
 
 # Tokens per calibration window (each window runs from position 0), capped by the model's positions.
 CALIBRATION_WINDOW = 512
+# --weight-algorithm auto: every HELD_OUT_EVERY-th calibration window (at least one) is held out from
+# fitting; each layer's choice is judged on those windows' inputs.
+HELD_OUT_EVERY = 4
+AUTO_MIN_WINDOWS = 2
 
 
 class _Stop(Exception):
@@ -39,6 +44,14 @@ class _Stop(Exception):
 
 def calibrated(plans) -> list:
     return [p for p in plans if p.quantized and p.algorithm in CALIBRATED_ALGORITHMS]
+
+
+def held_out_windows(count: int) -> set[int]:
+    """Indices of the calibration windows ``auto`` holds out from fitting: every HELD_OUT_EVERY-th, at least one."""
+    if count < AUTO_MIN_WINDOWS:
+        raise CalibrationError(f"--weight-algorithm auto needs at least {AUTO_MIN_WINDOWS} calibration windows, got {count}",
+                               "pass a longer --calibration-text (or more --calibration batches)")
+    return {i for i in range(count) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1} or {count - 1}
 
 
 # --- calibration inputs --------------------------------------------------------------------------------
@@ -110,12 +123,17 @@ def _inside(name: str, block: str) -> bool:
 
 class HessianHooks:
     """Forward pre-hooks accumulating ``2/T XᵀX`` of the inputs of named linears; linears fed the same
-    input tensor share one Hessian. ``groups()``: lists of names sharing an input, in the order they ran."""
+    input tensor share one Hessian. ``groups()``: lists of names sharing an input, in the order they ran.
+
+    ``held_out``: set before a pass whose window is held out from fitting (``--weight-algorithm auto``
+    judges on those windows): its inputs go to a second sum, ``Hessians.held_out``."""
 
     def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None):
-        self.sums: dict[int, torch.Tensor] = {}  # input group -> sum of 2 xᵀx
-        self.rows: dict[int, int] = {}
+        self.sums: dict[tuple[bool, int], torch.Tensor] = {}  # (held out, input group) -> sum of 2 xᵀx
+        self.rows: dict[tuple[bool, int], int] = {}
         self.group_of: dict[str, int] = {}
+        self.held_out = False
+        self._groups = 0
         self._seen: dict[int, tuple] = {}  # id of an input tensor of the current pass -> (group, tensor)
         self._handles = []
         for name in names:
@@ -126,26 +144,37 @@ class HessianHooks:
             x = args[0]
             key = self._seen.get(id(x), (None, None))[0]
             if key is None:
-                key = self.group_of[name] if name in self.group_of else len(self.sums)
+                if name in self.group_of:
+                    key = self.group_of[name]
+                else:
+                    key, self._groups = self._groups, self._groups + 1
                 self._seen[id(x)] = (key, x)  # holding x: its id is not reused during the pass
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                if key not in self.sums:
-                    self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1])
-                    self.rows[key] = 0
-                self.sums[key].addmm_(flat.T, flat, alpha=2.0)
-                self.rows[key] += flat.shape[0]
+                part = (self.held_out, key)
+                if part not in self.sums:
+                    self.sums[part] = torch.zeros(flat.shape[1], flat.shape[1])
+                    self.rows[part] = 0
+                self.sums[part].addmm_(flat.T, flat, alpha=2.0)
+                self.rows[part] += flat.shape[0]
             self.group_of.setdefault(name, key)
             if stop:
                 raise _Stop
         return hook
 
-    def new_pass(self) -> None:
+    def new_pass(self, held_out: bool = False) -> None:
         """Between forward calls: input tensors of the next call are new (ids may be reused)."""
         self._seen.clear()
+        self.held_out = held_out
 
-    def hessian(self, name: str) -> torch.Tensor:
+    def hessian(self, name: str) -> Hessians:
         key = self.group_of[name]
-        return self.sums[key] / max(1, self.rows[key])
+        fit = self.sums[(False, key)] / max(1, self.rows[(False, key)])
+        held = self.sums.get((True, key))
+        if held is None:
+            return Hessians(fit)
+        rows = self.rows[(True, key)]
+        whole = (self.sums[(False, key)] + held) / max(1, self.rows[(False, key)] + rows)
+        return Hessians(fit, held / max(1, rows), whole)
 
     def groups(self) -> list[list[str]]:
         by_key: dict[int, list[str]] = {}
@@ -202,11 +231,11 @@ def next_state(state: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, 
 
 # --- the driver ----------------------------------------------------------------------------------------
 
-# quantize(name, hessian or None): replaces a layer whose float weights are in memory
-Quantize = Callable[[str, torch.Tensor | None], None]
+# quantize(name, hessians or None): replaces a layer whose float weights are in memory
+Quantize = Callable[[str, Hessians | None], None]
 # fill(accept, hessians): streaming only: read the layers ``accept`` takes, quantizing each one named in
 # ``hessians`` (with that Hessian, None: data-free) as it is read; the others are filled float
-Fill = Callable[[Callable[[str], bool], dict[str, torch.Tensor | None]], None]
+Fill = Callable[[Callable[[str], bool], dict[str, Hessians | None]], None]
 
 
 def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize: Quantize,
@@ -220,6 +249,7 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
     """
     planned = [p.name for p in plans if p.quantized]
     cal = [p.name for p in calibrated(plans)]
+    held = held_out_windows(len(batches)) if any(p.algorithm == "auto" for p in calibrated(plans)) else set()
     blocks = find_blocks(module, cal)
     if not blocks:
         warn(f"no repeated decoder blocks found: {len(cal)} layer(s) are calibrated with one whole-model pass each")
@@ -246,8 +276,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 while remaining:  # the linears that run first (sharing one input), then the next ones
                     hooks = HessianHooks(module, remaining)
                     try:
-                        for state in states:
-                            hooks.new_pass()
+                        for i, state in enumerate(states):
+                            hooks.new_pass(i in held)
                             run_block(block, state)
                     finally:
                         hooks.remove()
@@ -265,8 +295,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
         for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
             hooks = HessianHooks(module, [name], stop_after=name)
             try:
-                for batch in batches:
-                    hooks.new_pass()
+                for i, batch in enumerate(batches):
+                    hooks.new_pass(i in held)
                     try:
                         module(*batch)
                     except _Stop:

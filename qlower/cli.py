@@ -18,7 +18,7 @@ import typer
 from typer._click import exceptions as click_exc
 
 from . import console
-from .config import SCHEMES, WEIGHT_ALGORITHMS
+from .config import GPTQ_DEVICES, SCHEMES, WEIGHT_ALGORITHMS
 from .vkops import RUNTIMES
 from .errors import QlowerError
 
@@ -244,6 +244,8 @@ def export(
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     runtime: Optional[str] = typer.Option(None, "--runtime", callback=lambda v: _check_choice(v, RUNTIMES), help="Which ExecuTorch Vulkan runtime the file is for: stock (any ET-VK runtime), or qlower (one linked with qlower's op library, runtime/: fewer, faster dispatches a decode step; a stock runtime refuses the file at load) [default: stock]."),
     dump_after: Optional[str] = typer.Option(None, "--dump-after", help="Print the graph (stderr) after this fusion pass: share_act_qparams, fuse_quantized_linear, merge_sibling_projections, merge_gate_up (--runtime qlower), fuse_quantized_embedding, fuse_q8ta_conv, fuse_q8ta_add, drop_unused_constants."),
+    gptq_device: Optional[str] = typer.Option(None, "--gptq-device", callback=lambda v: _check_choice(v, GPTQ_DEVICES),
+                                              help="Where gptq (and auto's gptq) runs: auto (a CUDA GPU when torch sees one), cpu, cuda; the same bits on each [default: auto]."),
     verify: bool = typer.Option(False, "--verify", help="Run the .pte's graph with the golden executor against the eager model before writing; write nothing if it does not compute what the quantized model computes."),
     min_sqnr_float: Optional[float] = typer.Option(None, "--min-sqnr-float", help="With --verify (implied): also write nothing (exit 3) when an output is below this SQNR (dB) vs the float model."),
     external_weights: bool = typer.Option(False, "--external-weights", help="Put the weights in <output stem>.ptd beside the .pte (ExecuTorch's named-data file; runners take it as --data_path)."),
@@ -284,6 +286,7 @@ def export(
             calibration_text=str(calibration_text) if calibration_text else None,
             calibration_tokens=calibration_tokens,
             runtime=runtime,
+            gptq_device=gptq_device,
         )
     finally:
         progress.close()

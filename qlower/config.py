@@ -38,9 +38,12 @@ WEIGHT_ALGORITHMS = {
     "rtn": "round to nearest, scale max|w|/7.5 per group (data-free)",
     "hqq": "HQQ scale-only: least-squares scale per group (data-free, torchao)",
     "gptq": "GPTQ: error feedback through the layer's calibration Hessian (needs calibration text or inputs)",
+    "auto": "per layer, the one of rtn/hqq/gptq with the least output error on held-out calibration windows (rtn unless another beats it)",
 }
-CALIBRATED_ALGORITHMS = ("gptq",)
+CALIBRATED_ALGORITHMS = ("gptq", "auto")
 DEFAULT_WEIGHT_ALGORITHM = "rtn"
+# --gptq-device: where GPTQ's column loop runs; the bits are the same on each (weight_quant.gptq).
+GPTQ_DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CALIBRATION_TOKENS = 4096
 GROUPED_SCHEMES = ("qta8a_qga4w", "qga4w")
 FLOAT_SCHEMES = ("fp16", "fp32")
@@ -91,6 +94,7 @@ class ExportOptions:
     calibration_text: str | None = None  # text file whose tokens calibrate gptq (a Hugging Face folder's tokenizer)
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # how many of its tokens gptq calibrates on
     runtime: str = RUNTIME_STOCK  # RUNTIMES: "qlower" writes qlower's own runtime ops (vkops/), for a linked runtime
+    gptq_device: str = "auto"  # GPTQ_DEVICES: "auto" runs GPTQ on a CUDA GPU when torch sees one
 
     def __post_init__(self):
         _check_scheme(self.scheme, "scheme")
@@ -109,12 +113,14 @@ class ExportOptions:
         if self.weight_algorithm != DEFAULT_WEIGHT_ALGORITHM and self.scheme not in GROUPED_SCHEMES:
             raise ConfigError(f"weight_algorithm {self.weight_algorithm} applies to the int4 schemes, not {self.scheme}",
                               f"use --scheme {' or '.join(GROUPED_SCHEMES)}, or drop --weight-algorithm")
+        if self.gptq_device not in GPTQ_DEVICES:
+            raise ConfigError(f"gptq_device: unknown device {self.gptq_device!r}", f"legal devices: {', '.join(GPTQ_DEVICES)}")
         if not isinstance(self.calibration_tokens, int) or isinstance(self.calibration_tokens, bool) or self.calibration_tokens <= 0:
             raise ConfigError(f"calibration_tokens must be a positive integer, got {self.calibration_tokens!r}", "use e.g. 4096")
         if self.calibration_text is not None and self.weight_algorithm not in CALIBRATED_ALGORITHMS:
             raise ConfigError(f"calibration_text calibrates {', '.join(CALIBRATED_ALGORITHMS)}; "
                               f"weight_algorithm {self.weight_algorithm} is data-free",
-                              "add --weight-algorithm gptq, or drop --calibration-text")
+                              "add --weight-algorithm gptq (or auto), or drop --calibration-text")
 
     def layer_choice(self, name: str) -> tuple[str, int]:
         """(scheme or "skip", group size) for one module; the first matching override wins."""
@@ -181,7 +187,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> dict[str, Any]
             continue
         expected = {"strict": bool, "quantize_embeddings": bool, "kv_cache": bool, "calibration": str,
                     "metadata": str, "scheme": str, "weight_algorithm": str,
-                    "calibration_text": str}.get(key, int)
+                    "calibration_text": str, "gptq_device": str}.get(key, int)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{origin}: {key} must be {expected.__name__}, got {value!r}", f"e.g. {key} = {_example(key)}")
         out[key] = value
@@ -210,7 +216,7 @@ def _example(key: str) -> str:
     return {"scheme": '"qta8a_qga4w"', "group_size": "128", "strict": "true", "quantize_embeddings": "true",
             "calibration": '"calib.pt"', "calibration_batches": "8", "seed": "0", "kv_cache": "true",
             "max_seq_len": "2048", "weight_algorithm": '"gptq"',
-            "calibration_text": '"calibration.txt"', "calibration_tokens": "4096", "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
+            "calibration_text": '"calibration.txt"', "calibration_tokens": "4096", "gptq_device": '"auto"', "metadata": "'{\"get_bos_id\": 1}'"}.get(key, "...")
 
 
 def make_options(config: str | Path | None = None, **flags: Any) -> ExportOptions:

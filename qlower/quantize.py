@@ -224,9 +224,12 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
     by_name = {p.name: p for p in plans}
     module = loaded.module
     batches = calibration_inputs(loaded, options, warn)
+    if options.gptq_device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--gptq-device cuda: torch sees no CUDA GPU", "use --gptq-device auto (the CPU when there is no GPU) or cpu")
+    device = weight_quant.gptq_device(options.gptq_device)
 
     def quantize(name: str, hessian) -> None:
-        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian)))
+        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian, device)))
 
     fill = None
     if loaded.weights is not None:
@@ -243,7 +246,7 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
                                       **weights.entries})
 
         def fill(accept, hessians) -> None:
-            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h)))
+            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h, device)))
                       for n, h in hessians.items()}
             fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
             release_memory()
@@ -282,7 +285,8 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
 Rows = Callable[[int, int], torch.Tensor]
 
 
-def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian: torch.Tensor | None = None) -> nn.Module:
+def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian=None,
+                   device: torch.device | None = None) -> nn.Module:
     """The quantized replacement of one planned linear or embedding (eager schemes).
 
     Export's quantize stage calls this for every layer, whether the model was
@@ -292,11 +296,17 @@ def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, 
     reads the weight's rows (``layer.weight`` then only gives its shape): a
     large weight is never whole in memory. ``plan.algorithm`` picks how the
     int4 values are chosen (:mod:`qlower.weight_quant`); ``gptq`` needs the
-    layer's ``hessian`` (``2 XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`).
+    layer's ``hessian`` (``weight_quant.Hessians``: ``2/T XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`);
+    ``auto`` its held-out part too, and ``plan.algorithm`` becomes what it picked (``rtn+gptq`` when the
+    row chunks of a large layer picked differently). ``device``: where GPTQ runs.
     """
     if plan.kind == "embedding":
         return Int4Embedding.from_float(layer, plan.group_size, rows, plan.algorithm)
-    return quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian)
+    picks: list[str] = []
+    quantized = quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian, picks.append, device)
+    if plan.algorithm == "auto":
+        plan.algorithm = "+".join(sorted(set(picks)))
+    return quantized
 
 
 def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
@@ -304,21 +314,69 @@ def _weight_rows(layer: nn.Module, rows: Rows | None) -> Rows:
     return rows or (lambda start, end: weight[start:end])
 
 
-def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian: torch.Tensor | None):
-    """chunk(w float32 [rows, K]) -> (int8 values, scales, zero points, torchao-style attributes)."""
+def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=None,
+                          chose: Callable[[str], None] = lambda algorithm: None, device: torch.device | None = None):
+    """chunk(w float32 [rows, K]) -> (int8 values, scales, zero points, torchao-style attributes).
+
+    ``hessian``: a :class:`weight_quant.Hessians` (or the fitted Hessian alone) for gptq and auto.
+    ``auto`` tries rtn, hqq and gptq (fitted without the held-out windows) on each chunk and keeps the
+    one whose layer output error on the held-out calibration windows (``hessian.held_out``) is smallest,
+    rtn unless another beats it by AUTO_MIN_GAIN; where gptq wins, its values are then fitted again on
+    every window (``hessian.whole``), as a model chosen on held-out data is refitted on all of it.
+    ``chose`` hears of each chunk's pick. ``device``: where GPTQ runs (same bits anywhere).
+    """
     dynamic = scheme == "qta8a_qga4w"
+    if algorithm in ("gptq", "auto") and hessian is None:
+        raise ExportError(f"{algorithm} needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
+    hessians = hessian if isinstance(hessian, weight_quant.Hessians) or hessian is None else weight_quant.Hessians(hessian)
     if algorithm == "gptq":
-        if hessian is None:
-            raise ExportError("gptq needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
-        settings = weight_quant.DEFAULT_GPTQ
-        prepared = weight_quant.prepare(hessian, settings)
+        return _gptq_chunk(dynamic, group_size, hessians.fit, device)
+    if algorithm != "auto":
+        return _torchao_chunk(dynamic, group_size, algorithm)
+    if hessians.held_out is None or hessians.whole is None:
+        raise ExportError("auto needs the layer's held-out calibration Hessian", "this is a bug: quantize through quantize_model")
+    candidates = {"rtn": _torchao_chunk(dynamic, group_size, "rtn"), "hqq": _torchao_chunk(dynamic, group_size, "hqq"),
+                  "gptq": _gptq_chunk(dynamic, group_size, hessians.fit, device)}
+    refit: list = []  # GPTQ on every window, prepared once for all chunks
 
-        def chunk(w: torch.Tensor):
-            q, scales = weight_quant.gptq(w, None, group_size, settings, prepared)
-            attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
-            return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs
-        return chunk
+    def chunk(w: torch.Tensor):
+        best, best_error, rtn_error = None, None, None
+        for name, quantize_chunk in candidates.items():
+            result = quantize_chunk(w)
+            q, scale = result[0], result[1].reshape(w.shape[0], -1)
+            error = float(weight_quant.output_error(w, weight_quant.dequantize(q, scale, group_size), hessians.held_out).sum())
+            if name == "rtn":
+                best, best_error, rtn_error = (name, result), error, error
+            elif error < best_error and error < (1.0 - AUTO_MIN_GAIN) * rtn_error:
+                best, best_error = (name, result), error
+        chose(best[0])
+        if best[0] == "gptq" and AUTO_REFIT_GPTQ:
+            if not refit:
+                refit.append(_gptq_chunk(dynamic, group_size, hessians.whole, device))
+            return refit[0](w)
+        return best[1]
+    return chunk
 
+
+# auto keeps another algorithm's values only where their held-out layer output error is below RTN's by this share.
+AUTO_MIN_GAIN = 0.0
+# auto refits the layers where gptq won on every calibration window (the held-out ones too).
+AUTO_REFIT_GPTQ = True
+
+
+def _gptq_chunk(dynamic: bool, group_size: int, hessian: torch.Tensor, device: torch.device | None = None):
+    settings = weight_quant.DEFAULT_GPTQ
+    prepared = weight_quant.prepare(hessian, settings)
+
+    def chunk(w: torch.Tensor):
+        q, scales = weight_quant.gptq(w, None, group_size, settings, prepared, device)
+        attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
+        return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs
+    return chunk
+
+
+def _torchao_chunk(dynamic: bool, group_size: int, algorithm: str):
+    """torchao's own round-to-nearest (``rtn``) or HQQ scale-only (``hqq``)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
@@ -342,10 +400,12 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian:
 
 
 def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None,
-                    algorithm: str = "rtn", hessian: torch.Tensor | None = None) -> QuantizedLinear:
+                    algorithm: str = "rtn", hessian=None, chose: Callable[[str], None] = lambda algorithm: None,
+                    device: torch.device | None = None) -> QuantizedLinear:
     """Group-wise symmetric int4 quantization of ``layer`` as a :class:`QuantizedLinear` (torchao's
-    round-to-nearest or HQQ, or GPTQ from the layer's ``hessian``)."""
-    quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian)
+    round-to-nearest or HQQ, GPTQ from the layer's ``hessian``, or auto's pick among them: ``chose``
+    hears of it, for each chunk of rows)."""
+    quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian, chose, device)
     read = _weight_rows(layer, rows)
     n, k = layer.weight.shape
     dynamic = scheme == "qta8a_qga4w"

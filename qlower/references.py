@@ -28,6 +28,7 @@ import torch
 
 from .pack import (unpack_conv_transposed_weight, unpack_conv_weight, unpack_dw_weight,
                    unpack_group_scales, unpack_int4, unpad)
+from .unpack_cache import CACHE
 
 INT8_MIN = -128
 INT8_MAX = 127
@@ -95,11 +96,17 @@ def linear_qta8a_qga4w_int(
     return y
 
 
-def linear_qga4w_int(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Float activations × group-wise int4 weights: dequantize in float32, then a float matmul."""
+def dequantize_qga4w(w: torch.Tensor, w_scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [N, K] of int4 values ``w`` [N, K] with group scales [N, K / group_size]."""
     n, k = w.shape
     g = k // group_size
-    wf = (w.to(torch.float32).reshape(n, g, group_size) * w_scales.to(torch.float32).reshape(n, g, 1)).reshape(n, k)
+    return (w.to(torch.float32).reshape(n, g, group_size) * w_scales.to(torch.float32).reshape(n, g, 1)).reshape(n, k)
+
+
+def linear_qga4w_int(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float activations × group-wise int4 weights: dequantize in float32, then a float matmul."""
+    k = w.shape[1]
+    wf = dequantize_qga4w(w, w_scales, group_size)
     y = x.reshape(-1, k).to(torch.float32) @ wf.t()
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -242,7 +249,7 @@ def linear_dq8ca_q4gsw(x, input_scales, input_zp, weights, weight_sums, weight_s
         return linear_q4gsw(x, weights, weight_scales, group_size, bias)
     lead, k = _tokens(x)
     n = weights.shape[0]
-    w = unpack_int4(weights, k)
+    w = CACHE.get("int4", (weights,), (k,), lambda: unpack_int4(weights, k))
     xq = quantize_per_token(x, input_scales, input_zp)
     sums = weight_sums[:, :n]
     scales = unpack_group_scales(weight_scales, n)
@@ -254,8 +261,11 @@ def linear_dq8ca_q4gsw(x, input_scales, input_zp, weights, weight_sums, weight_s
 def linear_q4gsw(x, weights, weight_scales, group_size, bias=None):
     lead, k = _tokens(x)
     n = weights.shape[0]
-    y = linear_qga4w_int(x, unpack_int4(weights, k), unpack_group_scales(weight_scales, n), int(group_size),
-                         unpad(bias, n) if bias is not None else None)
+    wf = CACHE.get("q4gsw", (weights, weight_scales), (k, int(group_size)),
+                   lambda: dequantize_qga4w(unpack_int4(weights, k), unpack_group_scales(weight_scales, n), int(group_size)))
+    y = x.reshape(-1, k).to(torch.float32) @ wf.t()
+    if bias is not None:
+        y = y + unpad(bias, n).to(torch.float32)
     return y.reshape(*lead, n).to(x.dtype)
 
 
@@ -342,13 +352,16 @@ def unpack_embedding_int4(weight: torch.Tensor, is_linear_weight: bool = False) 
 
 
 def embedding_q4gsw(weight, weight_scales, group_size, indices, is_linear_weight=False):
-    """Group-wise int4 embedding: scales [vocab, dim / group_size]."""
-    w = unpack_embedding_int4(weight, bool(is_linear_weight))
-    vocab, dim = w.shape
+    """Group-wise int4 embedding: scales [vocab, dim / group_size]. Only the looked-up rows are unpacked
+    (row by row the same values as the whole table's)."""
+    flat = indices.reshape(-1).to(torch.int64)
+    vocab = weight.shape[0]
+    w = unpack_embedding_int4(weight[flat], bool(is_linear_weight))
+    dim = w.shape[1]
     groups = dim // int(group_size)
-    scales = weight_scales.reshape(vocab, -1)[:, :groups].to(torch.float32)
-    table = (w.to(torch.float32).reshape(vocab, groups, -1) * scales.unsqueeze(-1)).reshape(vocab, dim)
-    return torch.nn.functional.embedding(indices.to(torch.int64), table)
+    scales = weight_scales.reshape(vocab, -1)[flat, :groups].to(torch.float32)
+    rows = (w.to(torch.float32).reshape(len(flat), groups, -1) * scales.unsqueeze(-1)).reshape(len(flat), dim)
+    return rows.reshape(*indices.shape, dim)
 
 
 def conv_with_clamp(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,

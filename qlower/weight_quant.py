@@ -73,14 +73,15 @@ MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 … 0.6
 
 def mse_scales(w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row scale of ``w`` [N, g] (one group) minimising the (``weight``-weighted) squared rounding error
-    over clip ratios of max|w|."""
+    over clip ratios of max|w|. The errors are summed in float64, so that a CUDA device and the CPU (whose
+    sums run in other orders) pick the same ratio."""
     amax = w.abs().amax(dim=-1).clamp_min(EPS)
     best = amax / RTN_DIVISOR
-    best_err = torch.full_like(amax, float("inf"))
+    best_err = torch.full_like(amax, float("inf"), dtype=torch.float64)
     for ratio in MSE_CLIP_RATIOS:
         s = (amax * ratio / RTN_DIVISOR).clamp_min(EPS)
-        err = (w - (w / s.unsqueeze(-1)).round().clamp(QMIN, QMAX) * s.unsqueeze(-1)) ** 2
-        err = (err * weight).sum(-1) if weight is not None else err.sum(-1)
+        err = ((w - (w / s.unsqueeze(-1)).round().clamp(QMIN, QMAX) * s.unsqueeze(-1)) ** 2).to(torch.float64)
+        err = (err * weight.to(err.device, torch.float64)).sum(-1) if weight is not None else err.sum(-1)
         better = err < best_err
         best = torch.where(better, s, best)
         best_err = torch.where(better, err, best_err)
@@ -93,9 +94,16 @@ def group_scales(w: torch.Tensor, how: str, weight: torch.Tensor | None = None) 
         return rtn_scales(w, w.shape[1])[:, 0]
     if how == "mse":
         return mse_scales(w, weight)
-    if how == "hqq":
-        return hqq(w, w.shape[1])[1][:, 0]
+    if how == "hqq":  # torchao's search runs on the CPU
+        return hqq(w.cpu(), w.shape[1])[1][:, 0].to(w.device)
     raise ValueError(f"unknown scale choice {how!r}; legal: {', '.join(GPTQ_SCALE_CHOICES)}")
+
+
+def gptq_device(choice: str = "auto") -> torch.device:
+    """Where GPTQ's column loop runs: ``auto`` a CUDA GPU when torch sees one, else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -149,40 +157,47 @@ def prepare(h: torch.Tensor, settings: GptqSettings) -> Prepared:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: GptqSettings = GptqSettings(),
-         prepared: Prepared | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         prepared: Prepared | None = None, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` [N, K] given ``h`` [K, K] (``2 XᵀX`` over the calibration inputs X [T, K]).
 
-    Returns int8 values [N, K] in [-8, 7] and float32 scales [N, K / group_size]. Without act-order a
-    group's scale is chosen when its first column comes up (from the error-updated weights); with
-    act-order the scales are chosen up front from the original weights (static groups) and the
+    Returns int8 values [N, K] in [-8, 7] and float32 scales [N, K / group_size] (on the CPU). Without
+    act-order a group's scale is chosen when its first column comes up (from the error-updated weights);
+    with act-order the scales are chosen up front from the original weights (static groups) and the
     columns are visited by decreasing ``H`` diagonal. ``prepared``: :func:`prepare`'s result, when
-    quantizing a weight a chunk of rows at a time (``h`` may then be None).
+    quantizing a weight a chunk of rows at a time (``h`` may then be None). ``device``: where the column
+    loop runs (default: ``w``'s); every step is an elementwise float32 operation, rounded alike on a
+    CUDA device and the CPU, except the lazy block update and the scale search's sums, which run in
+    float64 so that their different summation orders round to the same float32 values.
     """
     p = prepared if prepared is not None else prepare(h, settings)
-    w = w.to(torch.float32).clone()
+    dev = torch.device(device) if device is not None else w.device
+    w = w.to(dev, torch.float32).clone()
     n, k = w.shape
     groups = k // group_size
-    w[:, p.dead] = 0
-    scales = torch.empty(n, groups, dtype=torch.float32)
+    w[:, p.dead.to(dev)] = 0
+    diag = p.diag.to(dev)
+    scales = torch.empty(n, groups, dtype=torch.float32, device=dev)
     if settings.act_order:
         for g in range(groups):
             cols = slice(g * group_size, (g + 1) * group_size)
-            scales[:, g] = group_scales(w[:, cols], settings.scales, p.diag[cols])
-    w = w[:, p.perm]
-    group_of = p.perm // group_size  # the (original) group of each visited column
-    u = p.u
-    q = torch.zeros(n, k, dtype=torch.int8)
+            scales[:, g] = group_scales(w[:, cols], settings.scales, diag[cols])
+    perm = p.perm.to(dev)
+    w = w[:, perm]
+    group_of = (p.perm // group_size).tolist()  # the (original) group of each visited column
+    u = p.u.to(dev)
+    u64 = u.to(torch.float64)
+    q = torch.zeros(n, k, dtype=torch.int8, device=dev)
     for b0 in range(0, k, settings.block):
         b1 = min(k, b0 + settings.block)
         wb = w[:, b0:b1].clone()
         err = torch.zeros_like(wb)
         for i in range(b1 - b0):
             col = b0 + i
-            g = int(group_of[col])
+            g = group_of[col]
             if not settings.act_order and col % group_size == 0:
                 # the group's columns: the rest of this block (updated so far) then the later ones
                 current = torch.cat([wb[:, i:], w[:, b1:]], dim=1)[:, :group_size]
-                scales[:, g] = group_scales(current, settings.scales, p.diag[col:col + group_size])
+                scales[:, g] = group_scales(current, settings.scales, diag[col:col + group_size])
             s = scales[:, g]
             column = wb[:, i]
             qc = (column / s).round().clamp(QMIN, QMAX)
@@ -190,8 +205,26 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             e = (column - qc * s) / u[col, col]
             wb[:, i:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
             err[:, i] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q[:, torch.argsort(p.perm)].contiguous(), scales
+        w[:, b1:] -= (err.to(torch.float64) @ u64[b0:b1, b1:]).to(torch.float32)
+    return q[:, torch.argsort(perm)].contiguous().cpu(), scales.cpu()
+
+
+@dataclass(frozen=True)
+class Hessians:
+    """A calibrated layer's ``2/T XᵀX``: over the windows its values are fitted on (``fit``), over the
+    calibration windows held out from fitting (``held_out``: None when nothing was held out), and over
+    all of them (``whole``: None when nothing was held out, then it is ``fit``)."""
+
+    fit: torch.Tensor
+    held_out: torch.Tensor | None = None
+    whole: torch.Tensor | None = None
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row of ``w`` [N, K]: ``(w − deq) H (w − deq)ᵀ`` = the layer output's squared error summed over
+    the tokens ``H = 2/T XᵀX`` was taken on (times 2/T). Rows are independent: sums over rows add."""
+    d = (w.to(torch.float32) - deq).to(torch.float64)
+    return ((d @ h.to(torch.float64)) * d).sum(dim=1)
 
 
 def layer_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:

@@ -197,7 +197,7 @@ def test_gptq_calibrates_on_token_windows_longer_than_the_example(folders, tmp_p
 def test_option_errors():
     with pytest.raises(ConfigError, match="unknown algorithm 'awq'") as error:
         make_options(weight_algorithm="awq")
-    assert error.value.hint == "legal algorithms: rtn, hqq, gptq"
+    assert error.value.hint == "legal algorithms: rtn, hqq, gptq, auto"
     with pytest.raises(ConfigError, match="applies to the int4 schemes"):
         make_options(scheme="fp32", weight_algorithm="hqq")
     with pytest.raises(ConfigError, match="data-free"):
@@ -252,3 +252,133 @@ def test_gptq_beats_rtn_on_a_trained_model():
         return math.exp(float(torch.stack(nll).mean()))
 
     assert ppl("gptq") < ppl("rtn")
+
+
+# --- auto: per layer, another algorithm only where it beats RTN on held-out calibration windows ----------
+
+
+def _auto_pick(w: torch.Tensor, hessians: wq.Hessians, group: int) -> tuple[str, torch.Tensor]:
+    from qlower.quantize import _int4_chunk_quantizer
+
+    picks = []
+    q, scales, _, _ = _int4_chunk_quantizer("qga4w", group, "auto", hessians, picks.append)(w)
+    return picks[0], wq.dequantize(q, scales.reshape(w.shape[0], -1), group)
+
+
+def test_auto_keeps_rtn_unless_another_is_better_on_the_held_out_windows(monkeypatch):
+    from qlower import quantize
+    from qlower.quantize import _int4_chunk_quantizer
+
+    gen = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(quantize, "AUTO_REFIT_GPTQ", False)  # the pick as judged; the refit is tested below
+    for trial in range(4):
+        fit, held = _inputs(512, 64, gen, samples=2)
+        w = torch.randn(16, 64, generator=gen) * 0.05
+        h_fit, h_held = 2 * fit.T @ fit / len(fit), 2 * held.T @ held / len(held)
+        if trial % 2:  # held-out inputs unlike the fitted ones: the fit may not carry over
+            h_held = torch.diag(torch.rand(64, generator=gen))
+        rtn_q, rtn_s, _, _ = _int4_chunk_quantizer("qga4w", 32, "rtn")(w)
+        w_rtn = wq.dequantize(rtn_q, rtn_s.reshape(16, -1), 32)
+        rtn_error = float(wq.output_error(w, w_rtn, h_held).sum())
+        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_fit), 32)
+        assert float(wq.output_error(w, deq, h_held).sum()) <= rtn_error
+        if trial == 0:  # the same distribution held out: GPTQ's error feedback wins
+            assert pick == "gptq" and float(wq.output_error(w, deq, h_held).sum()) < 0.9 * rtn_error
+        monkeypatch.setattr(quantize, "AUTO_MIN_GAIN", 1.0)  # nothing beats RTN by 100%: RTN's own bits
+        pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_fit), 32)
+        assert pick == "rtn" and torch.equal(deq, w_rtn)
+        monkeypatch.setattr(quantize, "AUTO_MIN_GAIN", 0.0)
+
+
+def test_auto_refits_gptq_on_every_window():
+    gen = torch.Generator().manual_seed(6)
+    fit, held = _inputs(512, 64, gen, samples=2)
+    w = torch.randn(16, 64, generator=gen) * 0.05
+    h_fit, h_held = 2 * fit.T @ fit / len(fit), 2 * held.T @ held / len(held)
+    h_whole = (h_fit + h_held) / 2
+    pick, deq = _auto_pick(w, wq.Hessians(h_fit, h_held, h_whole), 32)
+    q, s = wq.gptq(w, h_whole, 32)
+    assert pick == "gptq" and torch.equal(deq, wq.dequantize(q, s, 32))
+
+
+def test_auto_holds_out_every_fourth_window():
+    from qlower.calibrate import held_out_windows
+
+    assert held_out_windows(8) == {3, 7}
+    assert held_out_windows(2) == {1} and held_out_windows(3) == {2}
+    with pytest.raises(CalibrationError, match="at least 2 calibration windows"):
+        held_out_windows(1)
+
+
+def test_auto_records_what_each_layer_picked(folders, calibration_file):
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model, quantization_record
+
+    options = make_options(group_size=32, kv_cache=False, weight_algorithm="auto", calibration=str(calibration_file))
+    _, plans = quantize_model(load_any(folders[False], options)[0], options, lambda m: None)
+    picks = {p.name: p.algorithm for p in plans if p.quantized}
+    assert picks and set(picks.values()) <= {"rtn", "hqq", "gptq"}
+    record = __import__("json").loads(quantization_record(plans, options))
+    assert record["weight_algorithm"] == "auto" and record["layers"] == picks
+
+
+# auto may be worse than RTN on a model's held-out text by at most this share of RTN's perplexity
+AUTO_MAX_LOSS_VS_RTN = 0.002
+SHIPPED = [ROOT / "examples" / "trained" / name for name in ("py-llama", "c-qwen3")]
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.name)
+def test_auto_is_never_worse_than_rtn_on_the_shipped_models(model):
+    """Eager, weight-only int4 at g128 (the math of a decode step's linears), 8 windows of 256 held-out tokens."""
+    if not (model / "config.json").is_file():
+        pytest.skip("the trained example model is not in the checkout")
+    from transformers import AutoTokenizer
+
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model
+
+    ids = AutoTokenizer.from_pretrained(str(model)).encode((model / "heldout.txt").read_text(), add_special_tokens=False)
+    windows = [torch.tensor([ids[i * WINDOW:(i + 1) * WINDOW]]) for i in range(8)]
+
+    def ppl(algorithm: str) -> float:
+        options = make_options(scheme="qga4w", group_size=128, kv_cache=False, weight_algorithm=algorithm,
+                               calibration_tokens=CALIBRATION_TOKENS,
+                               calibration_text=str(model / "calibration.txt") if algorithm == "auto" else None)
+        quantized, _ = quantize_model(load_any(model, options, stream=True)[0], options, lambda m: None)
+        with torch.no_grad():
+            nll = [torch.nn.functional.cross_entropy(quantized(w)[0, :-1], w[0, 1:]) for w in windows]
+        return math.exp(float(torch.stack(nll).mean()))
+
+    assert ppl("auto") <= ppl("rtn") * (1 + AUTO_MAX_LOSS_VS_RTN)
+
+
+# --- GPTQ on a CUDA GPU: the CPU's bits -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("settings", [wq.GptqSettings(), TOY])
+def test_gptq_on_cuda_gives_the_cpus_bits(settings):
+    gen = torch.Generator().manual_seed(11)
+    x, = _inputs(1024, 256, gen)
+    w = torch.randn(96, 256, generator=gen) * 0.05
+    h = 2 * x.T @ x / len(x)
+    cpu = wq.gptq(w, h, 64, settings, device="cpu")
+    cuda = wq.gptq(w, h, 64, settings, device="cuda")
+    assert torch.equal(cpu[0], cuda[0]) and torch.equal(cpu[1], cuda[1])
+
+
+def test_gptq_device_option(folders, calibration_file):
+    from qlower.errors import ExportError
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model
+
+    assert wq.gptq_device("cpu") == torch.device("cpu")
+    assert wq.gptq_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        make_options(gptq_device="tpu")
+    assert make_options().gptq_device == "auto"
+    if not torch.cuda.is_available():  # asked for a GPU torch does not see: one error line, not a crash
+        options = make_options(group_size=32, kv_cache=False, weight_algorithm="gptq", calibration=str(calibration_file),
+                               gptq_device="cuda")
+        with pytest.raises(ExportError, match="torch sees no CUDA GPU"):
+            quantize_model(load_any(folders[True], options)[0], options, lambda m: None)
