@@ -54,7 +54,9 @@ KERNEL_KINDS = (
     ("t_x t_w t_scales", "linear int4"),
     ("t_y t_res", "linear epilogue"),
     ("t_out t_in t_weight", "rms norm"),
-    ("t_part t_kcache t_vcache", "attention decode (split-K)"),
+    ("t_in t_out t_weight", "rms norm"),
+    ("t_kcache", "attention decode (split-K)"),
+    ("t_part t_out", "attention decode combine"),
     ("t_out t_part", "attention decode combine"),
     ("t_dst t_src", "prepack"),
     # ExecuTorch's
@@ -189,8 +191,8 @@ def bytes_per_token(pte: Path, position: int) -> dict | None:
     weights = cache = embedding_row = 0
     for v in report["vulkan"]:
         for c in v["constants"]:
-            for user in c.get("users", []):
-                op_name, _, arg = user.partition(".")
+            for user in c.get("users", []):  # "<short op name>#<node>.<argument>"; qlower's ops keep "qlower."
+                op_name, _, arg = user.rpartition(".")
                 short = op_name.split("#")[0]
                 if short.startswith("embedding"):
                     rows = (c.get("shape") or [1])[0] or 1

@@ -38,7 +38,10 @@ import llm_decode_bench as bench  # noqa: E402
      "linear int4"),
     ("t_outBuffer t_inBuffer t_weightBuffer", "rms norm"),
     ("t_partBuffer t_kcacheBuffer t_vcacheBuffer t_qBuffer t_kBuffer t_vBuffer", "attention decode (split-K)"),
+    ("t_kcacheBuffer t_kBuffer t_vcacheBuffer t_vBuffer t_partBuffer t_qBuffer", "attention decode (split-K)"),
     ("t_outBuffer t_partBuffer", "attention decode combine"),
+    ("t_partBuffer t_outBuffer", "attention decode combine"),
+    ("t_inBuffer t_outBuffer t_weightBuffer", "rms norm"),
 ])
 def test_kernel_kind(tensors, kind):
     assert bench.kernel_kind(tensors) == kind
@@ -157,11 +160,14 @@ def test_bytes_per_token_counts_each_reading_op(tmp_path, monkeypatch):
         {"bytes": 4096, "shape": [64, 32], "users": ["linear_dq8ca_q4gsw#3.weights"]},
         {"bytes": 1000 * 16, "shape": [1000, 16], "users": ["embedding_q4gsw#1.weight", "linear_dq8ca_q4gsw#9.weights"]},
         {"bytes": 8 * 64 * 4 * 128, "shape": [1, 128, 8, 64], "users": ["sdpa_with_kv_cache#5.k_cache"]},
+        # qlower's runtime ops keep their namespace in the short name
+        {"bytes": 8 * 64 * 4 * 128, "shape": [1, 128, 8, 64], "users": ["qlower.sdpa_with_kv_cache#7.key_cache"]},
+        {"bytes": 2048, "shape": [64, 32], "users": ["qlower.linear_q4gsw#8.weights"]},
     ]}]}
     monkeypatch.setattr(inspect_mod, "inspect_pte", lambda path: report)
     got = bench.bytes_per_token(tmp_path / "m.pte", position=9)     # the runtime reads 12 of 128 positions
-    assert got == {"position": 9, "weights": 4096 + 16000, "kv_cache": 8 * 64 * 4 * 12, "embedding_row": 16,
-                   "total": 4096 + 16000 + 8 * 64 * 4 * 12 + 16}
+    assert got == {"position": 9, "weights": 4096 + 16000 + 2048, "kv_cache": 2 * 8 * 64 * 4 * 12, "embedding_row": 16,
+                   "total": 4096 + 16000 + 2048 + 2 * 8 * 64 * 4 * 12 + 16}
 
 
 @pytest.mark.skipif(not shutil.which("gcc") or not Path("/usr/include/vulkan/vulkan.h").is_file(),
