@@ -27,8 +27,8 @@ from ..patterns.linear import rename_output
 from .ops import edge_ops, register_vulkan_features
 
 _LINEAR_ARGS = {  # positions of (x, weights, weight_sums, weight_scales, group_size, bias)
-    "linear_dq8ca_q4gsw.default": (0, 3, 4, 5, 6, 7),
-    "linear_q4gsw.default": (0, 1, None, 2, 3, 4),
+    "et_vk.linear_dq8ca_q4gsw.default": (0, 3, 4, 5, 6, 7),
+    "et_vk.linear_q4gsw.default": (0, 1, None, 2, 3, 4),
 }
 
 
@@ -70,6 +70,17 @@ def _rename(program, names: dict[str, Any]) -> int:
             graph.erase_node(node)
             done += 1
     return done
+
+
+def _erase_unused(node: torch.fx.Node) -> None:
+    """Erase ``node`` and, transitively, the computed nodes that only it read (the replaced chain)."""
+    dead = [node]
+    while dead:
+        n = dead.pop()
+        if n.graph is not None and not n.users:
+            inputs = list(n.all_input_nodes)
+            n.graph.erase_node(n)
+            dead.extend(a for a in inputs if a.op == "call_function")
 
 
 def _is_residual_add(add: torch.fx.Node, y: torch.fx.Node) -> torch.fx.Node | None:
@@ -155,7 +166,7 @@ def _fuse_linears(program, linear_op, split_op) -> int:
     graph = program.graph_module.graph
     done = 0
     for node in list(graph.nodes):
-        at = _LINEAR_ARGS.get(".".join(full_name(node).split(".")[-2:])) if full_name(node).startswith("et_vk.") else None
+        at = _LINEAR_ARGS.get(full_name(node))
         if at is None or node.graph is None:
             continue
         x, w, sums, scales, gs, bias = (node.args[i] if i is not None and i < len(node.args) else None for i in at)
@@ -177,7 +188,7 @@ def _fuse_linears(program, linear_op, split_op) -> int:
                 rename_output(program, part, item)
                 graph.erase_node(part)
             graph.erase_node(view)
-            graph.erase_node(node)
+            _erase_unused(node)
             done += 1
             continue
         residual, epilogue, last = None, "none", node
@@ -189,16 +200,9 @@ def _fuse_linears(program, linear_op, split_op) -> int:
             residual = _is_residual_add(add, last)
             if residual is not None:
                 last = add
-        # The residual must exist where the new node goes (before `last`, after `node`): it does, as `last` reads it.
-        new = _replace(program, last, linear_op, (x, w, sums, scales, gs, bias, residual, quantize_input, epilogue), last)
-        dead = [last]
-        while dead:
-            n = dead.pop()
-            if n.graph is not None and not n.users:
-                inputs = [a for a in n.all_input_nodes]
-                graph.erase_node(n)
-                dead.extend(a for a in inputs if a.op == "call_function")
-        assert new.graph is not None
+        # In place of `last`, which reads everything the new node reads (the residual included).
+        _replace(program, last, linear_op, (x, w, sums, scales, gs, bias, residual, quantize_input, epilogue), last)
+        _erase_unused(last)
         done += 1
     return done
 
