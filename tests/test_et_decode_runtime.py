@@ -162,15 +162,18 @@ def llama_1b_folder(tmp_path_factory):
 
 
 @pytest.mark.skipif(os.environ.get("QLOWER_BIG_TESTS") != "1", reason="set QLOWER_BIG_TESTS=1 (minutes, ~8 GB RAM)")
+@pytest.mark.parametrize("run", [("stock", "stock"), ("qlower", "vk_ops")], ids="-on-".join)
 @pytest.mark.parametrize("scheme", ["qga4w", "qta8a_qga4w"])
-def test_llama_1b_shape_prefills_and_decodes_on_runtime(scheme, llama_1b_folder, tmp_path):
+def test_llama_1b_shape_prefills_and_decodes_on_runtime(scheme, run, llama_1b_folder, tmp_path):
     pytest.importorskip("transformers")
+    file_runtime, runner = run
+    runner = runner_for(runner)
     pte = tmp_path / "llama_1b.pte"
     summary = qlower.export(llama_1b_folder, pte, scheme=scheme, kv_cache=True, max_seq_len=MAX_SEQ_LEN, group_size=64,
-                            quantize_embeddings=True)
+                            quantize_embeddings=True, runtime=file_runtime)
     assert summary["vulkan_partitions"] == 1 and summary["cpu_ops"] == {}
     steps = 2
-    tokens, runtime = step(pte, tmp_path, prompt=LLAMA_1B_PROMPT, steps=steps)
+    tokens, runtime = step(pte, tmp_path, prompt=LLAMA_1B_PROMPT, steps=steps, runner=runner)
     golden = torch.stack(teacher_forced(GoldenDecoder(read_pte(pte)), LLAMA_1B_PROMPT, tokens[:-1]))
     prefill_bar, decode_bar = LLAMA_1B_BARS[scheme]
     for i in range(steps + 1):
