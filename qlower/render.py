@@ -56,7 +56,9 @@ def render_export(summary: dict[str, Any], all_layers: bool = False) -> None:
                   f"{human_bytes(decode['kv_cache_bytes'])} of GPU memory at max_seq_len {decode['max_seq_len']}")
         out.print("runner metadata: " + ", ".join(f"{k}={v}" for k, v in decode["metadata"].items()))
         if decode.get("runner_command"):
-            out.print("run with ExecuTorch's LLM runner: " + " ".join(decode["runner_command"]) + " --prompt TEXT", markup=False)
+            linked = " (built with qlower's op library)" if summary.get("runtime") == RUNTIME_QLOWER else ""
+            out.print(f"run with ExecuTorch's LLM runner{linked}: " + " ".join(decode["runner_command"]) + " --prompt TEXT",
+                      markup=False)
     for path in summary.get("written", []):
         out.print(f"wrote {path}")
     _render_size(".pte size", summary["size"])
