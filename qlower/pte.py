@@ -688,6 +688,8 @@ def int4_linear(d: "Delegate", op: VkOp) -> tuple[str, int | None] | None:
     if flag_at is not None:
         stock = stock[bool(getattr(value(flag_at), "bool_val", False))]
     return stock, getattr(value(gs_at), "int_val", None)
+
+
 # The parts of a file's bytes, in the order they are shown; they add up to the file size.
 SIZE_PARTS = ("packed_weights", "scales", "float_weights", "kv_cache", "other_constants", "shared", "program_and_headers")
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import VerifyError
-from .pte import Pte, qualified_op_name
+from .pte import Pte, int4_linear, qualified_op_name
 
 # fused op -> (position of the packed weight, of its scales) in the op's arguments
 FUSED_INT4 = {
@@ -50,7 +50,7 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
         for index, op in enumerate(ops):
             name, args, parts = qualified_op_name(op.name), op.args, None
             if name in RUNTIME_LINEARS:
-                name, args, parts = _as_stock_linear(delegate, op)
+                name, args, parts = _as_stock_linear(delegate, op, int4_linear(delegate, op)[0])
             if name not in FUSED_INT4:
                 continue
             w_at, _ = FUSED_INT4[name]
@@ -65,18 +65,18 @@ def file_layers(pte: Pte) -> list[dict[str, Any]]:
     return found
 
 
-# qlower's runtime linears (export --runtime qlower): where their operands are.
-RUNTIME_LINEARS = {"qlower.linear_q4gsw.default": 7, "qlower.linear_q4gsw_split.default": 6}  # quantize_input's position
+# qlower's runtime linears (export --runtime qlower).
+RUNTIME_LINEARS = ("qlower.linear_q4gsw.default", "qlower.linear_q4gsw_split.default")
 
 
-def _as_stock_linear(delegate, op) -> tuple[str, list[int], list[int] | None]:
+def _as_stock_linear(delegate, op, stock: str) -> tuple[str, list[int], list[int] | None]:
     """A qlower runtime linear as the stock op it computes its layer with: (its name, the operand ids in that op's
     order, -1 for the per-token qparams it computes itself), and the widths of the layers it computes at once
-    (a merged Q/K/V's parts, or gate and up under ``epilogue="silu_mul"``; None for one layer)."""
+    (a merged Q/K/V's parts, or gate and up under ``epilogue="silu_mul"``; None for one layer).
+    ``stock``: that op's short name (:func:`qlower.pte.int4_linear`)."""
     x, w, sums, scales, gs, bias = op.args[:6]
     graph = delegate.graph
-    quantize_input = _scalar(delegate, op.args[RUNTIME_LINEARS[qualified_op_name(op.name)]])
-    if quantize_input:
+    if stock == "linear_dq8ca_q4gsw":
         name, args = "et_vk.linear_dq8ca_q4gsw.default", [x, -1, -1, w, sums, scales, gs, bias, op.args[-1]]
     else:
         name, args = "et_vk.linear_q4gsw.default", [x, w, scales, gs, bias, op.args[-1]]
