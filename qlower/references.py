@@ -430,9 +430,11 @@ def stock_linear_call(x, weights, weight_sums, weight_scales, group_size, bias=N
     :func:`is_gemv`), or ``linear_q4gsw`` when ``quantize_input`` is off."""
     if not quantize_input:
         return "et_vk.linear_q4gsw.default", [x, weights, weight_scales, group_size, bias]
-    block = [1] * (x.dim() - 1) + [x.shape[-1]]  # per token, as quantized_linear.per_token_qparams_args
-    scales, zps = torch.ops.torchao.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, INT8_MIN, INT8_MAX,
-                                                          None, None, torch.int8)
+    scales = zps = None  # one row: linear_dq8ca_q4gsw computes weight-only and never reads them
+    if not is_gemv(x):
+        block = [1] * (x.dim() - 1) + [x.shape[-1]]  # per token, as quantized_linear.per_token_qparams_args
+        scales, zps = torch.ops.torchao.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, INT8_MIN, INT8_MAX,
+                                                              None, None, torch.int8)
     return "et_vk.linear_dq8ca_q4gsw.default", [x, scales, zps, weights, weight_sums, weight_scales, group_size, bias]
 
 
