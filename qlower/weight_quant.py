@@ -35,10 +35,16 @@ EPS = torch.finfo(torch.float32).eps
 GPTQ_SCALE_CHOICES = ("absmax", "mse", "hqq")
 
 
+def _over_rtn_divisor(x: torch.Tensor) -> torch.Tensor:
+    """``x / RTN_DIVISOR`` rounded as a true division on every device: CUDA divides by a Python number
+    as a multiplication by its reciprocal (7.5's is inexact), by a tensor on the device exactly."""
+    return x / torch.tensor(RTN_DIVISOR, dtype=x.dtype, device=x.device)
+
+
 def rtn_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """RTN's scale per group: [N, K / group_size]."""
     n, k = w.shape
-    return (w.reshape(n, k // group_size, group_size).abs().amax(dim=-1) / RTN_DIVISOR).clamp_min(EPS)
+    return _over_rtn_divisor(w.reshape(n, k // group_size, group_size).abs().amax(dim=-1)).clamp_min(EPS)
 
 
 def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -76,10 +82,10 @@ def mse_scales(w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Ten
     over clip ratios of max|w|. The errors are summed in float64, so that a CUDA device and the CPU (whose
     sums run in other orders) pick the same ratio."""
     amax = w.abs().amax(dim=-1).clamp_min(EPS)
-    best = amax / RTN_DIVISOR
+    best = _over_rtn_divisor(amax)
     best_err = torch.full_like(amax, float("inf"), dtype=torch.float64)
     for ratio in MSE_CLIP_RATIOS:
-        s = (amax * ratio / RTN_DIVISOR).clamp_min(EPS)
+        s = _over_rtn_divisor(amax * ratio).clamp_min(EPS)
         err = ((w - (w / s.unsqueeze(-1)).round().clamp(QMIN, QMAX) * s.unsqueeze(-1)) ** 2).to(torch.float64)
         err = (err * weight.to(err.device, torch.float64)).sum(-1) if weight is not None else err.sum(-1)
         better = err < best_err
