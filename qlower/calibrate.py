@@ -131,6 +131,7 @@ class HessianHooks:
     def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None):
         self.sums: dict[tuple[bool, int], torch.Tensor] = {}  # (held out, input group) -> sum of 2 xᵀx
         self.rows: dict[tuple[bool, int], int] = {}
+        self._made: dict[int, Hessians] = {}  # input group -> its Hessians, once asked for
         self.group_of: dict[str, int] = {}
         self.held_out = False
         self._groups = 0
@@ -167,14 +168,19 @@ class HessianHooks:
         self.held_out = held_out
 
     def hessian(self, name: str) -> Hessians:
+        """The layer's Hessians. Made once per input group, from the sums themselves (divided in place: a
+        K = 8192 Hessian is 256 MB), so the hooks take no more passes after the first call."""
         key = self.group_of[name]
-        fit = self.sums[(False, key)] / max(1, self.rows[(False, key)])
-        held = self.sums.get((True, key))
-        if held is None:
-            return Hessians(fit)
-        rows = self.rows[(True, key)]
-        whole = (self.sums[(False, key)] + held) / max(1, self.rows[(False, key)] + rows)
-        return Hessians(fit, held / max(1, rows), whole)
+        if key not in self._made:
+            fit_sum, fit_rows = self.sums.pop((False, key)), max(1, self.rows[(False, key)])
+            held = self.sums.pop((True, key), None)
+            if held is None:
+                self._made[key] = Hessians(fit_sum.div_(fit_rows))
+            else:
+                held_rows = max(1, self.rows[(True, key)])
+                whole = (fit_sum + held) / (fit_rows + held_rows)
+                self._made[key] = Hessians(fit_sum.div_(fit_rows), held.div_(held_rows), whole)
+        return self._made[key]
 
     def groups(self) -> list[list[str]]:
         by_key: dict[int, list[str]] = {}

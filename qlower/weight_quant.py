@@ -122,26 +122,49 @@ class GptqSettings:
     scales: str = "mse"  # how each group's scale is chosen (GPTQ_SCALE_CHOICES)
 
 
-def prepare_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns).
+# Rows of H converted to float64 at once while filling the working copy (bounds the temporaries).
+_PREPARE_ROWS = 256
+
+
+def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns), both in the
+    order ``perm`` visits H's columns (``h`` itself is not changed).
 
     Columns never seen by the inputs (zero diagonal) get a unit diagonal and are quantized as RTN would.
+    One float64 working copy of H is factored, inverted and factored again in place: the peak is that
+    copy and the float32 result (at K = 8192, 512 + 256 MB), not five full-size temporaries.
     """
-    h = h.to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    diag = torch.arange(h.shape[0])
-    h[diag, diag] += damp * torch.mean(torch.diag(h))
-    for attempt in range(6):
-        try:
-            lower = torch.linalg.cholesky(h)
+    k = h.shape[0]
+    order = perm if perm is not None else torch.arange(k)
+    diag = torch.diagonal(h).to(torch.float64)[order]
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean = torch.mean(diag)
+    work = torch.empty(k, k, dtype=torch.float64)
+    info = torch.empty((), dtype=torch.int32)
+
+    def fill(extra: torch.Tensor) -> None:
+        for start in range(0, k, _PREPARE_ROWS):
+            rows = order[start:start + _PREPARE_ROWS]
+            work[start:start + len(rows)] = h[rows][:, order] if perm is not None else h[rows]
+        on_diag = work.diagonal()
+        on_diag[dead] = 1.0
+        on_diag += extra
+
+    extra = damp * mean
+    for attempt in range(7):
+        fill(extra)
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        if int(info) == 0:
             break
-        except torch.linalg.LinAlgError:  # not positive definite at float precision: dampen more
-            h[diag, diag] += (10 ** attempt) * damp * torch.mean(torch.diag(h))
+        extra = extra + (10 ** attempt) * damp * mean  # not positive definite at float precision: dampen more
     else:
         raise ValueError("the calibration Hessian is not positive definite even after dampening")
-    hinv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(hinv, upper=True).to(torch.float32), dead
+    torch.cholesky_inverse(work, out=work)
+    torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    if int(info) != 0:
+        raise ValueError("the inverse calibration Hessian is not positive definite")
+    return work.to(torch.float32), dead
 
 
 @dataclass(frozen=True)
@@ -155,10 +178,9 @@ class Prepared:
 
 
 def prepare(h: torch.Tensor, settings: GptqSettings) -> Prepared:
-    h = h.to(torch.float32)
-    diag = torch.diag(h).clone()
+    diag = torch.diagonal(h).to(torch.float32).clone()
     perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
-    u, dead = prepare_hessian(h[perm][:, perm] if settings.act_order else h, settings.damp)
+    u, dead = prepare_hessian(h.to(torch.float32), settings.damp, perm if settings.act_order else None)
     return Prepared(u, dead[torch.argsort(perm)], perm, diag)
 
 
@@ -191,7 +213,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     w = w[:, perm]
     group_of = (p.perm // group_size).tolist()  # the (original) group of each visited column
     u = p.u.to(dev)
-    u64 = u.to(torch.float64)
     q = torch.zeros(n, k, dtype=torch.int8, device=dev)
     for b0 in range(0, k, settings.block):
         b1 = min(k, b0 + settings.block)
@@ -211,7 +232,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             e = (column - qc * s) / u[col, col]
             wb[:, i:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
             err[:, i] = e
-        w[:, b1:] -= (err.to(torch.float64) @ u64[b0:b1, b1:]).to(torch.float32)
+        w[:, b1:] -= (err.to(torch.float64) @ u[b0:b1, b1:].to(torch.float64)).to(torch.float32)
     return q[:, torch.argsort(perm)].contiguous().cpu(), scales.cpu()
 
 
