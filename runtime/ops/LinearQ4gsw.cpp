@@ -16,12 +16,81 @@
 #include <executorch/backends/vulkan/runtime/graph/ops/DynamicDispatchNode.h>
 #include <executorch/backends/vulkan/runtime/graph/ops/OperatorRegistry.h>
 
+#include <algorithm>
+
 namespace qlower_vk {
 namespace {
 
-constexpr uint32_t kGemvThreads = 64;
-constexpr int64_t kGemvRows = 4; // ROWS in qlower_q4gsw_gemv.glsl
+// qlower_q4gsw_gemv: a workgroup is kGemvThreads / 32 teams of 32 lanes
+// (nominally one subgroup each); `ksplit` teams share `rps` output units,
+// splitting K between them.
+constexpr uint32_t kGemvThreads = 128;
+constexpr int64_t kGemvTeams = kGemvThreads / 32; // <= MAX_TEAMS in the shader
+constexpr int64_t kGemvMaxRps = 2; // MAX_RPS in qlower_q4gsw_gemv.glsl
+constexpr int64_t kGemvMaxUk = 4; // MAX_UK
+// K is split between teams while the grid stays within this many lanes
+// (about two waves of a 132-SM GPU).
+constexpr int64_t kGemvMaxLanes = 524288;
 constexpr uint32_t kEpilogueThreads = 64;
+
+// Units per team group (rps), words a lane loads per loop iteration (uk) and
+// teams per unit group (ksplit) of the GEMV for one output shape.
+struct GemvTiling {
+  int32_t rps;
+  int32_t uk;
+  int32_t ksplit;
+  int64_t units_per_wg() const {
+    return kGemvTeams / ksplit * rps;
+  }
+};
+
+GemvTiling gemv_tiling(int64_t n_out, int64_t K, bool two_rows) {
+  const int64_t nw = 32 * ((K / 4 + 255) / 256); // 16-byte words a row
+  GemvTiling t{1, two_rows ? 1 : 2, 1};
+  // Split K between teams while the grid stays within kGemvMaxLanes lanes
+  // (and each team keeps at least one 32-word chunk).
+  while (t.ksplit < kGemvTeams &&
+         n_out * 32 * t.ksplit * 2 <= kGemvMaxLanes &&
+         nw >= 32 * 2 * t.ksplit) {
+    t.ksplit *= 2;
+  }
+  // Enough words a lane for the rest of K in few iterations.
+  const int64_t per_lane = (nw + 32 * t.ksplit - 1) / (32 * t.ksplit);
+  if (per_lane >= 4 * t.uk) {
+    t.uk = static_cast<int32_t>(std::min<int64_t>(2 * t.uk, kGemvMaxUk));
+  }
+  t.uk = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(t.uk, per_lane)));
+  // Stay within one grid dimension.
+  while ((n_out + t.units_per_wg() - 1) / t.units_per_wg() > 65535 &&
+         t.rps < kGemvMaxRps) {
+    ++t.rps;
+  }
+  return t;
+}
+
+// The packed int4 weights (uint8 [N, K/2]) in qlower_q4gsw_gemv's blocked
+// layout: [N, nw] 16-byte words, nw = 32 * ceil(K / 1024).
+ValueRef prepack_q4_blocks(ComputeGraph& graph, ValueRef tref, int64_t N, int64_t K) {
+  const int64_t nw = 32 * ((K / 4 + 255) / 256);
+  const int64_t nwords = N * nw * 4;
+  VK_CHECK_COND(nwords < (int64_t(1) << 32));
+  const ValueRef packed = graph.add_tensor(
+      {nwords}, vkapi::kInt, utils::kBuffer, utils::kWidthPacked);
+  const uint32_t wgs = static_cast<uint32_t>(
+      std::min<int64_t>((nwords + 63) / 64, 65535));
+  graph.prepack_nodes().emplace_back(new PrepackNode(
+      graph,
+      VK_KERNEL(qlower_prepack_q4_blocks),
+      {wgs * 64u, 1u, 1u},
+      {64u, 1u, 1u},
+      tref,
+      packed,
+      {},
+      {static_cast<int32_t>(N),
+       static_cast<int32_t>(K / 4),
+       static_cast<int32_t>(nw)}));
+  return packed;
+}
 
 enum Mode : int32_t { kPlain = 0, kSiluMul = 1, kSplit = 2 };
 
@@ -219,7 +288,9 @@ void build_linear(ComputeGraph& graph, const LinearArgs& a) {
   bool fast = all_fp32_contiguous_buffers(graph, io) && K == Kp && K % 8 == 0 &&
       gs > 0 && gs % 8 == 0 && Kp % gs == 0 && s_dtype == vkapi::kFloat &&
       s_sizes[0] * gs == Kp && scale_stride >= N &&
-      (n_out + kGemvRows - 1) / kGemvRows <= 65535 && a.outs.size() <= 4;
+      (n_out + kGemvTeams * kGemvMaxRps - 1) / (kGemvTeams * kGemvMaxRps) <=
+          65535 &&
+      a.outs.size() <= 4;
   if (has_bias) {
     fast = fast && graph.val_is_tref(a.bias) &&
         graph.get_tref(a.bias)->dtype == vkapi::kFloat &&
@@ -284,27 +355,29 @@ void build_linear(ComputeGraph& graph, const LinearArgs& a) {
   gate_nodes_since(graph, first, rows_gt_1(a.x));
 
   // T = 1: our GEMV, one dispatch (grid {0,0,0} while T > 1).
-  const ValueRef w = prepack_words(graph, a.weights, vkapi::kInt);
+  const ValueRef w = prepack_q4_blocks(graph, a.weights, N, K);
   const ValueRef s = prepack_words(graph, a.weight_scales, vkapi::kFloat);
   const ValueRef b = has_bias ? prepack_words(graph, a.bias, vkapi::kFloat) : a.x;
   std::vector<ValueRef> outs4(4, a.outs.at(0));
   for (size_t i = 0; i < a.outs.size(); ++i) {
     outs4[i] = a.outs[i];
   }
-  const bool w4 = K % 32 == 0 && gs % 32 == 0;
+  const GemvTiling tiling = gemv_tiling(n_out, K, a.mode == kSiluMul);
+  const int64_t units_per_wg = tiling.units_per_wg();
   const LinearArgs captured = a;
   graph.execute_nodes().emplace_back(new DynamicDispatchNode(
       graph,
-      w4 ? VK_KERNEL(qlower_q4gsw_gemv_w4) : VK_KERNEL(qlower_q4gsw_gemv),
-      [n_out](ComputeGraph* g,
-              const vkapi::ShaderInfo&,
-              const std::vector<ArgGroup>& args,
-              const std::vector<ValueRef>&) -> utils::uvec3 {
+      VK_KERNEL(qlower_q4gsw_gemv),
+      [n_out, units_per_wg](
+          ComputeGraph* g,
+          const vkapi::ShaderInfo&,
+          const std::vector<ArgGroup>& args,
+          const std::vector<ValueRef>&) -> utils::uvec3 {
         if (rows_of(*g, args.at(1).refs.at(0)) != 1) {
           return {0u, 0u, 0u};
         }
         const uint32_t wgs =
-            static_cast<uint32_t>((n_out + kGemvRows - 1) / kGemvRows);
+            static_cast<uint32_t>((n_out + units_per_wg - 1) / units_per_wg);
         return {wgs * kGemvThreads, 1u, 1u};
       },
       [](ComputeGraph*,
@@ -318,8 +391,9 @@ void build_linear(ComputeGraph& graph, const LinearArgs& a) {
        {{a.x, w, s, b, has_res ? a.residual : a.x}, vkapi::kRead}},
       {},
       {},
-      {static_cast<int32_t>(K / 8),
-       static_cast<int32_t>(gs / 8),
+      {static_cast<int32_t>(K / 4),
+       static_cast<int32_t>(32 * ((K / 4 + 255) / 256)),
+       static_cast<int32_t>(gs / 4),
        static_cast<int32_t>(scale_stride),
        static_cast<int32_t>(n_out),
        static_cast<int32_t>(a.mode == kSiluMul ? n_out : 0),
@@ -328,7 +402,10 @@ void build_linear(ComputeGraph& graph, const LinearArgs& a) {
        static_cast<int32_t>(has_res ? 1 : 0),
        static_cast<int32_t>(split_starts[1]),
        static_cast<int32_t>(split_starts[2]),
-       static_cast<int32_t>(split_starts[3])},
+       static_cast<int32_t>(split_starts[3]),
+       tiling.rps,
+       tiling.uk,
+       tiling.ksplit},
       {},
       [captured, n_out](
           ComputeGraph* g,

@@ -12,7 +12,7 @@
 namespace qlower_vk {
 namespace {
 
-constexpr uint32_t kRmsThreads = 64;
+constexpr uint32_t kRmsThreads = 256;
 
 void rms_norm(ComputeGraph& graph, const std::vector<ValueRef>& args) {
   const ValueRef x = args.at(0);

@@ -419,6 +419,8 @@ int main(int argc, char** argv) {
     test_rms_norm(7, 5, utils::kBuffer, "buffer");
     test_rms_norm(256, 5, utils::kBuffer, "buffer");
     test_rms_norm(2048, 5, utils::kBuffer, "buffer");
+    test_rms_norm(4100, 3, utils::kBuffer, "buffer");
+    test_rms_norm(1030, 3, utils::kBuffer, "buffer");
     test_rms_norm(64, 5, utils::kTexture3D, "texture(fallback)");
   }
   if (want("linear")) {
@@ -433,11 +435,22 @@ int main(int argc, char** argv) {
     test_linear({256, 96, 32, false, false, false, "silu_mul", {}, 0, utils::kTexture3D});
     test_linear({256, 96, 32, true, true, true, "silu_mul", {}, 0, utils::kTexture3D});
     test_linear({256, 64, 64, true, false, true, "none", {}, 0, utils::kTexture3D});
+    // One-row GEMV tilings: several 1024-value blocks, a partial last block,
+    // long K (several words a lane), N not a multiple of a workgroup's units.
+    // (The stock T > 1 path needs N % 4 == 0.)
+    test_linear({2048, 20, 64, false, true, false, "none"});
+    test_linear({1056, 28, 32, true, false, false, "none"});
+    test_linear({8192, 12, 64, true, true, false, "none"});
+    test_linear({2048, 44, 64, false, true, false, "silu_mul"});
+    test_linear({8192, 12, 256, true, false, false, "silu_mul"});
+    // More than 4 * 65535 units: two units a team.
+    test_linear({96, 262148, 32, false, false, false, "none"});
   }
   if (want("split")) {
     test_linear({256, 256, 32, false, false, false, "split", {128, 64, 64}, 32});
     test_linear({256, 384, 64, true, false, true, "split", {256, 64, 64}, 64});
     test_linear({72, 24, 8, true, false, false, "split", {8, 8, 4, 4}, 4});
+    test_linear({2048, 136, 128, true, false, false, "split", {64, 32, 40}, 8});
     test_linear({256, 256, 32, false, false, false, "split", {128, 64, 64}, 32, utils::kTexture3D});
   }
   if (want("sdpa")) {

@@ -3,20 +3,28 @@
  *
  *   y[n] = sum_k x[k] * q[n, k] * scale[k / group_size, n] (+ bias[n])
  *
- * Weights: the raw packed bytes, uint8 [N, K/2], byte i of a row holding
- * q[2i] + 8 (low nibble) and q[2i+1] + 8 (high nibble); read as 32-bit words
- * (8 values, nibble m = value m of the word), or as 16-byte words (32 values)
- * in the _w4 variant (K % 32 == 0 and group_size % 32 == 0).
+ * Weights: the blocked layout written by qlower_prepack_q4_blocks. A "quad"
+ * is 4 consecutive values (16 bits, value 4q + c in nibble c, stored as
+ * q + 8). Row n holds NW 16-byte words; word wi = 32 * b + l (block b, lane
+ * l) packs the quads 256 * b + 32 * k + l, k = 0..7 (quad k in the 16-bit
+ * half k % 2 of component k / 2). Quads past K4 hold the value 0. So a team
+ * of 32 lanes reading 32 consecutive words reads x as 8 coalesced vec4 loads.
  * Scales: [num_groups, SCALE_STRIDE] (transposed, row n in column n).
  *
- * Each workgroup computes ROWS output units; its threads split K, and the
- * partial sums are reduced with subgroupAdd and shared memory.
+ * A workgroup holds WG / 32 teams (nominally one subgroup each; a subgroup
+ * of another size loops over teams or idles). KSPLIT consecutive teams share
+ * RPS output units, team kp taking the chunks kp, kp + KSPLIT, ... of S * UK
+ * words (S = subgroup size), each lane UK words at a time. Reduction:
+ * subgroupAdd, then (KSPLIT > 1) shared memory across the KSPLIT teams.
+ * Nibbles become floats exactly through the exponent trick, x being scaled
+ * by 16^-c to match the nibble's position.
  * Epilogues (MODE): 0 plain, 1 silu_mul (unit j: silu(y[j]) * y[UP_OFF + j]),
  * 2 split (unit j goes to output s with SPLIT_s <= j < SPLIT_{s+1}).
  * HAS_RES adds residual[j] at the end.
  */
 #version 450 core
 
+#extension GL_KHR_shader_subgroup_basic : enable
 #extension GL_KHR_shader_subgroup_arithmetic : enable
 #extension GL_EXT_control_flow_attributes : require
 
@@ -29,18 +37,16 @@ ${layout_declare_tensor(B, "w", "t_out1", DTYPE, "buffer")}
 ${layout_declare_tensor(B, "w", "t_out2", DTYPE, "buffer")}
 ${layout_declare_tensor(B, "w", "t_out3", DTYPE, "buffer")}
 ${layout_declare_tensor(B, "r", "t_x", DTYPE, "buffer", is_scalar_array=False)}
-$if W4:
-  ${layout_declare_tensor(B, "r", "t_w", "uint", "buffer", is_scalar_array=False)}
-$else:
-  ${layout_declare_tensor(B, "r", "t_w", "uint", "buffer")}
+${layout_declare_tensor(B, "r", "t_w", "uint", "buffer", is_scalar_array=False)}
 ${layout_declare_tensor(B, "r", "t_scales", DTYPE, "buffer")}
 ${layout_declare_tensor(B, "r", "t_bias", DTYPE, "buffer")}
 ${layout_declare_tensor(B, "r", "t_res", DTYPE, "buffer")}
 
 layout(local_size_x_id = 0, local_size_y_id = 1, local_size_z_id = 2) in;
 
-${layout_declare_spec_const(C, "int", "K8", "1")}
-${layout_declare_spec_const(C, "int", "GS8", "1")}
+${layout_declare_spec_const(C, "int", "K4", "1")}
+${layout_declare_spec_const(C, "int", "NW", "32")}
+${layout_declare_spec_const(C, "int", "GS4", "1")}
 ${layout_declare_spec_const(C, "int", "SCALE_STRIDE", "1")}
 ${layout_declare_spec_const(C, "int", "N_OUT", "1")}
 ${layout_declare_spec_const(C, "int", "UP_OFF", "0")}
@@ -50,30 +56,23 @@ ${layout_declare_spec_const(C, "int", "HAS_RES", "0")}
 ${layout_declare_spec_const(C, "int", "SPLIT1", "1")}
 ${layout_declare_spec_const(C, "int", "SPLIT2", "1")}
 ${layout_declare_spec_const(C, "int", "SPLIT3", "1")}
+${layout_declare_spec_const(C, "int", "RPS", "1")}
+${layout_declare_spec_const(C, "int", "UK", "1")}
+${layout_declare_spec_const(C, "int", "KSPLIT", "1")}
 
-#define ROWS 4
-#define MAX_SUBGROUPS 64
+#define MAX_RPS 2
+#define MAX_UK 4
+#define MAX_TEAMS 8
 
-shared float red[2 * ROWS][MAX_SUBGROUPS];
+shared float team_sums[MAX_TEAMS][2 * MAX_RPS];
 
-vec4 lo4(const uint w) {
-  return vec4((uvec4(w) >> uvec4(0, 4, 8, 12)) & 15u);
-}
-vec4 hi4(const uint w) {
-  return vec4((uvec4(w) >> uvec4(16, 20, 24, 28)) & 15u);
-}
+// nibble c of a quad, as float: 2^23 + n * 16^c, minus 2^23 + 8 * 16^c.
+const uvec4 NIB_MASK = uvec4(0xFu, 0xF0u, 0xF00u, 0xF000u);
+const vec4 NIB_OFF = vec4(8388616.0, 8388736.0, 8390656.0, 8421376.0);
+const vec4 X_SCALE = vec4(1.0, 0.0625, 0.00390625, 0.000244140625);
 
-// sum_m x[m] * (nibble_m(w) - 8) for one 32-bit word, given sx = sum_m x[m].
-float dot8(const uint w, const vec4 xa, const vec4 xb, const float sx) {
-  return dot(xa, lo4(w)) + dot(xb, hi4(w)) - 8.0 * sx;
-}
-
-float wg_reduce(const float v, const uint slot) {
-  const float s = subgroupAdd(v);
-  if (subgroupElect()) {
-    red[slot][gl_SubgroupID] = s;
-  }
-  return s;
+vec4 quad_values(const uint bits) {
+  return uintBitsToFloat((uvec4(bits) & NIB_MASK) | 0x4B000000u) - NIB_OFF;
 }
 
 void store_unit(const int j, const float v) {
@@ -88,100 +87,130 @@ void store_unit(const int j, const float v) {
   }
 }
 
+void finish_unit(const int j, float y0, float y1) {
+  if (HAS_BIAS != 0) {
+    y0 += t_bias[j];
+    if (MODE == 1) {
+      y1 += t_bias[j + UP_OFF];
+    }
+  }
+  float v = y0;
+  if (MODE == 1) {
+    v = v / (1.0 + exp(-v)) * y1;
+  }
+  if (HAS_RES != 0) {
+    v += t_res[j];
+  }
+  store_unit(j, v);
+}
+
 void main() {
-  const uint tid = gl_LocalInvocationID.x;
-  const uint nthreads = gl_WorkGroupSize.x;
-  const int j0 = int(gl_WorkGroupID.x) * ROWS;
+  const uint teams = gl_WorkGroupSize.x / 32u;
+  const uint lane = gl_SubgroupInvocationID;
+  const uint sg_size = gl_SubgroupSize;
   const bool two = MODE == 1;
+  const uint nw = uint(NW);
+  const uint k4_last = uint(K4) - 1u;
 
-  float acc[2 * ROWS];
-  [[unroll]] for (int r = 0; r < 2 * ROWS; ++r) {
-    acc[r] = 0.0;
-  }
+  const uint ksplit = uint(KSPLIT);
+  const uint groups = teams / ksplit;
+  const uint chunk = sg_size * uint(UK);
 
-  $if W4:
-    // One 16-byte word = 32 values of one group.
-    const uint K32 = uint(K8) / 4u;
-    for (uint u = tid; u < K32; u += nthreads) {
-      const vec4 x0 = t_x[8u * u];
-      const vec4 x1 = t_x[8u * u + 1u];
-      const vec4 x2 = t_x[8u * u + 2u];
-      const vec4 x3 = t_x[8u * u + 3u];
-      const vec4 x4 = t_x[8u * u + 4u];
-      const vec4 x5 = t_x[8u * u + 5u];
-      const vec4 x6 = t_x[8u * u + 6u];
-      const vec4 x7 = t_x[8u * u + 7u];
-      const vec4 one = vec4(1.0);
-      const float s0 = dot(x0, one) + dot(x1, one);
-      const float s1 = dot(x2, one) + dot(x3, one);
-      const float s2 = dot(x4, one) + dot(x5, one);
-      const float s3 = dot(x6, one) + dot(x7, one);
-      const uint g = (4u * u) / uint(GS8);
-      [[unroll]] for (int r = 0; r < ROWS; ++r) {
-        const int j = j0 + r;
-        if (j < N_OUT) {
-          [[unroll]] for (int h = 0; h < 2; ++h) {
-            if (h == 0 || two) {
-              const uint n = uint(j + h * UP_OFF);
-              const uvec4 w = t_w[n * K32 + u];
-              const float d = dot8(w.x, x0, x1, s0) + dot8(w.y, x2, x3, s1) +
-                  dot8(w.z, x4, x5, s2) + dot8(w.w, x6, x7, s3);
-              acc[2 * r + h] += d * t_scales[g * uint(SCALE_STRIDE) + n];
+  for (uint team = gl_SubgroupID; team < teams; team += gl_NumSubgroups) {
+    const uint kp = team % ksplit;
+    const int j0 = int((gl_WorkGroupID.x * groups + team / ksplit) * uint(RPS));
+
+    // Weight rows of this team (units past N_OUT read the last row).
+    uint rows[2 * MAX_RPS];
+    [[unroll]] for (int r = 0; r < MAX_RPS; ++r) {
+      const uint j = uint(min(j0 + r, N_OUT - 1));
+      rows[2 * r] = j;
+      rows[2 * r + 1] = j + uint(UP_OFF);
+    }
+
+    float acc[2 * MAX_RPS];
+    [[unroll]] for (int i = 0; i < 2 * MAX_RPS; ++i) {
+      acc[i] = 0.0;
+    }
+
+    for (uint w0 = kp * chunk + lane; w0 < nw; w0 += ksplit * chunk) {
+      [[unroll]] for (int u = 0; u < MAX_UK; ++u) {
+        if (u < UK) {
+          const uint wu = w0 + uint(u) * sg_size;
+          const uint wi = min(wu, nw - 1u);
+          const float valid = wu < nw ? 1.0 : 0.0;
+          const uint qb = (wi / 32u) * 256u + (wi % 32u);
+
+          vec4 xs[8];
+          uint gi[8];
+          [[unroll]] for (int k = 0; k < 8; ++k) {
+            const uint q = min(qb + 32u * uint(k), k4_last);
+            xs[k] = t_x[q] * X_SCALE;
+            gi[k] = (q / uint(GS4)) * uint(SCALE_STRIDE);
+          }
+          uvec4 w[2 * MAX_RPS];
+          [[unroll]] for (int r = 0; r < MAX_RPS; ++r) {
+            [[unroll]] for (int h = 0; h < 2; ++h) {
+              if (r < RPS && (h == 0 || two)) {
+                w[2 * r + h] = t_w[rows[2 * r + h] * nw + wi];
+              }
+            }
+          }
+
+          [[unroll]] for (int r = 0; r < MAX_RPS; ++r) {
+            [[unroll]] for (int h = 0; h < 2; ++h) {
+              if (r < RPS && (h == 0 || two)) {
+                const uvec4 ww = w[2 * r + h];
+                const uint n = rows[2 * r + h];
+                float d = 0.0;
+                [[unroll]] for (int c = 0; c < 4; ++c) {
+                  d = fma(dot(xs[2 * c], quad_values(ww[c])),
+                          t_scales[gi[2 * c] + n], d);
+                  d = fma(dot(xs[2 * c + 1], quad_values(ww[c] >> 16u)),
+                          t_scales[gi[2 * c + 1] + n], d);
+                }
+                acc[2 * r + h] = fma(d, valid, acc[2 * r + h]);
+              }
             }
           }
         }
       }
     }
-  $else:
-    for (uint u = tid; u < uint(K8); u += nthreads) {
-      const vec4 xa = t_x[2u * u];
-      const vec4 xb = t_x[2u * u + 1u];
-      const float sx = dot(xa, vec4(1.0)) + dot(xb, vec4(1.0));
-      const uint g = u / uint(GS8);
-      [[unroll]] for (int r = 0; r < ROWS; ++r) {
-        const int j = j0 + r;
-        if (j < N_OUT) {
-          [[unroll]] for (int h = 0; h < 2; ++h) {
-            if (h == 0 || two) {
-              const uint n = uint(j + h * UP_OFF);
-              const uint w = t_w[n * uint(K8) + u];
-              acc[2 * r + h] +=
-                  dot8(w, xa, xb, sx) * t_scales[g * uint(SCALE_STRIDE) + n];
-            }
+
+    [[unroll]] for (int r = 0; r < MAX_RPS; ++r) {
+      if (r < RPS) {
+        const float y0 = subgroupAdd(acc[2 * r]);
+        const float y1 = two ? subgroupAdd(acc[2 * r + 1]) : 0.0;
+        if (KSPLIT == 1) {
+          const int j = j0 + r;
+          if (subgroupElect() && j < N_OUT) {
+            finish_unit(j, y0, y1);
           }
+        } else if (subgroupElect()) {
+          team_sums[team][2 * r] = y0;
+          team_sums[team][2 * r + 1] = y1;
         }
       }
     }
-
-  [[unroll]] for (int r = 0; r < 2 * ROWS; ++r) {
-    wg_reduce(acc[r], uint(r));
   }
-  memoryBarrierShared();
-  barrier();
 
-  if (tid < uint(ROWS)) {
-    const int r = int(tid);
-    const int j = j0 + r;
-    if (j < N_OUT) {
-      float y[2];
-      [[unroll]] for (int h = 0; h < 2; ++h) {
-        float s = 0.0;
-        for (uint i = 0; i < gl_NumSubgroups; ++i) {
-          s += red[2 * r + h][i];
+  if (KSPLIT > 1) {
+    memoryBarrierShared();
+    barrier();
+    const uint tid = gl_LocalInvocationID.x;
+    if (tid < groups * uint(RPS)) {
+      const uint g = tid / uint(RPS);
+      const int j = int((gl_WorkGroupID.x * groups + g) * uint(RPS) + tid % uint(RPS));
+      const uint r = tid % uint(RPS);
+      if (j < N_OUT) {
+        float y0 = 0.0;
+        float y1 = 0.0;
+        for (uint kp = 0u; kp < ksplit; ++kp) {
+          y0 += team_sums[g * ksplit + kp][2u * r];
+          y1 += team_sums[g * ksplit + kp][2u * r + 1u];
         }
-        if (HAS_BIAS != 0) {
-          s += t_bias[j + h * UP_OFF];
-        }
-        y[h] = s;
+        finish_unit(j, y0, y1);
       }
-      float v = y[0];
-      if (two) {
-        v = v / (1.0 + exp(-v)) * y[1];
-      }
-      if (HAS_RES != 0) {
-        v += t_res[j];
-      }
-      store_unit(j, v);
     }
   }
 }

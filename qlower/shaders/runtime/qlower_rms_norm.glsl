@@ -1,11 +1,14 @@
 /*
  * qlower RMSNorm over the last dim of a contiguous fp32 buffer.
- * One workgroup per row; the _vec4 variant (C % 4 == 0) reads vec4s,
- * accumulate x*x in fp32, reduce with subgroupAdd then shared memory.
+ * One workgroup per row; the _vec4 variant (C % 4 == 0) reads vec4s (the
+ * first CACHED per thread, and their weights, loaded once and kept in
+ * registers across the reduction), accumulates x*x in fp32, reduces with
+ * subgroupAdd then shared memory.
  */
 #version 450 core
 
 #extension GL_KHR_shader_subgroup_arithmetic : enable
+#extension GL_EXT_control_flow_attributes : require
 
 #define PRECISION ${PRECISION}
 
@@ -27,6 +30,8 @@ layout(push_constant) uniform restrict Block {
 };
 
 layout(local_size_x_id = 0, local_size_y_id = 1, local_size_z_id = 2) in;
+
+#define CACHED 4
 
 shared float partial_sums[128];
 
@@ -58,7 +63,21 @@ void main() {
   $if VEC4:
     const uint C4 = C / 4u;
     const uint base4 = row * C4;
-    for (uint i = tid; i < C4; i += nthreads) {
+    vec4 xv[CACHED];
+    vec4 wv[CACHED];
+    [[unroll]] for (int c = 0; c < CACHED; ++c) {
+      const uint i = tid + uint(c) * nthreads;
+      xv[c] = vec4(0.0);
+      wv[c] = vec4(0.0);
+      if (i < C4) {
+        xv[c] = t_in[base4 + i];
+        wv[c] = t_weight[i];
+      }
+    }
+    [[unroll]] for (int c = 0; c < CACHED; ++c) {
+      acc += dot(xv[c], xv[c]);
+    }
+    for (uint i = tid + CACHED * nthreads; i < C4; i += nthreads) {
       const vec4 v = t_in[base4 + i];
       acc += dot(v, v);
     }
@@ -72,7 +91,13 @@ void main() {
   const float rstd = inversesqrt(total / float(C) + epsilon);
 
   $if VEC4:
-    for (uint i = tid; i < C4; i += nthreads) {
+    [[unroll]] for (int c = 0; c < CACHED; ++c) {
+      const uint i = tid + uint(c) * nthreads;
+      if (i < C4) {
+        t_out[base4 + i] = xv[c] * rstd * wv[c];
+      }
+    }
+    for (uint i = tid + CACHED * nthreads; i < C4; i += nthreads) {
       t_out[base4 + i] = t_in[base4 + i] * rstd * t_weight[i];
     }
   $else:
