@@ -239,7 +239,7 @@ def export(
     kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache", help="Export the LLM decode method forward(tokens[1, T], input_pos[1]) -> logits[1, vocab] with a static KV cache [default: on for a Hugging Face folder]."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=2, help="--kv-cache: context length, prompt + generated [default: min(the model's max positions, 2048)]."),
     metadata: Optional[str] = typer.Option(None, "--metadata", help="--kv-cache: JSON object of runner metadata overriding the derived values, e.g. '{\"get_bos_id\": 1, \"get_eos_ids\": [2]}'."),
-    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: rtn]"),
+    weight_algorithm: Optional[str] = _weight_algorithm_option("[default: auto with --calibration-text, else rtn]"),
     calibration_text: Optional[Path] = CALIBRATION_TEXT_OPTION,
     calibration_tokens: Optional[int] = CALIBRATION_TOKENS_OPTION,
     runtime: Optional[str] = typer.Option(None, "--runtime", callback=lambda v: _check_choice(v, RUNTIMES), help="Which ExecuTorch Vulkan runtime the file is for: stock (any ET-VK runtime), or qlower (one linked with qlower's op library, runtime/: fewer, faster dispatches a decode step; a stock runtime refuses the file at load) [default: stock]."),

@@ -90,13 +90,18 @@ class ExportOptions:
     max_seq_len: int | None = None  # None: min(the model's max positions, DEFAULT_MAX_SEQ_LEN)
     metadata: str | None = None  # JSON object of runner metadata values overriding the derived ones
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
-    weight_algorithm: str = DEFAULT_WEIGHT_ALGORITHM  # WEIGHT_ALGORITHMS: int4 values by rtn, hqq or gptq
+    # WEIGHT_ALGORITHMS: how int4 values are chosen. None: "auto" when calibration_text is given (it has
+    # the data to judge by), else DEFAULT_WEIGHT_ALGORITHM ("rtn")
+    weight_algorithm: str | None = None
     calibration_text: str | None = None  # text file whose tokens calibrate gptq (a Hugging Face folder's tokenizer)
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # how many of its tokens gptq calibrates on
     runtime: str = RUNTIME_STOCK  # RUNTIMES: "qlower" writes qlower's own runtime ops (vkops/), for a linked runtime
     gptq_device: str = "auto"  # GPTQ_DEVICES: "auto" runs GPTQ on a CUDA GPU when torch sees one
 
     def __post_init__(self):
+        if self.weight_algorithm is None:
+            object.__setattr__(self, "weight_algorithm", "auto" if self.calibration_text is not None and self.scheme in GROUPED_SCHEMES
+                               else DEFAULT_WEIGHT_ALGORITHM)
         _check_scheme(self.scheme, "scheme")
         _check_group_size(self.group_size, "group_size")
         if self.max_seq_len is not None and self.max_seq_len < 2:

@@ -205,6 +205,11 @@ def test_option_errors():
     with pytest.raises(ConfigError, match="positive integer"):
         make_options(weight_algorithm="gptq", calibration_tokens=0)
     assert make_options().weight_algorithm == "rtn"
+    # calibration text without an algorithm: auto, the one that judges by it
+    assert make_options(calibration_text="x.txt").weight_algorithm == "auto"
+    assert make_options(calibration_text="x.txt", weight_algorithm="gptq").weight_algorithm == "gptq"
+    with pytest.raises(ConfigError, match="data-free"):
+        make_options(scheme="fp32", calibration_text="x.txt")
 
 
 def test_gptq_without_calibration_data_is_an_error(folders):
