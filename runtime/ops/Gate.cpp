@@ -96,6 +96,22 @@ size_t tref_nbytes(ComputeGraph& graph, ValueRef tref) {
   return numel * vkapi::element_size(t->dtype);
 }
 
+ValueRef prepack_into_words(
+    ComputeGraph& graph,
+    const vkapi::ShaderInfo& shader,
+    ValueRef tref,
+    int64_t nwords,
+    vkapi::ScalarType dtype,
+    const vkapi::SpecVarList& spec) {
+  const ValueRef packed = graph.add_tensor(
+      {nwords}, dtype, utils::kBuffer, utils::kWidthPacked);
+  const uint32_t wgs = static_cast<uint32_t>(
+      std::min<int64_t>((nwords + 63) / 64, 65535));
+  graph.prepack_nodes().emplace_back(new PrepackNode(
+      graph, shader, {wgs * 64u, 1u, 1u}, {64u, 1u, 1u}, tref, packed, {}, spec));
+  return packed;
+}
+
 ValueRef prepack_words(
     ComputeGraph& graph,
     ValueRef tref,
@@ -104,20 +120,9 @@ ValueRef prepack_words(
   const size_t nbytes = tref_nbytes(graph, tref);
   VK_CHECK_COND(nbytes % 4 == 0 && nbytes > 0);
   const int64_t nwords = static_cast<int64_t>(nbytes / 4);
-  const ValueRef packed = graph.add_tensor(
-      {nwords}, dtype, utils::kBuffer, utils::kWidthPacked);
-  const uint32_t wgs = static_cast<uint32_t>(
-      std::min<int64_t>((nwords + 63) / 64, 65535));
-  graph.prepack_nodes().emplace_back(new PrepackNode(
-      graph,
-      VK_KERNEL(qlower_prepack_words),
-      {wgs * 64u, 1u, 1u},
-      {64u, 1u, 1u},
-      tref,
-      packed,
-      {},
-      {static_cast<int32_t>(nwords)}));
-  return packed;
+  return prepack_into_words(
+      graph, VK_KERNEL(qlower_prepack_words), tref, nwords, dtype,
+      {static_cast<int32_t>(nwords)});
 }
 
 void call_stock_op(

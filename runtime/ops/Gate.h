@@ -58,6 +58,16 @@ GateCond rows_gt_1(ValueRef t);
 // repacking. The TensorRef's byte size must be a multiple of 4.
 ValueRef prepack_words(ComputeGraph& graph, ValueRef tref, vkapi::ScalarType dtype);
 
+// A constant prepacked by `shader` (one invocation per output word, 64-wide
+// workgroups, grid-stride) into a new 1-D buffer of `nwords` words.
+ValueRef prepack_into_words(
+    ComputeGraph& graph,
+    const vkapi::ShaderInfo& shader,
+    ValueRef tref,
+    int64_t nwords,
+    vkapi::ScalarType dtype,
+    const vkapi::SpecVarList& spec);
+
 // Byte size of a TensorRef.
 size_t tref_nbytes(ComputeGraph& graph, ValueRef tref);
 

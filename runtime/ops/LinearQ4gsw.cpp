@@ -74,22 +74,11 @@ ValueRef prepack_q4_blocks(ComputeGraph& graph, ValueRef tref, int64_t N, int64_
   const int64_t nw = 32 * ((K / 4 + 255) / 256);
   const int64_t nwords = N * nw * 4;
   VK_CHECK_COND(nwords < (int64_t(1) << 32));
-  const ValueRef packed = graph.add_tensor(
-      {nwords}, vkapi::kInt, utils::kBuffer, utils::kWidthPacked);
-  const uint32_t wgs = static_cast<uint32_t>(
-      std::min<int64_t>((nwords + 63) / 64, 65535));
-  graph.prepack_nodes().emplace_back(new PrepackNode(
-      graph,
-      VK_KERNEL(qlower_prepack_q4_blocks),
-      {wgs * 64u, 1u, 1u},
-      {64u, 1u, 1u},
-      tref,
-      packed,
-      {},
+  return prepack_into_words(
+      graph, VK_KERNEL(qlower_prepack_q4_blocks), tref, nwords, vkapi::kInt,
       {static_cast<int32_t>(N),
        static_cast<int32_t>(K / 4),
-       static_cast<int32_t>(nw)}));
-  return packed;
+       static_cast<int32_t>(nw)});
 }
 
 enum Mode : int32_t { kPlain = 0, kSiluMul = 1, kSplit = 2 };
