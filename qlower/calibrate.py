@@ -196,7 +196,18 @@ class HessianHooks:
 # --- running blocks ------------------------------------------------------------------------------------
 
 # Keyword arguments of Hugging Face decoder layers that would carry state from one call to the next.
-_STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "use_cache": False}
+_STATEFUL_KWARGS = {"past_key_values": None, "past_key_value": None, "cache": None, "use_cache": False}
+
+
+def _stateless(kwargs: dict) -> dict:
+    """A decoder block's captured keyword arguments without the state a call would carry to the next: a KV
+    cache object (under any name) would grow on every calibration pass of every block, each pass's queries
+    attending to the keys of the passes before it."""
+    return {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else None if _is_cache(v) else v) for k, v in kwargs.items()}
+
+
+def _is_cache(value) -> bool:
+    return any(c.__name__.endswith("Cache") and c.__module__.startswith("transformers.") for c in type(value).__mro__)
 
 
 def capture_block_inputs(module: nn.Module, block: nn.Module, batches: list[tuple]) -> list[tuple[tuple, dict]]:
@@ -204,8 +215,7 @@ def capture_block_inputs(module: nn.Module, block: nn.Module, batches: list[tupl
     captured = []
 
     def hook(_, args, kwargs):
-        kwargs = {k: (_STATEFUL_KWARGS[k] if k in _STATEFUL_KWARGS else v) for k, v in kwargs.items()}
-        captured.append((tuple(args), kwargs))
+        captured.append((tuple(args), _stateless(kwargs)))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

@@ -387,3 +387,31 @@ def test_gptq_device_option(folders, calibration_file):
                                gptq_device="cuda")
         with pytest.raises(ExportError, match="torch sees no CUDA GPU"):
             quantize_model(load_any(folders[True], options)[0], options, lambda m: None)
+
+
+def test_calibration_passes_carry_no_kv_cache_from_one_pass_to_the_next():
+    """Hugging Face decoders hand each layer a KV cache (``cache=``, ``past_key_values=``): a block run on
+    captured inputs once per calibration pass would append to it every time (memory growing with every pass
+    of every block, queries attending to earlier passes' keys)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlower.calibrate import capture_block_inputs, run_block
+    from .test_stream import llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in llama_config().items() if k != "torch_dtype"})).eval()
+    batches = [(torch.randint(0, 256, (1, 9)),), (torch.randint(0, 256, (1, 5)),)]
+    with torch.no_grad():
+        states = capture_block_inputs(model, model.model.layers[0], batches)
+        for _, kwargs in states:
+            assert not any(type(v).__name__.endswith("Cache") for v in kwargs.values()), kwargs
+        first = [run_block(model.model.layers[0], s) for s in states]
+        again = [run_block(model.model.layers[0], s) for s in states]
+        # the state the model would have made itself, without a cache: the layer's output in a cache-free pass
+        seen = []
+        handle = model.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        for batch in batches:
+            model(*batch, use_cache=False)
+        handle.remove()
+    for a, b, c in zip(first, again, seen):
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
