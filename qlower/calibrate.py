@@ -169,17 +169,18 @@ class HessianHooks:
 
     def hessian(self, name: str) -> Hessians:
         """The layer's Hessians. Made once per input group, from the sums themselves (divided in place: a
-        K = 8192 Hessian is 256 MB), so the hooks take no more passes after the first call."""
+        K = 8192 Hessian is 256 MB) and owned by it (factored in place, once for the group), so the hooks
+        take no more passes after the first call."""
         key = self.group_of[name]
         if key not in self._made:
             fit_sum, fit_rows = self.sums.pop((False, key)), max(1, self.rows[(False, key)])
             held = self.sums.pop((True, key), None)
             if held is None:
-                self._made[key] = Hessians(fit_sum.div_(fit_rows))
+                self._made[key] = Hessians(fit_sum.div_(fit_rows), owned=True)
             else:
                 held_rows = max(1, self.rows[(True, key)])
                 whole = (fit_sum + held) / (fit_rows + held_rows)
-                self._made[key] = Hessians(fit_sum.div_(fit_rows), held.div_(held_rows), whole)
+                self._made[key] = Hessians(fit_sum.div_(fit_rows), held.div_(held_rows), whole, owned=True)
         return self._made[key]
 
     def groups(self) -> list[list[str]]:

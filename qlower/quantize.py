@@ -330,14 +330,13 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=
         raise ExportError(f"{algorithm} needs the layer's calibration Hessian", "this is a bug: quantize through quantize_model")
     hessians = hessian if isinstance(hessian, weight_quant.Hessians) or hessian is None else weight_quant.Hessians(hessian)
     if algorithm == "gptq":
-        return _gptq_chunk(dynamic, group_size, hessians.fit, device)
+        return _gptq_chunk(dynamic, group_size, hessians, "fit", device)
     if algorithm != "auto":
         return _torchao_chunk(dynamic, group_size, algorithm)
-    if hessians.held_out is None or hessians.whole is None:
+    if hessians.held_out is None:
         raise ExportError("auto needs the layer's held-out calibration Hessian", "this is a bug: quantize through quantize_model")
     candidates = {"rtn": _torchao_chunk(dynamic, group_size, "rtn"), "hqq": _torchao_chunk(dynamic, group_size, "hqq"),
-                  "gptq": _gptq_chunk(dynamic, group_size, hessians.fit, device)}
-    refit: list = []  # GPTQ on every window, prepared once for all chunks
+                  "gptq": _gptq_chunk(dynamic, group_size, hessians, "fit", device)}
 
     def chunk(w: torch.Tensor):
         best, best_error, rtn_error = None, None, None
@@ -351,9 +350,7 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=
                 best, best_error = (name, result), error
         chose(best[0])
         if best[0] == "gptq" and AUTO_REFIT_GPTQ:
-            if not refit:
-                refit.append(_gptq_chunk(dynamic, group_size, hessians.whole, device))
-            return refit[0](w)
+            return _gptq_chunk(dynamic, group_size, hessians, "whole", device)(w)
         return best[1]
     return chunk
 
@@ -364,11 +361,13 @@ AUTO_MIN_GAIN = 0.0
 AUTO_REFIT_GPTQ = True
 
 
-def _gptq_chunk(dynamic: bool, group_size: int, hessian: torch.Tensor, device: torch.device | None = None):
+def _gptq_chunk(dynamic: bool, group_size: int, hessians: weight_quant.Hessians, part: str,
+                device: torch.device | None = None):
+    """GPTQ of a chunk of rows with one part of the layer's Hessians (factored once per input group, on first use)."""
     settings = weight_quant.DEFAULT_GPTQ
-    prepared = weight_quant.prepare(hessian, settings)
 
     def chunk(w: torch.Tensor):
+        prepared = hessians.prepared(part, settings, device)
         q, scales = weight_quant.gptq(w, None, group_size, settings, prepared, device)
         attrs = dict(block_size=(1, group_size), weight_bits=4, dtype=torch.float32, dynamic_activations=dynamic)
         return q, scales, torch.zeros_like(scales, dtype=torch.int8), attrs

@@ -126,13 +126,17 @@ class GptqSettings:
 _PREPARE_ROWS = 256
 
 
-def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
+                    consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns), both in the
-    order ``perm`` visits H's columns (``h`` itself is not changed).
+    order ``perm`` visits H's columns.
 
     Columns never seen by the inputs (zero diagonal) get a unit diagonal and are quantized as RTN would.
-    One float64 working copy of H is factored, inverted and factored again in place: the peak is that
-    copy and the float32 result (at K = 8192, 512 + 256 MB), not five full-size temporaries.
+    One float64 working copy of H is factored, inverted and factored again in place, and U is its float32
+    rounding. ``consume``: ``h`` (float32, owning its storage) is given up: its storage grows into the
+    working copy and ends up holding U, so the peak is the float64 copy alone (512 MB at K = 8192) instead
+    of H, the copy and U at once (1 GB); H's values wait in a temporary file in case dampening must be
+    retried. Otherwise ``h`` is not changed. Either way U has the same bits.
     """
     k = h.shape[0]
     order = perm if perm is not None else torch.arange(k)
@@ -140,36 +144,128 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     dead = diag == 0
     diag[dead] = 1.0
     mean = torch.mean(diag)
-    work = torch.empty(k, k, dtype=torch.float64)
     info = torch.empty((), dtype=torch.int32)
+    in_place = consume and _owns_storage(h)
+    if in_place:
+        storage, spill = h.untyped_storage(), _spill(h)
+        del h
+        storage.resize_(k * k * 8)  # the float32 values stay at the front
+        work = _view(storage, torch.float64, k)
+    else:
+        work = torch.empty(k, k, dtype=torch.float64)
 
-    def fill(extra: torch.Tensor) -> None:
-        for start in range(0, k, _PREPARE_ROWS):
-            rows = order[start:start + _PREPARE_ROWS]
-            work[start:start + len(rows)] = h[rows][:, order] if perm is not None else h[rows]
+    def fill(attempt: int, extra: torch.Tensor) -> None:
+        if in_place:
+            if attempt:
+                _unspill(spill, _view(storage, torch.float32, k))
+            _widen_in_place(storage, k)
+            if perm is not None:
+                _permute_in_place(work, order)
+        else:
+            for start in range(0, k, _PREPARE_ROWS):
+                rows = order[start:start + _PREPARE_ROWS]
+                work[start:start + len(rows)] = h[rows][:, order] if perm is not None else h[rows]
         on_diag = work.diagonal()
         on_diag[dead] = 1.0
         on_diag += extra
 
-    extra = damp * mean
-    for attempt in range(7):
-        fill(extra)
-        torch.linalg.cholesky_ex(work, out=(work, info))
-        if int(info) == 0:
-            break
-        extra = extra + (10 ** attempt) * damp * mean  # not positive definite at float precision: dampen more
-    else:
-        raise ValueError("the calibration Hessian is not positive definite even after dampening")
+    try:
+        extra = damp * mean
+        for attempt in range(7):
+            fill(attempt, extra)
+            torch.linalg.cholesky_ex(work, out=(work, info))
+            if int(info) == 0:
+                break
+            extra = extra + (10 ** attempt) * damp * mean  # not positive definite at float precision: dampen more
+        else:
+            raise ValueError("the calibration Hessian is not positive definite even after dampening")
+    finally:
+        if in_place:
+            spill.close()
     torch.cholesky_inverse(work, out=work)
     torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
     if int(info) != 0:
         raise ValueError("the inverse calibration Hessian is not positive definite")
+    if in_place:
+        return _narrow_in_place(storage, k), dead
     return work.to(torch.float32), dead
+
+
+def _owns_storage(h: torch.Tensor) -> bool:
+    return (h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous() and h.storage_offset() == 0
+            and h.untyped_storage().nbytes() == h.numel() * 4 and h.untyped_storage().resizable())
+
+
+def _view(storage, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """The [k, k] matrix of ``dtype`` at the front of ``storage``."""
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (k, k))
+
+
+def _widen_in_place(storage, k: int) -> None:
+    """float32 [k, k] at the front of ``storage`` (k² · 8 bytes) → float64 [k, k] over all of it. Rows go
+    last first: float64 row i overwrites float32 rows 2i and 2i + 1, which are read by then."""
+    narrow, wide = _view(storage, torch.float32, k), _view(storage, torch.float64, k)
+    for end in range(k, 0, -_PREPARE_ROWS):
+        start = max(0, end - _PREPARE_ROWS)
+        wide[start:end] = narrow[start:end].to(torch.float64)  # converted (read) before written
+
+
+def _narrow_in_place(storage, k: int) -> torch.Tensor:
+    """float64 [k, k] over ``storage`` → its float32 rounding at the front (first rows first: float32 row i
+    lands on float64 row i / 2, read by then); the float32 view is returned."""
+    narrow, wide = _view(storage, torch.float32, k), _view(storage, torch.float64, k)
+    for start in range(0, k, _PREPARE_ROWS):
+        end = min(k, start + _PREPARE_ROWS)
+        narrow[start:end] = wide[start:end].to(torch.float32)
+    return narrow
+
+
+def _permute_in_place(work: torch.Tensor, order: torch.Tensor) -> None:
+    """``work ← work[order][:, order]`` with one row and one chunk of rows as temporaries: rows along the
+    permutation's cycles, then each chunk's columns."""
+    moved = [False] * len(order)
+    targets = order.tolist()
+    for first in range(len(targets)):
+        if moved[first] or targets[first] == first:
+            continue
+        held, row = work[first].clone(), first
+        while True:
+            moved[row] = True
+            source = targets[row]
+            if source == first:
+                work[row] = held
+                break
+            work[row] = work[source]
+            row = source
+    for start in range(0, len(targets), _PREPARE_ROWS):
+        work[start:start + _PREPARE_ROWS] = work[start:start + _PREPARE_ROWS][:, order]
+
+
+def _spill(h: torch.Tensor):
+    """A temporary file holding ``h``'s float32 values (to refill the working copy for another try). Written
+    from copies of a few rows at a time: a NumPy view of ``h`` itself would pin its storage's size."""
+    import tempfile
+
+    f = tempfile.TemporaryFile(prefix="qlower_hessian_")
+    for start in range(0, h.shape[0], _PREPARE_ROWS):
+        f.write(memoryview(h[start:start + _PREPARE_ROWS].clone().numpy()).cast("B"))
+    return f
+
+
+def _unspill(f, into: torch.Tensor) -> None:
+    f.seek(0)
+    row_bytes = into.shape[1] * 4
+    for start in range(0, into.shape[0], _PREPARE_ROWS):
+        rows = min(_PREPARE_ROWS, into.shape[0] - start)
+        data = f.read(rows * row_bytes)
+        if len(data) != rows * row_bytes:
+            raise OSError("the Hessian's temporary file was cut short")
+        into[start:start + rows] = torch.frombuffer(bytearray(data), dtype=torch.float32).view(rows, -1)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """What GPTQ needs from H, shared by every row chunk of one weight."""
+    """What GPTQ needs from H, shared by every row chunk of one weight and every weight of one input."""
 
     u: torch.Tensor  # upper Cholesky factor of the dampened H⁻¹, in visiting order
     dead: torch.Tensor  # input columns the calibration never saw (zero diagonal)
@@ -177,10 +273,16 @@ class Prepared:
     diag: torch.Tensor  # H's diagonal (original order): weights the "mse" scale choice
 
 
-def prepare(h: torch.Tensor, settings: GptqSettings) -> Prepared:
+def prepare(h: torch.Tensor, settings: GptqSettings, consume: bool = False,
+            device: torch.device | str | None = None) -> Prepared:
+    """GPTQ's factor of ``h``. ``consume``: ``h`` is given up to hold the factor (:func:`prepare_hessian`).
+    ``device``: where the factor is kept (the column loop's device; it is made on the CPU for the same bits)."""
     diag = torch.diagonal(h).to(torch.float32).clone()
     perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
-    u, dead = prepare_hessian(h.to(torch.float32), settings.damp, perm if settings.act_order else None)
+    u, dead = prepare_hessian(h.to(torch.float32), settings.damp, perm if settings.act_order else None, consume)
+    del h
+    if device is not None and torch.device(device).type != "cpu":
+        u = u.to(device)  # the host's copy (and a consumed H's storage) is freed here
     return Prepared(u, dead[torch.argsort(perm)], perm, diag)
 
 
@@ -236,22 +338,56 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     return q[:, torch.argsort(perm)].contiguous().cpu(), scales.cpu()
 
 
-@dataclass(frozen=True)
 class Hessians:
     """A calibrated layer's ``2/T XᵀX``: over the windows its values are fitted on (``fit``), over the
     calibration windows held out from fitting (``held_out``: None when nothing was held out), and over
-    all of them (``whole``: None when nothing was held out, then it is ``fit``)."""
+    all of them (``whole``: None when nothing was held out, then it is ``fit``).
 
-    fit: torch.Tensor
-    held_out: torch.Tensor | None = None
-    whole: torch.Tensor | None = None
+    Linears fed the same input (q/k/v, gate/up) share one: :meth:`prepared` factors a part once for all of
+    them. ``owned``: the tensors are this object's alone (the calibration hooks' sums), and a part's
+    storage becomes its factor (the part itself is gone after that)."""
+
+    PARTS = ("fit", "held_out", "whole")
+
+    def __init__(self, fit: torch.Tensor, held_out: torch.Tensor | None = None, whole: torch.Tensor | None = None,
+                 owned: bool = False):
+        self.fit, self.held_out, self.whole = fit, held_out, whole
+        self.owned = owned
+        self._whole_is_fit = whole is None
+        self._prepared: dict[tuple, Prepared] = {}
+
+    def prepared(self, part: str = "fit", settings: GptqSettings | None = None,
+                 device: torch.device | str | None = None) -> Prepared:
+        """GPTQ's factor of one part (``whole`` falls back to ``fit``), made on first use and kept."""
+        settings = settings or DEFAULT_GPTQ
+        if part == "whole" and self._whole_is_fit:
+            part = "fit"
+        key = (part, settings, str(device))
+        if key not in self._prepared:
+            h = getattr(self, part)
+            if h is None:
+                raise ValueError(f"the {part} Hessian was already given up to its factor")
+            alone = self.owned and sum(getattr(self, p) is h for p in self.PARTS) == 1 \
+                and not any(k[0] == part for k in self._prepared)
+            if alone:
+                setattr(self, part, None)  # its storage becomes the factor's
+            self._prepared[key] = prepare(h, settings, consume=alone, device=device)
+        return self._prepared[key]
+
+
+# Columns of H converted to float64 at once by output_error (bounds its temporaries).
+_ERROR_BYTES = 64 << 20
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per row of ``w`` [N, K]: ``(w − deq) H (w − deq)ᵀ`` = the layer output's squared error summed over
     the tokens ``H = 2/T XᵀX`` was taken on (times 2/T). Rows are independent: sums over rows add."""
     d = (w.to(torch.float32) - deq).to(torch.float64)
-    return ((d @ h.to(torch.float64)) * d).sum(dim=1)
+    step = max(1, _ERROR_BYTES // (8 * h.shape[0]))
+    total = torch.zeros(d.shape[0], dtype=torch.float64)
+    for start in range(0, h.shape[1], step):
+        total += ((d @ h[:, start:start + step].to(torch.float64)) * d[:, start:start + step]).sum(dim=1)
+    return total
 
 
 def layer_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:

@@ -415,3 +415,41 @@ def test_calibration_passes_carry_no_kv_cache_from_one_pass_to_the_next():
         handle.remove()
     for a, b, c in zip(first, again, seen):
         assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [37, 64, 300])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_a_hessian_factored_in_its_own_storage_gives_the_same_bits(k, act_order):
+    """prepare(consume=True) grows H's storage into the float64 working copy and leaves the factor there:
+    the same factor as from a separate copy, for odd and aligned widths, with dead columns and with a
+    Hessian that needs more dampening (refilled from its temporary file)."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k, k, generator=gen) * torch.linspace(0.1, 3, k)
+    x[:, 3] = 0  # a dead column
+    h = 2 * x.T @ x / (2 * k)
+    settings = wq.GptqSettings(act_order=act_order)
+    cases = [h]
+    indefinite = h.clone()
+    indefinite[5, 5] = -0.05 * float(torch.diagonal(h).mean())  # not positive definite at the first dampening
+    cases.append(indefinite)
+    for case in cases:
+        kept = wq.prepare(case, settings)
+        owned = case.clone()
+        given = wq.prepare(owned, settings, consume=True)
+        assert given.u.untyped_storage().data_ptr() == owned.untyped_storage().data_ptr()  # factored in place
+        assert torch.equal(kept.u, given.u) and torch.equal(kept.perm, given.perm) and torch.equal(kept.dead, given.dead)
+        assert torch.equal(kept.diag, given.diag)
+
+
+def test_hessians_are_factored_once_per_input_group():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=gen)
+    h = 2 * x.T @ x / 64
+    shared = wq.Hessians(h.clone(), owned=True)
+    first = shared.prepared()
+    assert shared.prepared() is first and shared.prepared("whole") is first  # whole is fit when nothing is held out
+    assert shared.fit is None  # given up to its factor
+    assert torch.equal(first.u, wq.prepare(h, wq.DEFAULT_GPTQ).u)
+    not_owned = wq.Hessians(h, h, h)
+    not_owned.prepared("fit"), not_owned.prepared("whole")
+    assert not_owned.fit is h and not_owned.whole is h  # a caller's tensors stay as they were
