@@ -148,11 +148,12 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     in_place = consume and _owns_storage(h)
     if in_place:
         storage, spill = h.untyped_storage(), _spill(h)
-        del h
-        storage.resize_(k * k * 8)  # the float32 values stay at the front
-        work = _view(storage, torch.float64, k)
-    else:
-        work = torch.empty(k, k, dtype=torch.float64)
+        try:
+            storage.resize_(k * k * 8)  # the float32 values stay at the front
+        except RuntimeError:  # pinned (a NumPy view was taken of it): factor a separate copy
+            spill.close()
+            in_place = False
+    work = _view(storage, torch.float64, k) if in_place else torch.empty(k, k, dtype=torch.float64)
 
     def fill(attempt: int, extra: torch.Tensor) -> None:
         if in_place:

@@ -453,3 +453,12 @@ def test_hessians_are_factored_once_per_input_group():
     not_owned = wq.Hessians(h, h, h)
     not_owned.prepared("fit"), not_owned.prepared("whole")
     assert not_owned.fit is h and not_owned.whole is h  # a caller's tensors stay as they were
+
+
+def test_a_hessian_whose_storage_is_pinned_is_factored_from_a_copy():
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(2))
+    h = 2 * x.T @ x / 40
+    pinned = h.clone()
+    pinned.numpy()  # a NumPy view pins the storage's size
+    given = wq.prepare(pinned, wq.DEFAULT_GPTQ, consume=True)
+    assert torch.equal(given.u, wq.prepare(h, wq.DEFAULT_GPTQ).u) and torch.equal(pinned, h)
