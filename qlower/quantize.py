@@ -337,6 +337,7 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=
         raise ExportError("auto needs the layer's held-out calibration Hessian", "this is a bug: quantize through quantize_model")
     candidates = {"rtn": _torchao_chunk(dynamic, group_size, "rtn"), "hqq": _torchao_chunk(dynamic, group_size, "hqq"),
                   "gptq": _gptq_chunk(dynamic, group_size, hessians, "fit", device)}
+    refit = _gptq_chunk(dynamic, group_size, hessians, "whole", device)  # factored on first use
 
     def chunk(w: torch.Tensor):
         best, best_error, rtn_error = None, None, None
@@ -350,7 +351,7 @@ def _int4_chunk_quantizer(scheme: str, group_size: int, algorithm: str, hessian=
                 best, best_error = (name, result), error
         chose(best[0])
         if best[0] == "gptq" and AUTO_REFIT_GPTQ:
-            return _gptq_chunk(dynamic, group_size, hessians, "whole", device)(w)
+            return refit(w)
         return best[1]
     return chunk
 

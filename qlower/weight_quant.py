@@ -281,9 +281,8 @@ def prepare(h: torch.Tensor, settings: GptqSettings, consume: bool = False,
     diag = torch.diagonal(h).to(torch.float32).clone()
     perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
     u, dead = prepare_hessian(h.to(torch.float32), settings.damp, perm if settings.act_order else None, consume)
-    del h
     if device is not None and torch.device(device).type != "cpu":
-        u = u.to(device)  # the host's copy (and a consumed H's storage) is freed here
+        u = u.to(device)  # the host's copy (a consumed H's storage) goes once the caller lets go of H
     return Prepared(u, dead[torch.argsort(perm)], perm, diag)
 
 
@@ -368,8 +367,7 @@ class Hessians:
             h = getattr(self, part)
             if h is None:
                 raise ValueError(f"the {part} Hessian was already given up to its factor")
-            alone = self.owned and sum(getattr(self, p) is h for p in self.PARTS) == 1 \
-                and not any(k[0] == part for k in self._prepared)
+            alone = self.owned and sum(getattr(self, p) is h for p in self.PARTS) == 1
             if alone:
                 setattr(self, part, None)  # its storage becomes the factor's
             self._prepared[key] = prepare(h, settings, consume=alone, device=device)
