@@ -28,7 +28,7 @@ from torch import nn
 from .config import CALIBRATED_ALGORITHMS, ExportOptions
 from .errors import CalibrationError, ExportError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
-from .weight_quant import Hessians
+from .weight_quant import Hessians, hessian_sum
 
 # Tokens per calibration window (each window runs from position 0), capped by the model's positions.
 CALIBRATION_WINDOW = 512
@@ -124,6 +124,8 @@ def _inside(name: str, block: str) -> bool:
 class HessianHooks:
     """Forward pre-hooks accumulating ``2/T XᵀX`` of the inputs of named linears; linears fed the same
     input tensor share one Hessian. ``groups()``: lists of names sharing an input, in the order they ran.
+    Only the first group's Hessian is summed (the one quantized after the passes: the later groups' inputs
+    change once it is), so a pass holds one Hessian (not the down projection's 256 MB beside q/k/v's at 1B).
 
     ``held_out``: set before a pass whose window is held out from fitting (``--weight-algorithm auto``
     judges on those windows): its inputs go to a second sum, ``Hessians.held_out``."""
@@ -150,13 +152,14 @@ class HessianHooks:
                 else:
                     key, self._groups = self._groups, self._groups + 1
                 self._seen[id(x)] = (key, x)  # holding x: its id is not reused during the pass
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                part = (self.held_out, key)
-                if part not in self.sums:
-                    self.sums[part] = torch.zeros(flat.shape[1], flat.shape[1])
-                    self.rows[part] = 0
-                self.sums[part].addmm_(flat.T, flat, alpha=2.0)
-                self.rows[part] += flat.shape[0]
+                if key == 0:  # the first group only: the others' inputs change once it is quantized
+                    flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                    part = (self.held_out, key)
+                    if part not in self.sums:
+                        self.sums[part] = hessian_sum(flat.shape[1])
+                        self.rows[part] = 0
+                    self.sums[part].addmm_(flat.T, flat, alpha=2.0)
+                    self.rows[part] += flat.shape[0]
             self.group_of.setdefault(name, key)
             if stop:
                 raise _Stop

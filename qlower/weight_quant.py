@@ -21,6 +21,9 @@ scales they pick differ; the packing, the ops and the runtime stay the same.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +152,8 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     if in_place:
         storage, spill = h.untyped_storage(), _spill(h)
         try:
-            storage.resize_(k * k * 8)  # the float32 values stay at the front
+            if storage.nbytes() < k * k * 8:  # grown (a new allocation, then a copy); hessian_sum has the room
+                storage.resize_(k * k * 8)  # the float32 values stay at the front
         except RuntimeError:  # pinned (a NumPy view was taken of it): factor a separate copy
             spill.close()
             in_place = False
@@ -170,11 +174,16 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
         on_diag[dead] = 1.0
         on_diag += extra
 
+    # LAPACK works on column-major matrices: given a row-major ``out``, torch would factor a column-major
+    # copy (another k² float64) and copy it back. Its column-major view (the transpose) is factored in place
+    # instead, once the matrix is made exactly symmetric from the lower triangle the factor reads.
+    columns = work.mT
     try:
         extra = damp * mean
         for attempt in range(7):
             fill(attempt, extra)
-            torch.linalg.cholesky_ex(work, out=(work, info))
+            _mirror_lower_in_place(work)
+            torch.linalg.cholesky_ex(columns, out=(columns, info))
             if int(info) == 0:
                 break
             extra = extra + (10 ** attempt) * damp * mean  # not positive definite at float precision: dampen more
@@ -183,18 +192,82 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     finally:
         if in_place:
             spill.close()
-    torch.cholesky_inverse(work, out=work)
-    torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    torch.cholesky_inverse(columns, out=columns)
+    torch.linalg.cholesky_ex(columns, upper=True, out=(columns, info))
     if int(info) != 0:
         raise ValueError("the inverse calibration Hessian is not positive definite")
+    _transpose_in_place(work)  # row-major U
     if in_place:
-        return _narrow_in_place(storage, k), dead
+        u = _narrow_in_place(storage, k)
+        _release_tail(storage, k * k * 4)
+        return u, dead
     return work.to(torch.float32), dead
 
 
+def hessian_sum(k: int) -> torch.Tensor:
+    """A float32 [k, k] of zeros to sum a Hessian in, whose storage has room behind it for
+    :func:`prepare_hessian`'s float64 working copy: growing it in place then needs no new allocation and
+    copy, and the room, never written until then, is not resident memory."""
+    m = _view(torch.UntypedStorage(k * k * 8), torch.float32, k)
+    return m.zero_()
+
+
+def _release_tail(storage, keep: int) -> None:
+    """Give the whole pages of ``storage`` past its first ``keep`` bytes back to the system (Linux's
+    ``madvise(MADV_DONTNEED)``: they are no longer resident and read as zeros if touched again)."""
+    import mmap
+
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-(storage.data_ptr() + keep) // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _tiles(k: int):
+    """(rows, columns) slices of the tiles on and above the diagonal of a [k, k] matrix."""
+    for a in range(0, k, _PREPARE_ROWS):
+        for b in range(a, k, _PREPARE_ROWS):
+            yield slice(a, a + _PREPARE_ROWS), slice(b, b + _PREPARE_ROWS)
+
+
+def _mirror_lower_in_place(m: torch.Tensor) -> None:
+    """m's strictly upper triangle ← its strictly lower triangle, transposed (a tile at a time)."""
+    for rows, cols in _tiles(m.shape[0]):
+        if rows == cols:
+            tile = m[rows, cols]
+            tile.copy_(torch.tril(tile) + torch.tril(tile, -1).T)
+        else:
+            m[rows, cols] = m[cols, rows].T
+
+
+def _transpose_in_place(m: torch.Tensor) -> None:
+    """m ← mᵀ, swapping tiles across the diagonal."""
+    for rows, cols in _tiles(m.shape[0]):
+        if rows == cols:
+            m[rows, cols] = m[rows, cols].T.clone()
+        else:
+            upper = m[rows, cols].clone()
+            m[rows, cols] = m[cols, rows].T
+            m[cols, rows] = upper.T
+
+
 def _owns_storage(h: torch.Tensor) -> bool:
+    """Is ``h`` a float32 matrix at the front of a storage of its own, which has (hessian_sum) or can be
+    given the room for the float64 working copy?"""
+    nbytes = h.untyped_storage().nbytes()
     return (h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous() and h.storage_offset() == 0
-            and h.untyped_storage().nbytes() == h.numel() * 4 and h.untyped_storage().resizable())
+            and (nbytes == h.numel() * 8 or (nbytes == h.numel() * 4 and h.untyped_storage().resizable())))
 
 
 def _view(storage, dtype: torch.dtype, k: int) -> torch.Tensor:
@@ -286,6 +359,10 @@ def prepare(h: torch.Tensor, settings: GptqSettings, consume: bool = False,
     return Prepared(u, dead[torch.argsort(perm)], perm, diag)
 
 
+# Bytes of the lazy update's float64 product made at once on the CPU (a slab of rows; the bits are the same).
+_UPDATE_BYTES = 16 << 20
+
+
 def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: GptqSettings = GptqSettings(),
          prepared: Prepared | None = None, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` [N, K] given ``h`` [K, K] (``2 XᵀX`` over the calibration inputs X [T, K]).
@@ -301,18 +378,25 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     """
     p = prepared if prepared is not None else prepare(h, settings)
     dev = torch.device(device) if device is not None else w.device
-    w = w.to(dev, torch.float32).clone()
-    n, k = w.shape
+    source = w.to(dev, torch.float32)  # not changed: the loop works on a permuted copy
+    n, k = source.shape
     groups = k // group_size
-    w[:, p.dead.to(dev)] = 0
+    dead = p.dead.to(dev)
     diag = p.diag.to(dev)
     scales = torch.empty(n, groups, dtype=torch.float32, device=dev)
     if settings.act_order:
         for g in range(groups):
             cols = slice(g * group_size, (g + 1) * group_size)
-            scales[:, g] = group_scales(w[:, cols], settings.scales, diag[cols])
+            block = source[:, cols]
+            if bool(dead[cols].any()):
+                block = block.masked_fill(dead[cols], 0.0)
+            scales[:, g] = group_scales(block, settings.scales, diag[cols])
     perm = p.perm.to(dev)
-    w = w[:, perm]
+    w = source[:, perm]  # a copy: the visiting order
+    del source
+    w[:, dead[perm]] = 0
+    # The lazy update's float64 product, a slab of rows at a time on the CPU (bounds its temporaries).
+    slab = n if dev.type != "cpu" else max(1, _UPDATE_BYTES // (8 * k))
     group_of = (p.perm // group_size).tolist()  # the (original) group of each visited column
     u = p.u.to(dev)
     q = torch.zeros(n, k, dtype=torch.int8, device=dev)
@@ -334,7 +418,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             e = (column - qc * s) / u[col, col]
             wb[:, i:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
             err[:, i] = e
-        w[:, b1:] -= (err.to(torch.float64) @ u[b0:b1, b1:].to(torch.float64)).to(torch.float32)
+        if b1 < k:
+            later = u[b0:b1, b1:].to(torch.float64)
+            for r0 in range(0, n, slab):
+                w[r0:r0 + slab, b1:] -= (err[r0:r0 + slab].to(torch.float64) @ later).to(torch.float32)
     return q[:, torch.argsort(perm)].contiguous().cpu(), scales.cpu()
 
 

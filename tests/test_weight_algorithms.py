@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from qlower import weight_quant as wq
+from qlower import calibrate, weight_quant as wq
 from qlower.config import make_options
 from qlower.errors import CalibrationError, ConfigError
 
@@ -76,6 +77,22 @@ def test_gptq_row_chunks_give_the_same_bits():
     whole = wq.gptq(w, h, 32)
     parts = [wq.gptq(w[a:b], None, 32, prepared=prepared) for a, b in ((0, 3), (3, 10))]
     assert torch.equal(whole[0], torch.cat([p[0] for p in parts])) and torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_lazy_update_by_slabs_of_rows_gives_the_same_bits_and_leaves_w_alone(monkeypatch, act_order):
+    gen = torch.Generator().manual_seed(5)
+    x, = _inputs(1024, 320, gen)  # three lazy blocks, the last one short
+    x[:, 7] = 0  # a dead column
+    w = torch.randn(45, 320, generator=gen)
+    h = 2 * x.T @ x / len(x)
+    settings = wq.GptqSettings(act_order=act_order)
+    original = w.clone()
+    whole = wq.gptq(w, h, 32, settings)
+    monkeypatch.setattr(wq, "_UPDATE_BYTES", 8 * 320 * 4)  # slabs of 4 rows: 12 slabs, the last one short
+    slabs = wq.gptq(w, h, 32, settings)
+    assert torch.equal(whole[0], slabs[0]) and torch.equal(whole[1], slabs[1])
+    assert torch.equal(w, original) and int(whole[0][:, 7].abs().max()) == 0
 
 
 def test_dead_input_columns_are_quantized_without_nan():
@@ -462,3 +479,60 @@ def test_a_hessian_whose_storage_is_pinned_is_factored_from_a_copy():
     pinned.numpy()  # a NumPy view pins the storage's size
     given = wq.prepare(pinned, wq.DEFAULT_GPTQ, consume=True)
     assert torch.equal(given.u, wq.prepare(h, wq.DEFAULT_GPTQ).u) and torch.equal(pinned, h)
+
+
+def _reference_factor(h: torch.Tensor, settings: wq.GptqSettings) -> torch.Tensor:
+    """GPTQ's factor the plain way (out-of-place torch calls): the upper Cholesky factor of the inverse of
+    the permuted, dampened H, from H's lower triangle."""
+    diag = torch.diagonal(h)
+    order = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
+    w = h.double()[order][:, order]
+    d = torch.diagonal(w).clone()
+    dead = d == 0
+    d[dead] = 1.0
+    on_diag = torch.diagonal(w)
+    on_diag[dead] = 1.0
+    on_diag += settings.damp * d.mean()
+    lower = torch.linalg.cholesky(torch.tril(w) + torch.tril(w, -1).T)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+
+
+@pytest.mark.parametrize("k", [37, 300, 600])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_the_factor_made_in_place_is_the_plain_one(k, act_order):
+    """prepare_hessian factors a column-major view of its working copy in place (tiles of _PREPARE_ROWS:
+    600 spans three), from a Hessian summed in hessian_sum's roomy storage or a plain one; an H that is not
+    exactly symmetric is read by the lower triangle of its permuted copy, as the plain calls read it."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3 * k, k, generator=gen) * torch.linspace(0.2, 2, k)
+    x[:, 4] = 0  # a dead column
+    summed = wq.hessian_sum(k)
+    summed.addmm_(x.T, x, alpha=2.0)
+    summed /= 3 * k
+    h = summed.clone()
+    h += torch.triu(torch.full((k, k), 1e-7), 1)  # not exactly symmetric (neither is an addmm sum, always)
+    settings = wq.GptqSettings(act_order=act_order)
+    want = _reference_factor(h, settings)
+    assert torch.equal(wq.prepare(h, settings).u, want)
+    assert torch.equal(wq.prepare(h.clone(), settings, consume=True).u, want)
+    storage, want = summed.untyped_storage(), _reference_factor(summed, settings)
+    factor = wq.prepare(summed, settings, consume=True).u
+    assert torch.equal(factor, want) and factor.untyped_storage().data_ptr() == storage.data_ptr()
+    if sys.platform.startswith("linux") and storage.nbytes() > 2 * 4096 + k * k * 4:
+        tail = torch.empty(0, dtype=torch.uint8).set_(storage, k * k * 4 + 4096, (storage.nbytes() - k * k * 4 - 2 * 4096,))
+        assert int(tail.max()) == 0  # the float64 copy's back half was given back (reads as zeros)
+
+
+def test_hessian_hooks_sum_the_first_input_group_only():
+    """A pass over a block sums the Hessian of the linears that run first (those quantized next), not the
+    later ones' (their inputs change once the first group is quantized)."""
+    block = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 8), "c": torch.nn.Linear(8, 4)})
+    hooks = calibrate.HessianHooks(block, ["a", "b", "c"])
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        hooks.new_pass()
+        y = block["a"](x) + block["b"](x)
+        block["c"](y)
+    hooks.remove()
+    assert hooks.groups() == [["a", "b"], ["c"]] and list(hooks.sums) == [(False, 0)]
+    assert torch.allclose(hooks.hessian("a").fit, 2 * x.T @ x / 5) and hooks.hessian("b") is hooks.hessian("a")
