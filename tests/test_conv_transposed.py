@@ -292,7 +292,8 @@ def test_only_planned_convs_get_quantized_weights(layer, planned):
     """The static quantizer annotates exactly the convs the plan quantizes (a 1-D or grouped transposed conv
     left float must not be quantized behind the report's back)."""
     from qlower.config import ExportOptions
-    from qlower.quantize import plan_layers, quantize_static
+    from qlower.quantize import plan_layers
+    from qlower.static_int8 import quantize_static
 
     model = nn.Sequential(layer, nn.ReLU()).eval()
     x = torch.randn(1, 4, 6) if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)) else torch.randn(1, 4, 5, 6)

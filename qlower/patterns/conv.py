@@ -60,6 +60,7 @@ from executorch.backends.transforms.utils import get_param_tensor
 from executorch.exir import ExportedProgram
 
 from qlower import pack
+from qlower.patterns.guards import C_ALIGN, PT2E_CONV_TARGETS, conv_shape_problem, is_depthwise  # noqa: F401
 from qlower.patterns.linear import (
     EDGE,
     FUSED_TAG,
@@ -77,22 +78,12 @@ from qlower.patterns.linear import (
     trace_to_placeholder,
 )
 
-# Weights and bias are packed in texels of 4 output channels.
-C_ALIGN = 4
 INT8_MIN, INT8_MAX = -128, 127
 
 FMT_CONV_WEIGHT = "q8ta conv2d weight matrix"
 FMT_DW_WEIGHT = "q8ta depthwise weight"
 FMT_TRANSPOSED_WEIGHT = "q8ta transposed conv weight matrix"
 
-# The aten targets of a convolution in the graph that PT2E annotates (before
-# the edge dialect turns them all into ``aten.convolution``).
-PT2E_CONV_TARGETS = frozenset({
-    torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-    torch.ops.aten.conv1d.padding, torch.ops.aten.conv2d.padding, torch.ops.aten.conv3d.padding,
-    torch.ops.aten.conv_transpose1d.default, torch.ops.aten.conv_transpose2d.input,
-    torch.ops.aten.conv_transpose3d.input, torch.ops.aten.convolution.default,
-})
 
 CONV_ANCHOR = EDGE.aten.convolution.default
 ADD_ANCHORS = {EDGE.aten.add.Tensor}
@@ -150,8 +141,6 @@ class ConvMatch:
 # -- guards shared with the quantize stage ------------------------------------------
 
 
-def is_depthwise(c_out: int, c_in: int, groups: int) -> bool:
-    return groups > 1 and groups == c_out == c_in
 
 
 def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: int, transposed: bool = False) -> str:
@@ -165,29 +154,6 @@ def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: in
     return "q8ta_conv2d"
 
 
-def conv_shape_problem(c_out: int, c_in: int, groups: int, *, dims: int = 2, transposed: bool = False,
-                       dilation=None) -> str | None:
-    """The first guard a conv of this shape fails for the q8ta family, or None."""
-    if dims != 2:
-        kind = "transposed convolution" if transposed else "convolution"
-        return f"{dims}-D {kind}: the q8ta family has 2-D convolutions only"
-    if transposed:
-        if groups != 1:
-            return (f"grouped transposed convolution (groups={groups}): its per-channel weight scales cover one "
-                    "group's output channels; q8ta_conv2d_transposed is fused for groups=1")
-        if dilation is not None and any(int(d) != 1 for d in dilation):
-            return f"transposed convolution with dilation {list(dilation)}: q8ta_conv2d_transposed takes dilation 1 only"
-        return None
-    if is_depthwise(c_out, c_in, groups):
-        if c_out % C_ALIGN:
-            return f"depthwise conv with {c_out} channels, not a multiple of {C_ALIGN}"
-        return None
-    if groups > 1:
-        if (c_in // groups) % C_ALIGN:
-            return f"grouped conv with {c_in // groups} input channels per group, not a multiple of {C_ALIGN}"
-        if (c_out // groups) % C_ALIGN:
-            return f"grouped conv with {c_out // groups} output channels per group, not a multiple of {C_ALIGN}"
-    return None
 
 
 def quantized_code(value: float, scale: float, zero_point: int) -> int:

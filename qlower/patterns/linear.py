@@ -48,15 +48,12 @@ from executorch.exir.dialects._ops import ops as exir_ops
 from torch.export.graph_signature import InputKind, TensorArgument
 
 from qlower import pack, runtime_caps
+from qlower.patterns.guards import (  # noqa: F401 (the family's guards, re-exported)
+    K_ALIGN, Q4_N_ALIGN, q4_fusable, q4_fusion_problem, q4_n_reason, q4_shape_fusable, q4_weight_problem,
+)
 from qlower.errors import ExportError
 from qlower.quantized_linear import per_token_qparams_args
 
-# The kernels read activations in vec4 texels along K.
-K_ALIGN = 4
-# The 4-bit ops pad scales along N to 4; ExecuTorch 1.5.1's CPU reference kernel
-# (run on fake tensors while lowering) cannot read padded scales, so its own
-# lowering of such a layer fails. Say so instead of failing.
-Q4_N_ALIGN = 4
 # How far back from an operand we look for its constant placeholder
 # (dequantize → permute_copy → placeholder is two hops).
 MAX_TRACE_DEPTH = 4
@@ -145,41 +142,6 @@ def trace_to_placeholder(arg: Any) -> tuple[torch.fx.Node | None, list[torch.fx.
     return cur, seen
 
 
-def q4_weight_problem(n: int, k: int, group_size: int | None, w_int: torch.Tensor | None) -> str | None:
-    """The first guard a per-group int4 weight [N, K] fails for the 4-bit fused ops, or None
-    (``w_int`` None: its values are not checked)."""
-    if not group_size or k % group_size != 0:
-        return f"group size {group_size} does not divide K={k}"
-    if w_int is not None and not pack.is_int4_range(w_int):
-        return "weights outside the int4 range"
-    if n % Q4_N_ALIGN:
-        return q4_n_reason(n)
-    return None
-
-
-def q4_fusion_problem(w_int: torch.Tensor, group_size: int, rows: int | None = None) -> str | None:
-    """The first guard a per-group int4 weight [N, K] fails, K alignment included, or None.
-
-    ``rows``: the layer's N when ``w_int`` is a chunk of its rows."""
-    n, k = (int(d) for d in w_int.shape)
-    n = rows if rows is not None else n
-    if k % K_ALIGN:
-        return f"K={k} is not a multiple of {K_ALIGN}"
-    return q4_weight_problem(n, k, group_size, w_int)
-
-
-def q4_shape_fusable(n: int, k: int, group_size: int | None) -> bool:
-    """Do a per-group int4 weight's shape and group size pass the fused ops' guards (its values aside)?"""
-    return k % K_ALIGN == 0 and q4_weight_problem(n, k, group_size, None) is None
-
-
-def q4_fusable(w_int: torch.Tensor, block_size, rows: int | None = None) -> bool:
-    """Will a per-group int4 weight [N, K] (a chunk of ``rows`` rows) with this block size fuse?"""
-    return q4_fusion_problem(w_int, int(block_size[-1]), rows) is None
-
-
-def q4_n_reason(n: int) -> str:
-    return f"N={n} is not a multiple of {Q4_N_ALIGN} (ExecuTorch 1.5.1 cannot lower padded 4-bit scales)"
 
 
 def _same_last_dim(a: torch.fx.Node, b) -> bool:
