@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -536,3 +538,20 @@ def test_hessian_hooks_sum_the_first_input_group_only():
     hooks.remove()
     assert hooks.groups() == [["a", "b"], ["c"]] and list(hooks.sums) == [(False, 0)]
     assert torch.allclose(hooks.hessian("a").fit, 2 * x.T @ x / 5) and hooks.hessian("b") is hooks.hessian("a")
+
+
+def test_the_quantize_stage_runs_gptq_without_executorch(tmp_path):
+    """Export's load and quantize stages (benchmarks/quantize_stage_bench.py calls them) need torch,
+    transformers and torchao (its quantize/dequantize ops run the quantized layers) for a calibrated int4
+    algorithm, not ExecuTorch: what a GPU host without ExecuTorch runs."""
+    out = tmp_path / "stage.json"
+    code = ("import runpy, sys\n"
+            "sys.modules.update(executorch=None)  # as if not installed\n"
+            f"sys.argv = ['bench', '--shape', 'small', '--layers', '1', '--dir', {str(tmp_path)!r}, "
+            f"'--calibration-tokens', '1024', '--json', {str(out)!r}]\n"
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'quantize_stage_bench.py')!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["algorithms"] == ["gptq", "rtn"] and len(result["state_sha256"]) == 64  # the embedding takes rtn
+    assert [name for name, _ in result["layers_done_at_s"]].count("lm.model.layers.0.mlp.down_proj") == 1
