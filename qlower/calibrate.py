@@ -260,12 +260,15 @@ Fill = Callable[[Callable[[str], bool], dict[str, Hessians | None]], None]
 
 def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize: Quantize,
                         fill: Fill | None = None, warn: Callable[[str], None] = lambda m: None,
-                        on_block: Callable[[str], None] | None = None) -> None:
+                        on_block: Callable[[str], None] | None = None,
+                        release: Callable[[nn.Module], None] | None = None) -> None:
     """Quantize every planned layer of ``module`` in place, the calibrated ones block by block (module doc).
 
     ``quantize(name, hessian)`` replaces one layer (hessian None for a data-free one). ``fill`` (streaming)
     reads the weights of the layers a predicate accepts, handing each planned, data-free one to
     ``quantize`` as it is read and leaving the calibrated ones float until their Hessian is known.
+    ``release(block)``: called once a quantized block is done with for now (after its last pass, and
+    after each block of a whole-model pass): its weights kept in files leave the resident set.
     """
     planned = [p.name for p in plans if p.quantized]
     cal = [p.name for p in calibrated(plans)]
@@ -309,9 +312,13 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                         quantize(name, hooks.hessian(name))
                     remaining = [n for n in remaining if n not in group]
                 states = [next_state(s, run_block(block, s)) for s in states]
+                if release is not None:
+                    release(block)
                 if on_block is not None:
                     on_block(block_name)
             del states
+        released = [module.get_submodule(b).register_forward_hook(lambda block, args, out: release(block))
+                    for b in blocks] if release is not None else []
         for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
             hooks = HessianHooks(module, [name], stop_after=name)
             try:
@@ -330,6 +337,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 fill(lambda layer, n=name: _inside(layer, n), {name: hooks.hessian(name)})
             else:
                 quantize(name, hooks.hessian(name))
+        for handle in released:
+            handle.remove()
 
 
 def calibration_batches(example_inputs: tuple, options: ExportOptions, from_model: list[tuple] | None, warn: Callable[[str], None],

@@ -10,8 +10,9 @@ Elsewhere (no procfs) ``ru_maxrss`` gives the process peak so far.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
-
 import resource
 import sys
 
@@ -90,8 +91,6 @@ def return_freed_memory() -> None:
         return
     _mmap_threshold_set.append(True)
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc: nothing to tune
@@ -103,3 +102,26 @@ def release_memory() -> None:
     that hold their weights until the next collection, which would otherwise
     come after the next stage's allocations (peak RSS)."""
     gc.collect()
+
+
+_MADV_DONTNEED = 4  # madvise advice (sys/mman.h)
+
+
+def release_pages(address: int, nbytes: int) -> None:
+    """Take the whole pages of [address, address + nbytes) out of the resident set (Linux madvise
+    MADV_DONTNEED): anonymous memory reads as zeros if touched again, a file mapping re-reads its file.
+    Elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page
+    end = (address + nbytes) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)

@@ -194,7 +194,7 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     check_strict(plans, options)
     eager = options.scheme not in FLOAT_SCHEMES and options.scheme != "q8ta_q8csw"
     if eager and calibrated(plans):
-        _quantize_calibrated(loaded, options, plans, transposed, warn, on_layer, stored)
+        _quantize_calibrated(loaded, options, plans, transposed, warn, on_layer, stored, store)
         return stored(loaded.module), plans
     if loaded.weights is not None:
         from .stream import fill_weights
@@ -216,9 +216,10 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
 
 
 def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: list[LayerPlan], transposed: set[str],
-                         warn: Callable[[str], None], on_layer: Callable | None, stored: Callable) -> None:
+                         warn: Callable[[str], None], on_layer: Callable | None, stored: Callable, store=None) -> None:
     """GPTQ and the like: the model quantized block by block on its calibration inputs (qlower.calibrate),
-    streamed from its checkpoint a block at a time when it was loaded as a skeleton."""
+    streamed from its checkpoint a block at a time when it was loaded as a skeleton. With a ``store``, a
+    quantized block's weights leave the resident set whenever calibration is done reading them."""
     from .calibrate import calibration_inputs, quantize_calibrated
 
     by_name = {p.name: p for p in plans}
@@ -251,7 +252,8 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
             fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
             release_memory()
 
-    quantize_calibrated(module, plans, batches, quantize, fill, warn)
+    quantize_calibrated(module, plans, batches, quantize, fill, warn,
+                        release=store.release_pages if store is not None else None)
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")

@@ -21,12 +21,11 @@ scales they pick differ; the packing, the ops and the runtime stay the same.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from .memory import release_pages
 
 QMIN, QMAX = -8, 7
 # RTN's scale divisor: torchao's symmetric mapping spreads max|w| over (qmax - qmin) / 2 steps.
@@ -213,25 +212,8 @@ def hessian_sum(k: int) -> torch.Tensor:
 
 
 def _release_tail(storage, keep: int) -> None:
-    """Give the whole pages of ``storage`` past its first ``keep`` bytes back to the system (Linux's
-    ``madvise(MADV_DONTNEED)``: they are no longer resident and read as zeros if touched again)."""
-    import mmap
-
-    if not sys.platform.startswith("linux"):
-        return
-    page = mmap.PAGESIZE
-    start = -(-(storage.data_ptr() + keep) // page) * page
-    end = (storage.data_ptr() + storage.nbytes()) // page * page
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-_MADV_DONTNEED = 4
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+    """Give the pages of ``storage`` past its first ``keep`` bytes back to the system (memory.release_pages)."""
+    release_pages(storage.data_ptr() + keep, storage.nbytes() - keep)
 
 
 def _tiles(k: int):

@@ -35,6 +35,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .memory import release_pages
+
 # Tensors below this stay in memory (norm weights, biases, small scales): not worth a file each.
 MIN_STORED_BYTES = 1 << 20
 
@@ -85,6 +87,18 @@ class WeightStore:
                     if stored is not value:
                         table[key] = nn.Parameter(stored, requires_grad=False) if isinstance(value, nn.Parameter) else stored
         return module
+
+    def release_pages(self, module: nn.Module) -> None:
+        """Drop the pages of ``module``'s stored tensors from the resident set (they stay in their files;
+        reading them again maps them back in). A forward pass reads every stored weight through its mapping:
+        a whole-model calibration pass would otherwise leave all of them resident."""
+        for layer in module.modules():
+            for table in (layer._parameters, layer._buffers):
+                for value in table.values():
+                    if value is not None and value.device.type == "cpu":
+                        entry = self._files.get(value.untyped_storage().data_ptr())
+                        if entry is not None:
+                            release_pages(value.untyped_storage().data_ptr(), entry[1])
 
     def close(self) -> None:
         self._files.clear()

@@ -46,6 +46,24 @@ def test_store_maps_large_tensors_and_removes_its_files(tmp_path):
     assert scratch_dirs(tmp_path) == []
 
 
+def _resident_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_release_pages_takes_a_read_store_weight_out_of_the_resident_set(tmp_path):
+    store = WeightStore(tmp_path, "out.pte")
+    layer = store.adopt(nn.Linear(4096, 4096, bias=False))  # 64 MB in a file
+    want = layer.weight.detach().sum(dim=1)  # every page read through the mapping
+    before = _resident_kb()
+    store.release_pages(layer)
+    released = before - _resident_kb()
+    assert released > 48 * 1024  # most of the 64 MB left
+    assert torch.equal(layer.weight.detach().sum(dim=1), want)  # read back from the file, unchanged
+    store.close()
+
+
 def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch):
     """Lowering takes every stored constant as its file (none goes through ExecuTorch's bytes copy),
     the fuse stage reads no packed weight, the scratch files are gone after, and the file is byte for
