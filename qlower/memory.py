@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import mmap
 import resource
 import sys
 
@@ -113,8 +114,6 @@ def release_pages(address: int, nbytes: int) -> None:
     Elsewhere nothing happens."""
     if not sys.platform.startswith("linux"):
         return
-    import mmap
-
     page = mmap.PAGESIZE
     start = -(-address // page) * page
     end = (address + nbytes) // page * page

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import CALIBRATED_ALGORITHMS, FLOAT_SCHEMES, GROUPED_SCHEMES, SKIP, ExportOptions
-from .errors import ExportError, StrictError, first_line
+from .errors import ExportError, StrictError
 from . import pack, weight_quant
 from .patterns.guards import Q4_N_ALIGN, conv_shape_problem, q4_fusable, q4_n_reason, q4_shape_fusable
 from .modules import replace_module

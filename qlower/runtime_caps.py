@@ -358,9 +358,9 @@ def summarize_pte(buf: bytes) -> PteSummary:
 # Other limits of the fused ops, all already guards in qlower:
 # - K % 4 == 0: QuantizedLinear.cpp:720 (linear_dq8ca_q4gsw, linear_q8ta_q8csw),
 #   Q4gswLinear.cpp:343, Q8taLinear.cpp:188, Q8taLinearGemv.cpp:164
-#   (patterns.linear.K_ALIGN). int4 weights are prepacked with K padded to 8
+#   (patterns.guards.K_ALIGN). int4 weights are prepacked with K padded to 8
 #   (pack.INT4_K_ALIGN), which QuantizedLinear.cpp:362's `K % 8` then sees.
-# - linear_q4gsw: N % 4 == 0, Q4gswLinear.cpp:342 (patterns.linear.Q4_N_ALIGN).
+# - linear_q4gsw: N % 4 == 0, Q4gswLinear.cpp:342 (patterns.guards.Q4_N_ALIGN).
 # - embedding_q4gsw: the embedding dim % 32 == 0, EmbeddingQ4gsw.cpp:73
 #   (quantize.EMBEDDING_DIM_MULTIPLE); any group size that is a multiple of 4.
 # - q8ta_linear, q8ta_linear_gemv, linear_q8ta_q8csw: per-channel int8, no

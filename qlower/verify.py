@@ -36,7 +36,7 @@ from .errors import VerifyError
 from .golden import GoldenExecutor, OpRecord
 from .groups import group_rows
 from .metrics import SQNR_IDENTICAL_DB, THRESHOLDS, Thresholds, compare, conclude, quality_finding, sqnr_db, thresholds_for
-from .patterns.conv import PT2E_CONV_TARGETS
+from .patterns.guards import PT2E_CONV_TARGETS
 from .verify_sample import file_layers
 from .loader import describe_tensor, random_like, read_input_batches
 from .provenance import algorithm_options, options_for

@@ -198,7 +198,7 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     _transpose_in_place(work)  # row-major U
     if in_place:
         u = _narrow_in_place(storage, k)
-        _release_tail(storage, k * k * 4)
+        release_pages(storage.data_ptr() + k * k * 4, storage.nbytes() - k * k * 4)  # the float64 copy's back half
         return u, dead
     return work.to(torch.float32), dead
 
@@ -209,11 +209,6 @@ def hessian_sum(k: int) -> torch.Tensor:
     copy, and the room, never written until then, is not resident memory."""
     m = _view(torch.UntypedStorage(k * k * 8), torch.float32, k)
     return m.zero_()
-
-
-def _release_tail(storage, keep: int) -> None:
-    """Give the pages of ``storage`` past its first ``keep`` bytes back to the system (memory.release_pages)."""
-    release_pages(storage.data_ptr() + keep, storage.nbytes() - keep)
 
 
 def _tiles(k: int):

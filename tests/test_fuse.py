@@ -148,7 +148,7 @@ CASES = {
     # name: (scheme, model factory, input)
     "qta8a_qga4w": ("qta8a_qga4w", lambda: Chain(), torch.randn(1, 5, 64)),
     "qga4w": ("qga4w", lambda: Chain(), torch.randn(2, 64)),
-    # Static int8 also takes N=7 (the stock 4-bit path cannot, see linear.Q4_N_ALIGN).
+    # Static int8 also takes N=7 (the stock 4-bit path cannot, see guards.Q4_N_ALIGN).
     "q8ta_q8csw": ("q8ta_q8csw", lambda: Chain(with_tail=False), torch.randn(1, 5, 64)),
     "q8ta_q8csw_gemv": ("q8ta_q8csw", lambda: Chain(k=100, n=7, with_tail=False), torch.randn(1, 100)),
 }
@@ -344,7 +344,7 @@ def test_dump_after_and_unknown_pass():
 
 def as_quantized_linear_ops(model):
     """Swap torchao's quantized linears for QuantizedLinear, as the quantize stage does."""
-    from qlower.patterns.linear import q4_fusable
+    from qlower.patterns.guards import q4_fusable
     from qlower.modules import replace_module
     from qlower.quantized_linear import QuantizedLinear
 
@@ -396,7 +396,7 @@ def test_quantized_linear_op_lowers_to_executorchs_ops_and_bytes(scheme):
 
 
 def test_layers_that_cannot_fuse_keep_the_torchao_chain():
-    from qlower.patterns.linear import q4_fusable
+    from qlower.patterns.guards import q4_fusable
 
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup

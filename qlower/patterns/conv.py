@@ -60,7 +60,7 @@ from executorch.backends.transforms.utils import get_param_tensor
 from executorch.exir import ExportedProgram
 
 from qlower import pack
-from qlower.patterns.guards import C_ALIGN, PT2E_CONV_TARGETS, conv_shape_problem, is_depthwise  # noqa: F401
+from qlower.patterns.guards import conv_shape_problem, is_depthwise
 from qlower.patterns.linear import (
     EDGE,
     FUSED_TAG,
@@ -83,7 +83,6 @@ INT8_MIN, INT8_MAX = -128, 127
 FMT_CONV_WEIGHT = "q8ta conv2d weight matrix"
 FMT_DW_WEIGHT = "q8ta depthwise weight"
 FMT_TRANSPOSED_WEIGHT = "q8ta transposed conv weight matrix"
-
 
 CONV_ANCHOR = EDGE.aten.convolution.default
 ADD_ANCHORS = {EDGE.aten.add.Tensor}
@@ -138,11 +137,6 @@ class ConvMatch:
     orphans: list[torch.fx.Node] = field(default_factory=list)
 
 
-# -- guards shared with the quantize stage ------------------------------------------
-
-
-
-
 def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: int, transposed: bool = False) -> str:
     """The q8ta op for a conv that passed :func:`conv_shape_problem`."""
     if transposed:
@@ -152,8 +146,6 @@ def conv_op(c_out: int, c_in: int, kernel, stride, padding, dilation, groups: in
     if list(kernel) == [1, 1] and list(stride) == [1, 1] and list(padding) == [0, 0] and list(dilation) == [1, 1] and groups == 1:
         return "q8ta_conv2d_pw"
     return "q8ta_conv2d"
-
-
 
 
 def quantized_code(value: float, scale: float, zero_point: int) -> int:

@@ -1,6 +1,6 @@
 """Shape guards of the fused ops, shared by the quantize stage (which layers to quantize, and why not)
 and the pattern families (which nodes to fuse). Plain arithmetic on shapes and values: importing this
-needs neither ExecuTorch nor torchao, so the quantize stage runs where only torch is installed."""
+needs neither ExecuTorch nor torchao, so the quantize stage runs where ExecuTorch is not installed."""
 
 from __future__ import annotations
 

@@ -48,9 +48,7 @@ from executorch.exir.dialects._ops import ops as exir_ops
 from torch.export.graph_signature import InputKind, TensorArgument
 
 from qlower import pack, runtime_caps
-from qlower.patterns.guards import (  # noqa: F401 (the family's guards, re-exported)
-    K_ALIGN, Q4_N_ALIGN, q4_fusable, q4_fusion_problem, q4_n_reason, q4_shape_fusable, q4_weight_problem,
-)
+from qlower.patterns.guards import K_ALIGN, q4_fusion_problem, q4_weight_problem
 from qlower.errors import ExportError
 from qlower.quantized_linear import per_token_qparams_args
 
