@@ -28,7 +28,7 @@ from torch import nn
 from .config import CALIBRATED_ALGORITHMS, ExportOptions
 from .errors import CalibrationError, ExportError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
-from .weight_quant import Hessians, hessian_sum
+from .weight_quant import Hessians, add_gram, hessian_sum, true_divide
 
 # Tokens per calibration window (each window runs from position 0), capped by the model's positions.
 CALIBRATION_WINDOW = 512
@@ -130,7 +130,9 @@ class HessianHooks:
     ``held_out``: set before a pass whose window is held out from fitting (``--weight-algorithm auto``
     judges on those windows): its inputs go to a second sum, ``Hessians.held_out``."""
 
-    def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None):
+    def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.sums: dict[tuple[bool, int], torch.Tensor] = {}  # (held out, input group) -> sum of 2 xᵀx
         self.rows: dict[tuple[bool, int], int] = {}
         self._made: dict[int, Hessians] = {}  # input group -> its Hessians, once asked for
@@ -156,9 +158,9 @@ class HessianHooks:
                     flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                     part = (self.held_out, key)
                     if part not in self.sums:
-                        self.sums[part] = hessian_sum(flat.shape[1])
+                        self.sums[part] = hessian_sum(flat.shape[1], self.device)
                         self.rows[part] = 0
-                    self.sums[part].addmm_(flat.T, flat, alpha=2.0)
+                    add_gram(self.sums[part], flat)
                     self.rows[part] += flat.shape[0]
             self.group_of.setdefault(name, key)
             if stop:
@@ -179,11 +181,11 @@ class HessianHooks:
             fit_sum, fit_rows = self.sums.pop((False, key)), max(1, self.rows[(False, key)])
             held = self.sums.pop((True, key), None)
             if held is None:
-                self._made[key] = Hessians(fit_sum.div_(fit_rows), owned=True)
+                self._made[key] = Hessians(true_divide(fit_sum, fit_rows), owned=True)
             else:
                 held_rows = max(1, self.rows[(True, key)])
-                whole = (fit_sum + held) / (fit_rows + held_rows)
-                self._made[key] = Hessians(fit_sum.div_(fit_rows), held.div_(held_rows), whole, owned=True)
+                whole = true_divide(fit_sum + held, fit_rows + held_rows)
+                self._made[key] = Hessians(true_divide(fit_sum, fit_rows), true_divide(held, held_rows), whole, owned=True)
         return self._made[key]
 
     def groups(self) -> list[list[str]]:
@@ -261,14 +263,17 @@ Fill = Callable[[Callable[[str], bool], dict[str, Hessians | None]], None]
 def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize: Quantize,
                         fill: Fill | None = None, warn: Callable[[str], None] = lambda m: None,
                         on_block: Callable[[str], None] | None = None,
-                        release: Callable[[nn.Module], None] | None = None) -> None:
+                        release: Callable[[nn.Module], None] | None = None,
+                        device: torch.device | str = "cpu") -> None:
     """Quantize every planned layer of ``module`` in place, the calibrated ones block by block (module doc).
 
     ``quantize(name, hessian)`` replaces one layer (hessian None for a data-free one). ``fill`` (streaming)
     reads the weights of the layers a predicate accepts, handing each planned, data-free one to
     ``quantize`` as it is read and leaving the calibrated ones float until their Hessian is known.
     ``release(block)``: called once a quantized block is done with for now (after its last pass, and
-    after each block of a whole-model pass): its weights kept in files leave the resident set.
+    after each block of a whole-model pass): its weights kept in files leave the resident set; so do the
+    data-free layers' (an int4 embedding) once they are made. ``device``: where the Hessians are summed
+    and factored (GPTQ's device; the arithmetic that sets their bits runs on the CPU either way).
     """
     planned = [p.name for p in plans if p.quantized]
     cal = [p.name for p in calibrated(plans)]
@@ -289,6 +294,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                     quantize(n, None)
 
     load(lambda layer: not in_blocks(layer) and not any(_inside(layer, n) for n in outside))
+    if release is not None:
+        release(module)
     with torch.no_grad():
         if blocks:
             states = capture_block_inputs(module, module.get_submodule(blocks[0]), batches)
@@ -297,7 +304,7 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 block = module.get_submodule(block_name)
                 remaining = [n for n in cal if _inside(n, block_name)]
                 while remaining:  # the linears that run first (sharing one input), then the next ones
-                    hooks = HessianHooks(module, remaining)
+                    hooks = HessianHooks(module, remaining, device=device)
                     try:
                         for i, state in enumerate(states):
                             hooks.new_pass(i in held)
@@ -320,7 +327,7 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
         released = [module.get_submodule(b).register_forward_hook(lambda block, args, out: release(block))
                     for b in blocks] if release is not None else []
         for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
-            hooks = HessianHooks(module, [name], stop_after=name)
+            hooks = HessianHooks(module, [name], stop_after=name, device=device)
             try:
                 for i, batch in enumerate(batches):
                     hooks.new_pass(i in held)

@@ -124,29 +124,45 @@ class GptqSettings:
     scales: str = "mse"  # how each group's scale is chosen (GPTQ_SCALE_CHOICES)
 
 
-# Rows of H converted to float64 at once while filling the working copy (bounds the temporaries).
+# Rows (and columns) of H handled at once: filling the working copy, and the tiles of the factor.
 _PREPARE_ROWS = 256
+
+
+def to_cpu(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of ``x``, wherever it is kept: the factor's arithmetic runs on such copies, so
+    that a matrix kept on a GPU and one kept in host memory are factored with the same bits."""
+    return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def true_divide(x: torch.Tensor, by: float) -> torch.Tensor:
+    """``x / by`` in place, rounded as a true division on every device (CUDA divides by a Python number as a
+    multiplication by its reciprocal)."""
+    return x.div_(torch.tensor(by, dtype=x.dtype, device=x.device))
 
 
 def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
                     consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns), both in the
-    order ``perm`` visits H's columns.
+    order ``perm`` visits H's columns, on H's device.
 
     Columns never seen by the inputs (zero diagonal) get a unit diagonal and are quantized as RTN would.
-    One float64 working copy of H is factored, inverted and factored again in place, and U is its float32
-    rounding. ``consume``: ``h`` (float32, owning its storage) is given up: its storage grows into the
-    working copy and ends up holding U, so the peak is the float64 copy alone (512 MB at K = 8192) instead
-    of H, the copy and U at once (1 GB); H's values wait in a temporary file in case dampening must be
-    retried. Otherwise ``h`` is not changed. Either way U has the same bits.
+    U comes without forming H⁻¹: with J the order reversal, if J H J = M Mᵀ (M lower) then U = J M⁻¹ J.
+    One float64 working copy of H, permuted into the reversed visiting order, is factored and inverted in
+    place a tile at a time (reading its lower triangle: the upper one in the visiting order), and U is its
+    float32 rounding. The matrix stays where H is (a CUDA GPU's memory too); every tile's arithmetic runs
+    on a CPU copy of it, so U has the same bits wherever H is kept. ``consume``: ``h`` (float32, owning its storage) is given up: its storage
+    grows into the working copy and ends up holding U, so the peak is the float64 copy alone (512 MB at
+    K = 8192) instead of H, the copy and U at once (1 GB); H's values wait in a temporary file in case
+    dampening must be retried. Otherwise ``h`` is not changed. Either way U has the same bits.
     """
     k = h.shape[0]
-    order = perm if perm is not None else torch.arange(k)
-    diag = torch.diagonal(h).to(torch.float64)[order]
+    order = perm.cpu() if perm is not None else torch.arange(k)
+    diag = torch.diagonal(h).to("cpu", torch.float64)[order]
     dead = diag == 0
     diag[dead] = 1.0
     mean = torch.mean(diag)
-    info = torch.empty((), dtype=torch.int32)
+    reverse = order.flip(0)  # the working copy's order: the visiting order reversed
+    dead_reversed = dead.flip(0).to(h.device)
     in_place = consume and _owns_storage(h)
     if in_place:
         storage, spill = h.untyped_storage(), _spill(h)
@@ -156,34 +172,28 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
         except RuntimeError:  # pinned (a NumPy view was taken of it): factor a separate copy
             spill.close()
             in_place = False
-    work = _view(storage, torch.float64, k) if in_place else torch.empty(k, k, dtype=torch.float64)
+    work = _view(storage, torch.float64, k) if in_place else torch.empty(k, k, dtype=torch.float64, device=h.device)
 
     def fill(attempt: int, extra: torch.Tensor) -> None:
         if in_place:
             if attempt:
                 _unspill(spill, _view(storage, torch.float32, k))
             _widen_in_place(storage, k)
-            if perm is not None:
-                _permute_in_place(work, order)
+            _permute_in_place(work, reverse)
         else:
+            on_device = reverse.to(h.device)
             for start in range(0, k, _PREPARE_ROWS):
-                rows = order[start:start + _PREPARE_ROWS]
-                work[start:start + len(rows)] = h[rows][:, order] if perm is not None else h[rows]
+                rows = on_device[start:start + _PREPARE_ROWS]
+                work[start:start + len(rows)] = h[rows][:, on_device]
         on_diag = work.diagonal()
-        on_diag[dead] = 1.0
-        on_diag += extra
+        on_diag[dead_reversed] = 1.0
+        on_diag += extra.to(h.device)
 
-    # LAPACK works on column-major matrices: given a row-major ``out``, torch would factor a column-major
-    # copy (another k² float64) and copy it back. Its column-major view (the transpose) is factored in place
-    # instead, once the matrix is made exactly symmetric from the lower triangle the factor reads.
-    columns = work.mT
     try:
         extra = damp * mean
         for attempt in range(7):
             fill(attempt, extra)
-            _mirror_lower_in_place(work)
-            torch.linalg.cholesky_ex(columns, out=(columns, info))
-            if int(info) == 0:
+            if _cholesky_in_place(work):
                 break
             extra = extra + (10 ** attempt) * damp * mean  # not positive definite at float precision: dampen more
         else:
@@ -191,24 +201,97 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     finally:
         if in_place:
             spill.close()
-    torch.cholesky_inverse(columns, out=columns)
-    torch.linalg.cholesky_ex(columns, upper=True, out=(columns, info))
-    if int(info) != 0:
-        raise ValueError("the inverse calibration Hessian is not positive definite")
-    _transpose_in_place(work)  # row-major U
+    _zero_upper_in_place(work)
+    _invert_lower_in_place(work)
+    _rotate_in_place(work)  # J M⁻¹ J: upper, in the visiting order
     if in_place:
         u = _narrow_in_place(storage, k)
-        release_pages(storage.data_ptr() + k * k * 4, storage.nbytes() - k * k * 4)  # the float64 copy's back half
+        if u.device.type == "cpu":
+            release_pages(storage.data_ptr() + k * k * 4, storage.nbytes() - k * k * 4)  # the float64 copy's back half
         return u, dead
     return work.to(torch.float32), dead
 
 
-def hessian_sum(k: int) -> torch.Tensor:
-    """A float32 [k, k] of zeros to sum a Hessian in, whose storage has room behind it for
+def _cholesky_in_place(a: torch.Tensor) -> bool:
+    """a's lower triangle ← its Cholesky factor M (a = M Mᵀ, read from the lower triangle), a tile column at
+    a time (right-looking); the strict upper triangle is left with scratch. False: not positive definite."""
+    k, t = a.shape[0], _PREPARE_ROWS
+    for j0 in range(0, k, t):
+        j1 = min(k, j0 + t)
+        panel = to_cpu(a[j0:, j0:j1])  # the tile column, from the diagonal down
+        diagonal, info = torch.linalg.cholesky_ex(panel[:j1 - j0])
+        if int(info) != 0:
+            return False
+        below = torch.linalg.solve_triangular(diagonal.mT, panel[j1 - j0:], upper=True, left=False)
+        panel[:j1 - j0], panel[j1 - j0:] = diagonal, below
+        a[j0:, j0:j1] = panel
+        for i0 in range(j1, k, t):  # the trailing lower triangle, a row of tiles at a time
+            i1 = min(k, i0 + t)
+            rows = to_cpu(a[i0:i1, j1:i1])
+            rows -= below[i0 - j1:i1 - j1] @ below[:i1 - j1].mT
+            a[i0:i1, j1:i1] = rows
+    return True
+
+
+def _invert_lower_in_place(a: torch.Tensor) -> None:
+    """a ← a⁻¹ for a lower-triangular ``a`` (zero above the diagonal), a tile column at a time from the last:
+    X_jj = M_jj⁻¹, X_ij = −(Σ_l X_il M_lj) X_jj over the already inverted trailing part."""
+    k, t = a.shape[0], _PREPARE_ROWS
+    for j0 in reversed(range(0, k, t)):
+        j1 = min(k, j0 + t)
+        inverse = torch.linalg.solve_triangular(to_cpu(a[j0:j1, j0:j1]), torch.eye(j1 - j0, dtype=a.dtype), upper=False)
+        if j1 < k:
+            below = to_cpu(a[j1:, j0:j1])  # M's tile column under the diagonal
+            made = torch.empty_like(below)
+            for i0 in range(j1, k, t):
+                i1 = min(k, i0 + t)
+                made[i0 - j1:i1 - j1] = to_cpu(a[i0:i1, j1:i1]) @ below[:i1 - j1]
+            a[j1:, j0:j1] = (made @ inverse).neg_()
+        a[j0:j1, j0:j1] = inverse
+
+
+def _zero_upper_in_place(a: torch.Tensor) -> None:
+    """a's strict upper triangle ← 0 (a tile at a time)."""
+    for rows, cols in _tiles(a.shape[0]):
+        if rows == cols:
+            a[rows, cols] = torch.tril(a[rows, cols])
+        else:
+            a[rows, cols] = 0
+
+
+def _rotate_in_place(a: torch.Tensor) -> None:
+    """a ← J a J (both orders reversed: a[i, j] ← a[k-1-i, k-1-j]), swapping row tiles from both ends."""
+    k = a.shape[0]
+    half = k // 2
+    for r0 in range(0, half, _PREPARE_ROWS):
+        r1 = min(half, r0 + _PREPARE_ROWS)
+        top = a[r0:r1].clone()
+        a[r0:r1] = a[k - r1:k - r0].flip(0, 1)
+        a[k - r1:k - r0] = top.flip(0, 1)
+    if k % 2:
+        a[half] = a[half].flip(0)
+
+
+def hessian_sum(k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A float32 [k, k] of zeros on ``device`` to sum a Hessian in, whose storage has room behind it for
     :func:`prepare_hessian`'s float64 working copy: growing it in place then needs no new allocation and
     copy, and the room, never written until then, is not resident memory."""
-    m = _view(torch.UntypedStorage(k * k * 8), torch.float32, k)
+    m = _view(torch.UntypedStorage(k * k * 8, device=device), torch.float32, k)
     return m.zero_()
+
+
+# Bytes of the Gram product made at once on the CPU by add_gram (a slab of its rows).
+_GRAM_BYTES = 16 << 20
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += 2 xᵀx`` for ``x`` [T, K]: the product is made on the CPU a slab of rows at a time and each
+    slab is added where ``total`` is kept (a GPU's memory too), with the same bits either way."""
+    x = x.cpu()
+    step = max(1, _GRAM_BYTES // (4 * x.shape[1]))
+    for start in range(0, x.shape[1], step):
+        part = x[:, start:start + step].T @ x
+        total[start:start + step] += part.mul_(2.0).to(total.device)
 
 
 def _tiles(k: int):
@@ -218,38 +301,17 @@ def _tiles(k: int):
             yield slice(a, a + _PREPARE_ROWS), slice(b, b + _PREPARE_ROWS)
 
 
-def _mirror_lower_in_place(m: torch.Tensor) -> None:
-    """m's strictly upper triangle ← its strictly lower triangle, transposed (a tile at a time)."""
-    for rows, cols in _tiles(m.shape[0]):
-        if rows == cols:
-            tile = m[rows, cols]
-            tile.copy_(torch.tril(tile) + torch.tril(tile, -1).T)
-        else:
-            m[rows, cols] = m[cols, rows].T
-
-
-def _transpose_in_place(m: torch.Tensor) -> None:
-    """m ← mᵀ, swapping tiles across the diagonal."""
-    for rows, cols in _tiles(m.shape[0]):
-        if rows == cols:
-            m[rows, cols] = m[rows, cols].T.clone()
-        else:
-            upper = m[rows, cols].clone()
-            m[rows, cols] = m[cols, rows].T
-            m[cols, rows] = upper.T
-
-
 def _owns_storage(h: torch.Tensor) -> bool:
     """Is ``h`` a float32 matrix at the front of a storage of its own, which has (hessian_sum) or can be
     given the room for the float64 working copy?"""
     nbytes = h.untyped_storage().nbytes()
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous() and h.storage_offset() == 0
+    return (h.dtype == torch.float32 and h.is_contiguous() and h.storage_offset() == 0
             and (nbytes == h.numel() * 8 or (nbytes == h.numel() * 4 and h.untyped_storage().resizable())))
 
 
 def _view(storage, dtype: torch.dtype, k: int) -> torch.Tensor:
     """The [k, k] matrix of ``dtype`` at the front of ``storage``."""
-    return torch.empty(0, dtype=dtype).set_(storage, 0, (k, k))
+    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, (k, k))
 
 
 def _widen_in_place(storage, k: int) -> None:
@@ -288,6 +350,7 @@ def _permute_in_place(work: torch.Tensor, order: torch.Tensor) -> None:
                 break
             work[row] = work[source]
             row = source
+    order = order.to(work.device)
     for start in range(0, len(targets), _PREPARE_ROWS):
         work[start:start + _PREPARE_ROWS] = work[start:start + _PREPARE_ROWS][:, order]
 
@@ -299,7 +362,7 @@ def _spill(h: torch.Tensor):
 
     f = tempfile.TemporaryFile(prefix="qlower_hessian_")
     for start in range(0, h.shape[0], _PREPARE_ROWS):
-        f.write(memoryview(h[start:start + _PREPARE_ROWS].clone().numpy()).cast("B"))
+        f.write(memoryview(to_cpu(h[start:start + _PREPARE_ROWS]).numpy()).cast("B"))
     return f
 
 
@@ -327,12 +390,13 @@ class Prepared:
 def prepare(h: torch.Tensor, settings: GptqSettings, consume: bool = False,
             device: torch.device | str | None = None) -> Prepared:
     """GPTQ's factor of ``h``. ``consume``: ``h`` is given up to hold the factor (:func:`prepare_hessian`).
-    ``device``: where the factor is kept (the column loop's device; it is made on the CPU for the same bits)."""
-    diag = torch.diagonal(h).to(torch.float32).clone()
+    ``device``: where the factor is kept (the column loop's device); it is made where ``h`` is, with the
+    same bits anywhere."""
+    diag = torch.diagonal(h).to("cpu", torch.float32, copy=True)
     perm = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
     u, dead = prepare_hessian(h.to(torch.float32), settings.damp, perm if settings.act_order else None, consume)
-    if device is not None and torch.device(device).type != "cpu":
-        u = u.to(device)  # the host's copy (a consumed H's storage) goes once the caller lets go of H
+    if device is not None and torch.device(device) != u.device:
+        u = u.to(device)  # the first copy (a consumed H's storage) goes once the caller lets go of H
     return Prepared(u, dead[torch.argsort(perm)], perm, diag)
 
 
@@ -444,12 +508,13 @@ _ERROR_BYTES = 64 << 20
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per row of ``w`` [N, K]: ``(w − deq) H (w − deq)ᵀ`` = the layer output's squared error summed over
-    the tokens ``H = 2/T XᵀX`` was taken on (times 2/T). Rows are independent: sums over rows add."""
+    the tokens ``H = 2/T XᵀX`` was taken on (times 2/T). Rows are independent: sums over rows add. Summed on
+    the CPU wherever H is kept."""
     d = (w.to(torch.float32) - deq).to(torch.float64)
     step = max(1, _ERROR_BYTES // (8 * h.shape[0]))
     total = torch.zeros(d.shape[0], dtype=torch.float64)
     for start in range(0, h.shape[1], step):
-        total += ((d @ h[:, start:start + step].to(torch.float64)) * d[:, start:start + step]).sum(dim=1)
+        total += ((d @ h[:, start:start + step].to("cpu", torch.float64)) * d[:, start:start + step]).sum(dim=1)
     return total
 
 

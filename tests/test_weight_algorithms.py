@@ -484,8 +484,8 @@ def test_a_hessian_whose_storage_is_pinned_is_factored_from_a_copy():
 
 
 def _reference_factor(h: torch.Tensor, settings: wq.GptqSettings) -> torch.Tensor:
-    """GPTQ's factor the plain way (out-of-place torch calls): the upper Cholesky factor of the inverse of
-    the permuted, dampened H, from H's lower triangle."""
+    """GPTQ's factor the plain way (torch's whole-matrix calls, float64): the upper Cholesky factor of the
+    inverse of the permuted, dampened H, from the permuted H's upper triangle (the reversed order's lower)."""
     diag = torch.diagonal(h)
     order = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(h.shape[0])
     w = h.double()[order][:, order]
@@ -495,34 +495,96 @@ def _reference_factor(h: torch.Tensor, settings: wq.GptqSettings) -> torch.Tenso
     on_diag = torch.diagonal(w)
     on_diag[dead] = 1.0
     on_diag += settings.damp * d.mean()
-    lower = torch.linalg.cholesky(torch.tril(w) + torch.tril(w, -1).T)
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+    lower = torch.linalg.cholesky(torch.triu(w) + torch.triu(w, 1).T)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
 @pytest.mark.parametrize("k", [37, 300, 600])
 @pytest.mark.parametrize("act_order", [True, False])
 def test_the_factor_made_in_place_is_the_plain_one(k, act_order):
-    """prepare_hessian factors a column-major view of its working copy in place (tiles of _PREPARE_ROWS:
-    600 spans three), from a Hessian summed in hessian_sum's roomy storage or a plain one; an H that is not
-    exactly symmetric is read by the lower triangle of its permuted copy, as the plain calls read it."""
+    """prepare_hessian factors its working copy in place a tile at a time (tiles of _PREPARE_ROWS: 600 spans
+    three, the last one short), through the reversed order's Cholesky factor and its inverse: the plain
+    calls' factor to float32's rounding, read from one triangle of an H that is not exactly symmetric;
+    the same bits from hessian_sum's roomy storage, a consumed plain one and a kept one."""
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(3 * k, k, generator=gen) * torch.linspace(0.2, 2, k)
     x[:, 4] = 0  # a dead column
     summed = wq.hessian_sum(k)
-    summed.addmm_(x.T, x, alpha=2.0)
-    summed /= 3 * k
+    wq.add_gram(summed, x)
+    wq.true_divide(summed, 3 * k)
     h = summed.clone()
-    h += torch.triu(torch.full((k, k), 1e-7), 1)  # not exactly symmetric (neither is an addmm sum, always)
+    h += torch.triu(torch.full((k, k), 1e-7), 1)  # not exactly symmetric (neither is a float sum, always)
     settings = wq.GptqSettings(act_order=act_order)
     want = _reference_factor(h, settings)
-    assert torch.equal(wq.prepare(h, settings).u, want)
-    assert torch.equal(wq.prepare(h.clone(), settings, consume=True).u, want)
-    storage, want = summed.untyped_storage(), _reference_factor(summed, settings)
+    kept = wq.prepare(h, settings).u
+    assert torch.equal(kept, torch.triu(kept)) and kept.dtype == torch.float32
+    assert float((kept.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert torch.equal(wq.prepare(h.clone(), settings, consume=True).u, kept)
+    storage, want = summed.untyped_storage(), wq.prepare(summed, settings).u
     factor = wq.prepare(summed, settings, consume=True).u
     assert torch.equal(factor, want) and factor.untyped_storage().data_ptr() == storage.data_ptr()
     if sys.platform.startswith("linux") and storage.nbytes() > 2 * 4096 + k * k * 4:
         tail = torch.empty(0, dtype=torch.uint8).set_(storage, k * k * 4 + 4096, (storage.nbytes() - k * k * 4 - 2 * 4096,))
         assert int(tail.max()) == 0  # the float64 copy's back half was given back (reads as zeros)
+
+
+@pytest.mark.parametrize("k", [1, 5, 256, 257, 600])
+def test_the_tiled_factor_steps_are_the_plain_ones(k):
+    """The factor's tile steps against torch's whole-matrix calls, for one tile, a tile and one more column,
+    and a short last tile: Cholesky (from the lower triangle, scratch above), lower-triangular inverse, and
+    the order reversal of rows and columns; an indefinite matrix is reported, not factored."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k + 3, k, generator=gen, dtype=torch.float64)
+    a = x.T @ x + 0.1 * torch.eye(k, dtype=torch.float64)
+    work = torch.tril(a) + torch.triu(torch.randn(k, k, generator=gen, dtype=torch.float64), 1)  # the upper half unread
+    assert wq._cholesky_in_place(work)
+    lower = torch.linalg.cholesky(a)
+    assert torch.allclose(torch.tril(work), lower, rtol=0, atol=1e-10 * float(lower.abs().max()))
+    wq._zero_upper_in_place(work)
+    assert torch.equal(work, torch.tril(work))
+    wq._invert_lower_in_place(work)
+    inverse = torch.linalg.inv(lower)
+    assert torch.allclose(work, inverse, rtol=0, atol=1e-9 * float(inverse.abs().max()))
+    rotated = work.clone()
+    wq._rotate_in_place(rotated)
+    assert torch.equal(rotated, work.flip(0, 1))
+    indefinite = a.clone()
+    indefinite[k // 2, k // 2] = -1.0
+    assert not wq._cholesky_in_place(indefinite)
+
+
+def test_gram_slabs_sum_the_whole_product(monkeypatch):
+    """add_gram makes 2xᵀx a slab of rows at a time (one slab at this size, seven when they are small)."""
+    x = torch.randn(50, 13, generator=torch.Generator().manual_seed(3))
+    whole = torch.zeros(13, 13)
+    wq.add_gram(whole, x)
+    assert torch.allclose(whole, 2 * x.T @ x, atol=1e-5)
+    monkeypatch.setattr(wq, "_GRAM_BYTES", 2 * 4 * 13)  # two rows a slab
+    slabs = torch.ones(13, 13)
+    wq.add_gram(slabs, x)
+    assert torch.allclose(slabs, 1 + 2 * x.T @ x, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("k", [300, 600])
+def test_a_hessian_kept_on_cuda_gives_the_cpus_bits(k):
+    """Summed, divided and factored in a GPU's memory (the arithmetic on CPU copies of its tiles): the same
+    sums and factor as in host memory, with and without act-order, consumed or kept."""
+    gen = torch.Generator().manual_seed(k)
+    xs = [torch.randn(128, k, generator=gen) * torch.linspace(0.2, 2, k) for _ in range(3)]
+    sums = {}
+    for device in ("cpu", "cuda"):
+        total = wq.hessian_sum(k, device)
+        for x in xs:
+            wq.add_gram(total, x)
+        sums[device] = wq.true_divide(total, 3 * 128)
+    assert sums["cuda"].device.type == "cuda" and torch.equal(sums["cpu"], sums["cuda"].cpu())
+    for settings in (wq.GptqSettings(), wq.GptqSettings(act_order=False)):
+        cpu = wq.prepare(sums["cpu"], settings)
+        kept = wq.prepare(sums["cuda"], settings)
+        assert kept.u.device.type == "cuda" and torch.equal(cpu.u, kept.u.cpu()) and torch.equal(cpu.perm, kept.perm)
+    consumed = wq.prepare(sums["cuda"], wq.DEFAULT_GPTQ, consume=True)
+    assert torch.equal(consumed.u.cpu(), wq.prepare(sums["cpu"], wq.DEFAULT_GPTQ).u)
 
 
 def test_hessian_hooks_sum_the_first_input_group_only():
