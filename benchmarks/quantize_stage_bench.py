@@ -39,10 +39,11 @@ def state_hash(module: torch.nn.Module) -> tuple[str, dict[str, str]]:
     and one per top-level block, so that two runs can be told apart where they first differ."""
     whole, parts = hashlib.sha256(), {}
     for name, t in sorted(_tensors(module).items()):
-        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        whole.update(name.encode() + data)
-        block = ".".join(name.split(".")[:3])
-        parts.setdefault(block, hashlib.sha256()).update(name.encode() + data)
+        data = memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()) if t.numel() else b""
+        block = parts.setdefault(".".join(name.split(".")[:3]), hashlib.sha256())
+        for digest in (whole, block):  # the name's bytes then the tensor's, read in place
+            digest.update(name.encode())
+            digest.update(data)
     return whole.hexdigest(), {k: h.hexdigest()[:16] for k, h in parts.items()}
 
 
