@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -175,7 +174,6 @@ def test_streamed_gptq_is_the_whole_load_bit_for_bit(folders, calibration_file, 
 def test_gptq_file_fuses_as_rtn_and_records_the_algorithm(folders, calibration_file, tmp_path):
     from qlower.api import export
     from qlower.inspect import inspect_pte
-    from qlower.pte import read_pte
 
     reports = {}
     for algorithm in ("rtn", "gptq"):
