@@ -253,7 +253,7 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
             release_memory()
 
     quantize_calibrated(module, plans, batches, quantize, fill, warn,
-                        release=store.release_pages if store is not None else None, device=device)
+                        release=store.release_pages if store is not None else None)
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")
