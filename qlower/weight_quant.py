@@ -37,10 +37,20 @@ EPS = torch.finfo(torch.float32).eps
 GPTQ_SCALE_CHOICES = ("absmax", "mse", "hqq")
 
 
+def _divisor(by: float, x: torch.Tensor) -> torch.Tensor:
+    """``by`` as a tensor on ``x``'s device, so that dividing ``x`` by it is a true division on every device:
+    CUDA divides by a Python number as a multiplication by its reciprocal (7.5's is inexact)."""
+    return torch.tensor(by, dtype=x.dtype, device=x.device)
+
+
 def _over_rtn_divisor(x: torch.Tensor) -> torch.Tensor:
-    """``x / RTN_DIVISOR`` rounded as a true division on every device: CUDA divides by a Python number
-    as a multiplication by its reciprocal (7.5's is inexact), by a tensor on the device exactly."""
-    return x / torch.tensor(RTN_DIVISOR, dtype=x.dtype, device=x.device)
+    """``x / RTN_DIVISOR``, rounded alike on every device."""
+    return x / _divisor(RTN_DIVISOR, x)
+
+
+def true_divide(x: torch.Tensor, by: float) -> torch.Tensor:
+    """``x / by`` in place, rounded alike on every device."""
+    return x.div_(_divisor(by, x))
 
 
 def rtn_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -134,12 +144,6 @@ def to_cpu(x: torch.Tensor) -> torch.Tensor:
     return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
-def true_divide(x: torch.Tensor, by: float) -> torch.Tensor:
-    """``x / by`` in place, rounded as a true division on every device (CUDA divides by a Python number as a
-    multiplication by its reciprocal)."""
-    return x.div_(torch.tensor(by, dtype=x.dtype, device=x.device))
-
-
 def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
                     consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns), both in the
@@ -150,10 +154,12 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     One float64 working copy of H, permuted into the reversed visiting order, is factored and inverted in
     place a tile at a time (reading its lower triangle: the upper one in the visiting order), and U is its
     float32 rounding. The matrix stays where H is (a CUDA GPU's memory too); every tile's arithmetic runs
-    on a CPU copy of it, so U has the same bits wherever H is kept. ``consume``: ``h`` (float32, owning its storage) is given up: its storage
-    grows into the working copy and ends up holding U, so the peak is the float64 copy alone (512 MB at
-    K = 8192) instead of H, the copy and U at once (1 GB); H's values wait in a temporary file in case
-    dampening must be retried. Otherwise ``h`` is not changed. Either way U has the same bits.
+    on a CPU copy of it, so U has the same bits wherever H is kept.
+
+    ``consume``: ``h`` (float32, owning its storage) is given up: its storage grows into the working copy
+    and ends up holding U, so the peak is the float64 copy alone (512 MB at K = 8192) instead of H, the
+    copy and U at once (1 GB); H's values wait in a temporary file in case dampening must be retried.
+    Otherwise ``h`` is not changed. Either way U has the same bits.
     """
     k = h.shape[0]
     order = perm.cpu() if perm is not None else torch.arange(k)
