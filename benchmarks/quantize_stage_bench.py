@@ -10,9 +10,9 @@ runs on a GPU host without ExecuTorch:
     python3 benchmarks/quantize_stage_bench.py --shape 1b --layers 2 --dir /tmp/b2 --gptq-device cpu
 
 The folder (random bf16 weights, written shard by shard) and the calibration windows (random token ids)
-are made in ``--dir`` when missing. Peak host memory is the process's high-water mark (VmHWM) over both
-stages, imports included, as ``/usr/bin/time`` would report it; quantized weights go to files as they do
-in export (``weight_store``).
+are made in ``--dir`` when missing, the folder by a child process. Peak host memory is the measuring
+process's high-water mark (VmHWM) over both stages, imports included, as ``/usr/bin/time`` would report it
+for an export of an existing folder; quantized weights go to files as they do in export (``weight_store``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import platform
 import sys
 import time
@@ -40,11 +41,21 @@ def state_hash(module: torch.nn.Module) -> tuple[str, dict[str, str]]:
     whole, parts = hashlib.sha256(), {}
     for name, t in sorted(_tensors(module).items()):
         data = memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()) if t.numel() else b""
-        block = parts.setdefault(".".join(name.split(".")[:3]), hashlib.sha256())
+        block = parts.setdefault(_block_of(name), hashlib.sha256())
         for digest in (whole, block):  # the name's bytes then the tensor's, read in place
             digest.update(name.encode())
             digest.update(data)
     return whole.hexdigest(), {k: h.hexdigest()[:16] for k, h in parts.items()}
+
+
+def _block_of(name: str) -> str:
+    """The top-level part a tensor belongs to: a numbered block (``lm.model.layers.3``) or the name's first
+    three parts (``lm.lm_head.weight``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:3])
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -82,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.dir / "hf"
     t0 = time.perf_counter()
     if not (folder / "config.json").is_file():
-        write_checkpoints(shape, args.dir, zero=False, meta=False)
+        # In a process of its own: making the random weights must not count towards the measured peak, nor
+        # leave its freed buffers in this process's heap.
+        writer = multiprocessing.get_context("spawn").Process(target=write_checkpoints, args=(shape, args.dir),
+                                                              kwargs=dict(zero=False, meta=False))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            sys.exit(f"writing the folder failed (exit code {writer.exitcode})")
         print(f"folder written in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     calibration = args.dir / f"calibration_{args.calibration_tokens}.pt"
     if not calibration.is_file():
