@@ -235,7 +235,7 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
     fill = None
     if loaded.weights is not None:
         from .errors import ModelLoadError
-        from .stream import SafetensorsWeights, check_fits, checkpoint_names, fill_weights
+        from .stream import ReadCount, SafetensorsWeights, check_fits, checkpoint_bytes, checkpoint_names, fill_weights
 
         weights, loaded.weights = loaded.weights, None
         problem = check_fits(module, weights, transposed)
@@ -245,11 +245,13 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
         # each name of a tied parameter gets its own entry for the one tensor.
         weights = SafetensorsWeights({**{name: weights.entries[key] for name, key in checkpoint_names(module, weights).items()},
                                       **weights.entries})
+        count = ReadCount(checkpoint_bytes(module, weights))  # progress over all the block-by-block fills
 
         def fill(accept, hessians) -> None:
             layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h, device)))
                       for n, h in hessians.items()}
-            fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept)
+            fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept,
+                         count=count)
             release_memory()
 
     quantize_calibrated(module, plans, batches, quantize, fill, warn,

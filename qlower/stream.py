@@ -167,6 +167,31 @@ class Progress:
         return self.elapsed_s * (1 - self.fraction) / self.fraction if self.fraction > 0 else None
 
 
+@dataclass
+class ReadCount:
+    """The checkpoint's bytes read so far, over one fill or several (a model filled a decoder block at a
+    time): each checkpoint tensor counts once, however often it is read (tied weights)."""
+
+    total_bytes: int
+    done_bytes: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    _seen: set[str] = field(default_factory=set)
+
+    def read(self, key: str, nbytes: int) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            self.done_bytes += nbytes
+
+    def progress(self, layer: str) -> Progress:
+        return Progress(layer, min(self.done_bytes, self.total_bytes), self.total_bytes, time.perf_counter() - self.start)
+
+
+def checkpoint_bytes(module: nn.Module, weights: "SafetensorsWeights") -> int:
+    """Bytes of the checkpoint tensors that fill ``module`` (each once)."""
+    keys = {_checkpoint_key(names, weights) for names, _ in _param_groups(module)}
+    return sum(weights.entries[k].nbytes for k in keys if k is not None)
+
+
 def check_fits(module: nn.Module, weights: SafetensorsWeights, transposed: set[str] = frozenset()) -> str | None:
     """Why ``weights`` cannot fill ``module``'s parameters (a missing name, a wrong shape), or None."""
     return _check_groups_fit(_param_groups(module), weights, transposed)
@@ -211,7 +236,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
                  quantize: dict[str, Callable[[nn.Module, Callable | None], nn.Module]],
                  transposed: set[str] = frozenset(), on_layer: Callable[[Progress], None] | None = None,
                  unexpected: Callable[[list[str]], None] | None = None,
-                 only: Callable[[str], bool] | None = None) -> None:
+                 only: Callable[[str], bool] | None = None, count: ReadCount | None = None) -> None:
     """Fill ``module``'s meta parameters from ``weights``, replacing each layer named in ``quantize`` by
     ``quantize[name](layer, rows)`` as soon as its tensors are read. A large 2-D weight whose every
     layer is quantized is not read whole: the layer keeps its meta weight and ``rows(start, end)``
@@ -223,7 +248,8 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
     names that are neither a parameter nor a buffer (else they are an error).
 
     ``only``: fill just the layers (module names) it accepts, leaving the others as they are; the
-    calibrated algorithms fill a model a decoder block at a time (:mod:`qlower.calibrate`).
+    calibrated algorithms fill a model a decoder block at a time (:mod:`qlower.calibrate`), with one
+    ``count`` for all the fills, so that ``on_layer`` hears of the whole checkpoint's progress.
     """
     from .memory import return_freed_memory
 
@@ -254,7 +280,8 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
 
     ready: dict[str, torch.Tensor] = {}  # full parameter name -> tensor as read (checkpoint dtype)
     keys = [_checkpoint_key(names, weights) for names, _ in groups]
-    total, done, start = sum(weights.entries[k].nbytes for k in keys), 0, time.perf_counter()
+    if count is None:
+        count = ReadCount(sum(weights.entries[k].nbytes for k in set(keys)))
     for (names, param), key in zip(groups, keys):
         names = [n for n in names if accept(n.rpartition(".")[0])]
         entry = weights.entries[key]
@@ -262,7 +289,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
         lazy = (len(entry.shape) == 2 and entry.nbytes >= ROWS_READ_BYTES and layers <= set(quantize)
                 and not layers & set(transposed) and names[0].endswith(".weight"))
         tensor = RowReader(weights, key) if lazy else weights.read(key)
-        done += entry.nbytes
+        count.read(key, entry.nbytes)
         shared = None  # one float Parameter for every layer that keeps this tensor float
         for full in names:
             layer_name = full.rpartition(".")[0]
@@ -274,7 +301,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
                     shared = nn.Parameter(raw.to(param.dtype).contiguous(), requires_grad=param.requires_grad)
                 _set_param(module, full, shared)
             _finish_layer(module, layer_name, owners, ready, quantize, on_layer,
-                          lambda: Progress(layer_name, done, total, time.perf_counter() - start))
+                          lambda: count.progress(layer_name))
         del tensor, raw, shared
     left = [n for n, p in module.named_parameters() if p.device.type == "meta" and accept(n.rpartition(".")[0])]
     if left:
