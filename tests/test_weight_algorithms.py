@@ -171,6 +171,24 @@ def test_streamed_gptq_is_the_whole_load_bit_for_bit(folders, calibration_file, 
         assert torch.equal(whole(TOKENS), streamed(TOKENS))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_gptq_progress_counts_the_whole_checkpoint(folders, calibration_file, tied):
+    """Filled a decoder block at a time, the progress is the whole checkpoint's: one total, a fraction that
+    never goes back and ends at 1 (a tied tensor, read for the embedding and again for the head, counts once)."""
+    from qlower.llm.load import load_any
+    from qlower.quantize import quantize_model
+    from qlower.stream import SafetensorsWeights
+
+    options = make_options(group_size=32, kv_cache=False, weight_algorithm="gptq", calibration=str(calibration_file),
+                           quantize_embeddings=True)
+    loaded, _, _ = load_any(folders[tied], options, stream=True)
+    seen = []
+    quantize_model(loaded, options, lambda m: None, on_layer=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 0.5
+    assert {p.total_bytes for p in seen} == {SafetensorsWeights.open(folders[tied]).nbytes}
+
+
 def test_gptq_file_fuses_as_rtn_and_records_the_algorithm(folders, calibration_file, tmp_path):
     from qlower.api import export
     from qlower.inspect import inspect_pte
