@@ -53,16 +53,54 @@ def torchao_linear(x, weight, weight_scale, weight_zero_point, block_size: list[
     The torchao ops are called directly: their Python wrappers run under
     no_grad, which export records as a higher-order op around each call.
     """
-    ops = torch.ops.torchao
     if dynamic_activations:
-        block = act_block_size(x)
-        qmin, qmax = int_range(torch.int8)
-        scale, zero_point = ops.choose_qparams_affine(*per_token_qparams_args(x, x))
-        q = ops.quantize_affine(x, block, scale, zero_point, torch.int8, qmin, qmax)
-        x = ops.dequantize_affine(q, block, scale, zero_point, torch.int8, qmin, qmax, output_dtype=x.dtype)
+        x = _int8_per_token(x)
+    return nn.functional.linear(x, dequantized_weight(weight, block_size, weight_scale, weight_zero_point, weight_bits, dtype), bias)
+
+
+def _int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``x`` quantized to per-token asymmetric int8 and back (torchao's ops)."""
+    ops = torch.ops.torchao
+    block = act_block_size(x)
+    qmin, qmax = int_range(torch.int8)
+    scale, zero_point = ops.choose_qparams_affine(*per_token_qparams_args(x, x))
+    q = ops.quantize_affine(x, block, scale, zero_point, torch.int8, qmin, qmax)
+    return ops.dequantize_affine(q, block, scale, zero_point, torch.int8, qmin, qmax, output_dtype=x.dtype)
+
+
+def dequantized_weight(weight, block_size: list[int], weight_scale, weight_zero_point, weight_bits: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """torchao's dequantization of the int values ``weight`` (one op)."""
     qmin, qmax = int_range(getattr(torch, f"int{weight_bits}"))
-    w = ops.dequantize_affine(weight, block_size, weight_scale, weight_zero_point, torch.int8, qmin, qmax, output_dtype=dtype)
-    return nn.functional.linear(x, w, bias)
+    return torch.ops.torchao.dequantize_affine(weight, block_size, weight_scale, weight_zero_point, torch.int8, qmin, qmax,
+                                               output_dtype=dtype)
+
+
+# Bytes of float weight rows dequantized at once by the op on real tensors (bounds its temporaries).
+DEQUANTIZE_BYTES = 8 << 20
+
+
+def _dequantized_rows(weight, in_features: int, block_size: list[int], weight_scale, weight_zero_point,
+                      weight_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantized_weight` of int values or packed int4 ``weight``, made a slab of rows at a time
+    into the final buffer: each element is the same (every step is elementwise), and the temporaries
+    (unpacked int8, torchao's float copies) are a slab's, not the whole weight's."""
+    from .pack import unpack_int4
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        part = weight[start:end]
+        if part.dtype == torch.uint8:
+            part = unpack_int4(part, in_features)
+        return dequantized_weight(part, block_size, weight_scale[start:end], weight_zero_point[start:end], weight_bits, dtype)
+
+    n = weight.shape[0]
+    step = max(1, DEQUANTIZE_BYTES // (4 * max(1, in_features)))
+    if block_size[0] != 1 or step >= n:
+        return rows(0, n)
+    out = torch.empty(n, in_features, dtype=dtype)
+    for start in range(0, n, step):
+        out[start:start + step] = rows(start, start + step)
+    return out
 
 
 @torch.library.custom_op(OP, mutates_args=())
@@ -82,12 +120,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     """
     from .references import is_gemv
 
-    if weight.dtype == torch.uint8:
-        from .pack import unpack_int4
-
-        weight = unpack_int4(weight, x.shape[-1])
-    return torchao_linear(x, weight, weight_scale, weight_zero_point, block_size, weight_bits,
-                          dynamic_activations and not (weight_bits == 4 and is_gemv(x)), bias, dtype)
+    if dynamic_activations and not (weight_bits == 4 and is_gemv(x)):
+        x = _int8_per_token(x)
+    w = _dequantized_rows(weight, x.shape[-1], block_size, weight_scale, weight_zero_point, weight_bits, dtype)
+    return nn.functional.linear(x, w, bias)
 
 
 @quantized_linear.register_fake

@@ -357,9 +357,14 @@ def as_quantized_linear_ops(model):
 @pytest.mark.parametrize("scheme", ["qta8a_qga4w", "qga4w"])
 @pytest.mark.parametrize("shape", [(1, 5, 64), (3, 64)])
 @pytest.mark.parametrize("opaque", [True, False])
-def test_quantized_linear_computes_what_torchao_computes(scheme, shape, opaque):
+@pytest.mark.parametrize("slabs", [False, True])
+def test_quantized_linear_computes_what_torchao_computes(scheme, shape, opaque, slabs, monkeypatch):
+    """``slabs``: the op dequantizes its weight a few rows at a time (as a large layer's), same bits."""
+    import qlower.quantized_linear
     from qlower.quantized_linear import QuantizedLinear
 
+    if slabs:
+        monkeypatch.setattr(qlower.quantized_linear, "DEQUANTIZE_BYTES", 4 * 3 * 64)
     torch.manual_seed(0)
     model = quantize(Chain(), scheme, None)
     x = torch.randn(*shape)
