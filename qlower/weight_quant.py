@@ -286,6 +286,16 @@ def hessian_sum(k: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return m.zero_()
 
 
+def moved_hessian(h: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``h`` copied to ``device`` into a :func:`hessian_sum`-like storage (room for the float64 working
+    copy), a slab of rows at a time, so that the factor can be made there in place."""
+    k = h.shape[0]
+    moved = _view(torch.UntypedStorage(k * k * 8, device=device), torch.float32, k)
+    for start in range(0, k, _PREPARE_ROWS):
+        moved[start:start + _PREPARE_ROWS] = h[start:start + _PREPARE_ROWS]
+    return moved
+
+
 # Bytes of the Gram product made at once on the CPU by add_gram (a slab of its rows).
 _GRAM_BYTES = 16 << 20
 
@@ -504,6 +514,8 @@ class Hessians:
             alone = self.owned and sum(getattr(self, p) is h for p in self.PARTS) == 1
             if alone:
                 setattr(self, part, None)  # its storage becomes the factor's
+                if device is not None and torch.device(device) != h.device:
+                    h = moved_hessian(h, device)  # factored where the column loop runs: H leaves host memory
             self._prepared[key] = prepare(h, settings, consume=alone, device=device)
         return self._prepared[key]
 

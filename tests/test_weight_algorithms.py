@@ -603,6 +603,28 @@ def test_a_hessian_kept_on_cuda_gives_the_cpus_bits(k):
     assert torch.equal(consumed.u.cpu(), wq.prepare(sums["cpu"], wq.DEFAULT_GPTQ).u)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("k", [300, 600])
+def test_a_host_hessian_factored_for_cuda_leaves_host_memory_with_the_cpus_bits(k):
+    """The calibration hooks' sum (host memory, owned) factored for a GPU column loop: moved to the GPU
+    first, so its host copy is gone, and the factor has the CPU's bits."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(512, k, generator=gen) * torch.linspace(0.2, 2, k)
+    h = wq.true_divide(2 * x.T @ x, 512)
+    on_cpu = wq.Hessians(h.clone(), owned=True).prepared(device="cpu")
+    hessians = wq.Hessians(h.clone(), owned=True)
+    on_cuda = hessians.prepared(device="cuda")
+    assert hessians.fit is None and on_cuda.u.device.type == "cuda"
+    assert torch.equal(on_cuda.u.cpu(), on_cpu.u) and torch.equal(on_cuda.dead.cpu(), on_cpu.dead)
+
+
+@pytest.mark.parametrize("k", [5, 300])
+def test_a_moved_hessian_has_room_for_its_factor(k):
+    h = torch.randn(k, k)
+    moved = wq.moved_hessian(h, "cpu")
+    assert torch.equal(moved, h) and moved.untyped_storage().nbytes() == k * k * 8
+
+
 def test_hessian_hooks_sum_the_first_input_group_only():
     """A pass over a block sums the Hessian of the linears that run first (those quantized next), not the
     later ones' (their inputs change once the first group is quantized)."""
