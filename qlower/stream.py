@@ -188,8 +188,11 @@ class ReadCount:
 
 def checkpoint_bytes(module: nn.Module, weights: "SafetensorsWeights") -> int:
     """Bytes of the checkpoint tensors that fill ``module`` (each once)."""
-    keys = {_checkpoint_key(names, weights) for names, _ in _param_groups(module)}
-    return sum(weights.entries[k].nbytes for k in keys if k is not None)
+    return _bytes_of([_checkpoint_key(names, weights) for names, _ in _param_groups(module)], weights)
+
+
+def _bytes_of(keys: list[str | None], weights: "SafetensorsWeights") -> int:
+    return sum(weights.entries[k].nbytes for k in set(keys) if k is not None)
 
 
 def check_fits(module: nn.Module, weights: SafetensorsWeights, transposed: set[str] = frozenset()) -> str | None:
@@ -281,7 +284,7 @@ def fill_weights(module: nn.Module, weights: SafetensorsWeights,
     ready: dict[str, torch.Tensor] = {}  # full parameter name -> tensor as read (checkpoint dtype)
     keys = [_checkpoint_key(names, weights) for names, _ in groups]
     if count is None:
-        count = ReadCount(sum(weights.entries[k].nbytes for k in set(keys)))
+        count = ReadCount(_bytes_of(keys, weights))
     for (names, param), key in zip(groups, keys):
         names = [n for n in names if accept(n.rpartition(".")[0])]
         entry = weights.entries[key]

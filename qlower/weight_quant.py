@@ -278,19 +278,23 @@ def _rotate_in_place(a: torch.Tensor) -> None:
         a[half] = a[half].flip(0)
 
 
+def _with_room(k: int, device: torch.device | str) -> torch.Tensor:
+    """An unset float32 [k, k] on ``device`` whose storage has room behind it for :func:`prepare_hessian`'s
+    float64 working copy: growing it in place then needs no new allocation and copy, and the room, never
+    written until then, is not resident memory."""
+    return _view(torch.UntypedStorage(k * k * 8, device=device), torch.float32, k)
+
+
 def hessian_sum(k: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A float32 [k, k] of zeros on ``device`` to sum a Hessian in, whose storage has room behind it for
-    :func:`prepare_hessian`'s float64 working copy: growing it in place then needs no new allocation and
-    copy, and the room, never written until then, is not resident memory."""
-    m = _view(torch.UntypedStorage(k * k * 8, device=device), torch.float32, k)
-    return m.zero_()
+    """A float32 [k, k] of zeros on ``device`` to sum a Hessian in (:func:`_with_room`)."""
+    return _with_room(k, device).zero_()
 
 
 def moved_hessian(h: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``h`` copied to ``device`` into a :func:`hessian_sum`-like storage (room for the float64 working
-    copy), a slab of rows at a time, so that the factor can be made there in place."""
+    """``h`` copied to ``device`` (:func:`_with_room`), a slab of rows at a time, so that the factor can be
+    made there in place."""
     k = h.shape[0]
-    moved = _view(torch.UntypedStorage(k * k * 8, device=device), torch.float32, k)
+    moved = _with_room(k, device)
     for start in range(0, k, _PREPARE_ROWS):
         moved[start:start + _PREPARE_ROWS] = h[start:start + _PREPARE_ROWS]
     return moved
