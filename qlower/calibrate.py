@@ -128,9 +128,12 @@ class HessianHooks:
     change once it is), so a pass holds one Hessian (not the down projection's 256 MB beside q/k/v's at 1B).
 
     ``held_out``: set before a pass whose window is held out from fitting (``--weight-algorithm auto``
-    judges on those windows): its inputs go to a second sum, ``Hessians.held_out``."""
+    judges on those windows): its inputs go to a second sum, ``Hessians.held_out``. ``device``: where the
+    sums are kept (GPTQ's device: a GPU's memory keeps them out of host memory, with the same bits)."""
 
-    def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None):
+    def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = device
         self.sums: dict[tuple[bool, int], torch.Tensor] = {}  # (held out, input group) -> sum of 2 xᵀx
         self.rows: dict[tuple[bool, int], int] = {}
         self._made: dict[int, Hessians] = {}  # input group -> its Hessians, once asked for
@@ -156,7 +159,7 @@ class HessianHooks:
                     flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                     part = (self.held_out, key)
                     if part not in self.sums:
-                        self.sums[part] = hessian_sum(flat.shape[1])
+                        self.sums[part] = hessian_sum(flat.shape[1], self.device)
                         self.rows[part] = 0
                     add_gram(self.sums[part], flat)
                     self.rows[part] += flat.shape[0]
@@ -261,7 +264,8 @@ Fill = Callable[[Callable[[str], bool], dict[str, Hessians | None]], None]
 def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize: Quantize,
                         fill: Fill | None = None, warn: Callable[[str], None] = lambda m: None,
                         on_block: Callable[[str], None] | None = None,
-                        release: Callable[[nn.Module], None] | None = None) -> None:
+                        release: Callable[[nn.Module], None] | None = None,
+                        hessian_device: torch.device | str = "cpu") -> None:
     """Quantize every planned layer of ``module`` in place, the calibrated ones block by block (module doc).
 
     ``quantize(name, hessian)`` replaces one layer (hessian None for a data-free one). ``fill`` (streaming)
@@ -269,7 +273,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
     ``quantize`` as it is read and leaving the calibrated ones float until their Hessian is known.
     ``release(block)``: called once a quantized block is done with for now (after its last pass, and
     after each block of a whole-model pass): its weights kept in files leave the resident set; so do the
-    data-free layers' (an int4 embedding) once they are made.
+    data-free layers' (an int4 embedding) once they are made. ``hessian_device``: where the Hessians are
+    summed and factored (GPTQ's device).
     """
     planned = [p.name for p in plans if p.quantized]
     cal = [p.name for p in calibrated(plans)]
@@ -300,7 +305,7 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 block = module.get_submodule(block_name)
                 remaining = [n for n in cal if _inside(n, block_name)]
                 while remaining:  # the linears that run first (sharing one input), then the next ones
-                    hooks = HessianHooks(module, remaining)
+                    hooks = HessianHooks(module, remaining, device=hessian_device)
                     try:
                         for i, state in enumerate(states):
                             hooks.new_pass(i in held)
@@ -323,7 +328,7 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
         released = [module.get_submodule(b).register_forward_hook(lambda block, args, out: release(block))
                     for b in blocks] if release is not None else []
         for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
-            hooks = HessianHooks(module, [name], stop_after=name)
+            hooks = HessianHooks(module, [name], stop_after=name, device=hessian_device)
             try:
                 for i, batch in enumerate(batches):
                     hooks.new_pass(i in held)

@@ -255,7 +255,7 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
             release_memory()
 
     quantize_calibrated(module, plans, batches, quantize, fill, warn,
-                        release=store.release_pages if store is not None else None)
+                        release=store.release_pages if store is not None else None, hessian_device=device)
     left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if left:
         raise ExportError(f"the checkpoint left {left[0]} unset", "check that the checkpoint belongs to this model")

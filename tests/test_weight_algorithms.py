@@ -655,3 +655,21 @@ def test_the_quantize_stage_runs_gptq_without_executorch(tmp_path):
     result = json.loads(out.read_text())
     assert result["algorithms"] == ["gptq", "rtn"] and len(result["state_sha256"]) == 64  # the embedding takes rtn
     assert [name for name, _ in result["layers_done_at_s"]].count("lm.model.layers.0.mlp.down_proj") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("algorithm", ["gptq", "auto"])
+def test_the_quantize_stage_on_cuda_makes_the_cpus_bytes(tmp_path, algorithm):
+    """Export's load and quantize stages of a small Llama folder, GPTQ on the GPU (Hessians summed and
+    factored in its memory) and on the CPU: every quantized tensor the same, block by block."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_stage_bench.py"), "--shape", "small",
+                               "--layers", "2", "--dir", str(tmp_path), "--calibration-tokens", "1024",
+                               "--weight-algorithm", algorithm, "--gptq-device", device, "--json", str(out)],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[device] = json.loads(out.read_text())
+    assert results["cuda"]["block_sha256"] == results["cpu"]["block_sha256"]
+    assert results["cuda"]["state_sha256"] == results["cpu"]["state_sha256"]
