@@ -128,12 +128,15 @@ class HessianHooks:
     change once it is), so a pass holds one Hessian (not the down projection's 256 MB beside q/k/v's at 1B).
 
     ``held_out``: set before a pass whose window is held out from fitting (``--weight-algorithm auto``
-    judges on those windows): its inputs go to a second sum, ``Hessians.held_out``. ``device``: where the
+    judges on those windows): its inputs go to a second sum, ``Hessians.held_out``. ``first_group_only``:
+    the pass stops (``_Stop``) when a linear of a later group is called, so that a block pass runs only as
+    far as the group it is for (the later groups are learnt on their own passes). ``device``: where the
     sums are kept (GPTQ's device: a GPU's memory keeps them out of host memory, with the same bits)."""
 
     def __init__(self, root: nn.Module, names: list[str], stop_after: str | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", first_group_only: bool = False):
         self.device = device
+        self.first_group_only = first_group_only
         self.sums: dict[tuple[bool, int], torch.Tensor] = {}  # (held out, input group) -> sum of 2 xᵀx
         self.rows: dict[tuple[bool, int], int] = {}
         self._made: dict[int, Hessians] = {}  # input group -> its Hessians, once asked for
@@ -154,6 +157,8 @@ class HessianHooks:
                     key = self.group_of[name]
                 else:
                     key, self._groups = self._groups, self._groups + 1
+                if key > 0 and self.first_group_only:
+                    raise _Stop  # a later group's input: what the pass is for is done
                 self._seen[id(x)] = (key, x)  # holding x: its id is not reused during the pass
                 if key == 0:  # the first group only: the others' inputs change once it is quantized
                     flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
@@ -305,11 +310,14 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 block = module.get_submodule(block_name)
                 remaining = [n for n in cal if _inside(n, block_name)]
                 while remaining:  # the linears that run first (sharing one input), then the next ones
-                    hooks = HessianHooks(module, remaining, device=hessian_device)
+                    hooks = HessianHooks(module, remaining, device=hessian_device, first_group_only=True)
                     try:
                         for i, state in enumerate(states):
                             hooks.new_pass(i in held)
-                            run_block(block, state)
+                            try:
+                                run_block(block, state)
+                            except _Stop:
+                                pass
                     finally:
                         hooks.remove()
                     if not hooks.group_of:

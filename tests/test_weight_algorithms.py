@@ -640,6 +640,28 @@ def test_hessian_hooks_sum_the_first_input_group_only():
     assert torch.allclose(hooks.hessian("a").fit, 2 * x.T @ x / 5) and hooks.hessian("b") is hooks.hessian("a")
 
 
+def test_hessian_hooks_for_the_first_group_stop_the_pass_at_the_next_group():
+    """A block pass for the first group ends when a later group's linear is called: its layers never run,
+    and the first group's Hessian is the same as a whole pass's."""
+    block = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 8), "c": torch.nn.Linear(8, 4)})
+    ran_c = []
+    block["c"].register_forward_hook(lambda *_: ran_c.append(1))
+    x = torch.randn(5, 8)
+    sums = {}
+    for first_only in (False, True):
+        hooks = calibrate.HessianHooks(block, ["a", "b", "c"], first_group_only=first_only)
+        for _ in range(2):
+            hooks.new_pass()
+            try:
+                block["c"](block["a"](x) + block["b"](x))
+            except calibrate._Stop:
+                assert first_only
+        hooks.remove()
+        assert hooks.groups()[0] == ["a", "b"]
+        sums[first_only] = hooks.hessian("a").fit
+    assert len(ran_c) == 2 and torch.equal(sums[False], sums[True])  # c ran on the two whole passes only
+
+
 def test_the_quantize_stage_runs_gptq_without_executorch(tmp_path):
     """Export's load and quantize stages (benchmarks/quantize_stage_bench.py calls them) need torch,
     transformers and torchao (its quantize/dequantize ops run the quantized layers) for a calibrated int4
