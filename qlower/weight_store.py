@@ -37,8 +37,10 @@ from torch import nn
 
 from .memory import release_pages
 
-# Tensors below this stay in memory (norm weights, biases, small scales): not worth a file each.
-MIN_STORED_BYTES = 1 << 20
+# Tensors below this stay in memory (norm weights, biases): not worth a file each. The group scales,
+# zero points and group sums of a 1B model's attention projections (64-256 KB each, ~3 MB a block) go
+# to files: kept in memory they add up over the blocks.
+MIN_STORED_BYTES = 64 << 10
 
 
 class WeightStore:
