@@ -9,11 +9,12 @@ the ``nn.ModuleList`` of same-typed blocks that holds the most planned linears):
 3. for each block: its weights are read, each calibrated linear's Hessian ``H = 2/T XᵀX`` is collected
    with hooks while the block runs on the current inputs, linears are quantized in the order they run
    (those sharing one input together, each group on inputs produced by the already-quantized ones),
-   and the quantized block produces the next block's inputs;
+   and the quantized block produces the next block's inputs; streaming, a calibrated linear's weights
+   are read only once its Hessian is known, and quantized as they are read (:class:`_Pending`);
 4. calibrated layers outside the blocks (the LM head) get their inputs from a whole-model pass over the
    quantized model, stopped just before the layer.
 
-Only one block's float weights are in memory at a time. A model without such blocks falls back to step 4
+Only one block's float weights are in memory at a time (streaming: one layer's). A model without such blocks falls back to step 4
 for every layer (one whole-model pass each), with a warning.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from .config import CALIBRATED_ALGORITHMS, ExportOptions
 from .errors import CalibrationError, ExportError, first_line
 from .loader import describe_tensor, random_like, read_input_batches
+from .modules import replace_module
 from .weight_quant import Hessians, add_gram, hessian_sum, true_divide
 
 # Tokens per calibration window (each window runs from position 0), capped by the model's positions.
@@ -205,6 +207,22 @@ class HessianHooks:
             h.remove()
 
 
+class _Pending(nn.Module):
+    """In place of a calibrated linear whose weights are not read yet: zeros of its output's shape.
+
+    A block pass is for the first group of linears not yet quantized (``HessianHooks(first_group_only=True)``):
+    everything it runs before that group is quantized already, the group's Hessian is its input, and the pass
+    stops at the next group's first linear. What the group's own linears compute reaches no Hessian (the
+    block's output, computed at the end, runs the quantized layers), so they need not be there yet."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.out_features = layer.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 # --- running blocks ------------------------------------------------------------------------------------
 
 # Keyword arguments of Hugging Face decoder layers that would carry state from one call to the next.
@@ -274,8 +292,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
     """Quantize every planned layer of ``module`` in place, the calibrated ones block by block (module doc).
 
     ``quantize(name, hessian)`` replaces one layer (hessian None for a data-free one). ``fill`` (streaming)
-    reads the weights of the layers a predicate accepts, handing each planned, data-free one to
-    ``quantize`` as it is read and leaving the calibrated ones float until their Hessian is known.
+    reads the weights of the layers a predicate accepts, quantizing each one it is given a Hessian for (None:
+    data-free) as it is read; a calibrated linear is read once its Hessian is known.
     ``release(block)``: called once a quantized block is done with for now (after its last pass, and
     after each block of a whole-model pass): its weights kept in files leave the resident set; so do the
     data-free layers' (an int4 embedding) once they are made. ``hessian_device``: where the Hessians are
@@ -306,9 +324,15 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
         if blocks:
             states = capture_block_inputs(module, module.get_submodule(blocks[0]), batches)
             for block_name in blocks:
-                load(lambda layer, b=block_name: _inside(layer, b))
                 block = module.get_submodule(block_name)
                 remaining = [n for n in cal if _inside(n, block_name)]
+                # Streaming: the calibrated linears are read only when their Hessian is known, each quantized
+                # as it is read; until then a _Pending stands in for each (their float weights never
+                # wait in memory through the passes of the linears before them).
+                pending = {} if fill is None else {n: module.get_submodule(n) for n in remaining}
+                load(lambda layer, b=block_name: _inside(layer, b) and layer not in pending)
+                for name, layer in pending.items():
+                    replace_module(module, name, _Pending(layer))
                 while remaining:  # the linears that run first (sharing one input), then the next ones
                     hooks = HessianHooks(module, remaining, device=hessian_device, first_group_only=True)
                     try:
@@ -324,8 +348,13 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                         raise ExportError(f"block {block_name} did not call {remaining[0]} on the calibration inputs",
                                           "use --weight-algorithm hqq for this model")
                     group = hooks.groups()[0]
-                    for name in group:
-                        quantize(name, hooks.hessian(name))
+                    if pending:
+                        for name in group:
+                            replace_module(module, name, pending.pop(name))
+                        fill(lambda layer, g=frozenset(group): layer in g, {name: hooks.hessian(name) for name in group})
+                    else:
+                        for name in group:
+                            quantize(name, hooks.hessian(name))
                     remaining = [n for n in remaining if n not in group]
                 states = [next_state(s, run_block(block, s)) for s in states]
                 if release is not None:
