@@ -28,6 +28,7 @@ from .calibrate import calibrated, calibration_batches
 from .loader import LoadedModel
 from .memory import release_memory
 from .quantized_linear import QuantizedLinear
+from .weight_store import IN_MEMORY
 
 # The ET-VK int4 embedding shader loads 32 values at a time.
 EMBEDDING_DIM_MULTIPLE = 32
@@ -199,7 +200,8 @@ def quantize_model(loaded: LoadedModel, options: ExportOptions, warn: Callable[[
     if loaded.weights is not None:
         from .stream import fill_weights
 
-        layers = {p.name: (lambda layer, rows, plan=p: stored(quantize_layer(layer, plan, rows))) for p in plans if p.quantized and eager}
+        out = store if store is not None else IN_MEMORY
+        layers = {p.name: (lambda layer, rows, plan=p: stored(quantize_layer(layer, plan, rows, out=out))) for p in plans if p.quantized and eager}
         weights, loaded.weights = loaded.weights, None
         fill_weights(loaded.module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights)
         release_memory()
@@ -228,9 +230,10 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
     if options.gptq_device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--gptq-device cuda: torch sees no CUDA GPU", "use --gptq-device auto (the CPU when there is no GPU) or cpu")
     device = weight_quant.gptq_device(options.gptq_device)
+    out = store if store is not None else IN_MEMORY
 
     def quantize(name: str, hessian) -> None:
-        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian, device)))
+        replace_module(module, name, stored(quantize_layer(module.get_submodule(name), by_name[name], None, hessian, device, out)))
 
     fill = None
     if loaded.weights is not None:
@@ -248,7 +251,7 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
         count = ReadCount(checkpoint_bytes(module, weights))  # progress over all the block-by-block fills
 
         def fill(accept, hessians) -> None:
-            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h, device)))
+            layers = {n: (lambda layer, rows, plan=by_name[n], h=h: stored(quantize_layer(layer, plan, rows, h, device, out)))
                       for n, h in hessians.items()}
             fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept,
                          count=count)
@@ -290,7 +293,7 @@ Rows = Callable[[int, int], torch.Tensor]
 
 
 def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, hessian=None,
-                   device: torch.device | None = None) -> nn.Module:
+                   device: torch.device | None = None, out=IN_MEMORY) -> nn.Module:
     """The quantized replacement of one planned linear or embedding (eager schemes).
 
     Export's quantize stage calls this for every layer, whether the model was
@@ -302,12 +305,13 @@ def quantize_layer(layer: nn.Module, plan: LayerPlan, rows: Rows | None = None, 
     int4 values are chosen (:mod:`qlower.weight_quant`); ``gptq`` needs the
     layer's ``hessian`` (``weight_quant.Hessians``: ``2/T XᵀX`` of its calibration inputs, :mod:`qlower.calibrate`);
     ``auto`` its held-out part too, and ``plan.algorithm`` becomes what it picked (``rtn+gptq`` when the
-    row chunks of a large layer picked differently). ``device``: where GPTQ runs.
+    row chunks of a large layer picked differently). ``device``: where GPTQ runs. ``out``: where the packed
+    int4 values are written a chunk of rows at a time (a ``weight_store.WeightStore``: straight to a file).
     """
     if plan.kind == "embedding":
-        return Int4Embedding.from_float(layer, plan.group_size, rows, plan.algorithm)
+        return Int4Embedding.from_float(layer, plan.group_size, rows, plan.algorithm, out)
     picks: list[str] = []
-    quantized = quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian, picks.append, device)
+    quantized = quantize_linear(layer, plan.scheme, plan.group_size, rows, plan.algorithm, hessian, picks.append, device, out)
     if plan.algorithm == "auto":
         plan.algorithm = "+".join(sorted(set(picks)))
     return quantized
@@ -405,17 +409,18 @@ def _torchao_chunk(dynamic: bool, group_size: int, algorithm: str):
 
 def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows | None = None,
                     algorithm: str = "rtn", hessian=None, chose: Callable[[str], None] = lambda algorithm: None,
-                    device: torch.device | None = None) -> QuantizedLinear:
+                    device: torch.device | None = None, out=IN_MEMORY) -> QuantizedLinear:
     """Group-wise symmetric int4 quantization of ``layer`` as a :class:`QuantizedLinear` (torchao's
     round-to-nearest or HQQ, GPTQ from the layer's ``hessian``, or auto's pick among them: ``chose``
-    hears of it, for each chunk of rows)."""
+    hears of it, for each chunk of rows). The packed values are written into ``out.empty(...)`` a chunk
+    of rows at a time (``out.written`` hears of each)."""
     quantize_chunk = _int4_chunk_quantizer(scheme, group_size, algorithm, hessian, chose, device)
     read = _weight_rows(layer, rows)
     n, k = layer.weight.shape
     dynamic = scheme == "qta8a_qga4w"
     # A layer that fuses is packed (and its group sums taken) a chunk of rows at a time, into
     # its final buffer: its int8 values are never whole in memory.
-    packed = torch.empty(n, pack.packed_int4_width(k), dtype=torch.uint8) if q4_shape_fusable(n, k, group_size) else None
+    packed = out.empty((n, pack.packed_int4_width(k)), torch.uint8) if q4_shape_fusable(n, k, group_size) else None
     values, scales, zeros, sums = [], [], [], []
     for start, end in _row_chunks(n, k):
         qdata, scale, zero, attrs = quantize_chunk(read(start, end).to(torch.float32).contiguous())
@@ -423,6 +428,7 @@ def quantize_linear(layer: nn.Linear, scheme: str, group_size: int, rows: Rows |
         zeros.append(zero)
         if packed is not None and q4_fusable(qdata, attrs["block_size"], rows=n):
             packed[start:end] = pack.pack_int4(qdata)
+            out.written(packed[start:end])
             if dynamic:
                 sums.append(pack.row_group_sums(qdata, group_size))
             values.append(None)
@@ -477,13 +483,16 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_float(cls, layer: nn.Embedding, group_size: int, rows: Rows | None = None, algorithm: str = "rtn") -> "Int4Embedding":
+    def from_float(cls, layer: nn.Embedding, group_size: int, rows: Rows | None = None, algorithm: str = "rtn",
+                   out=IN_MEMORY) -> "Int4Embedding":
         read = _weight_rows(layer, rows)
         vocab, dim = layer.weight.shape
-        packed = torch.empty(vocab, dim // 2, dtype=torch.uint8)
-        scales = torch.empty(vocab, dim // group_size, dtype=torch.float32)
+        packed = out.empty((vocab, dim // 2), torch.uint8)
+        scales = out.empty((vocab, dim // group_size), torch.float32)
         for start, end in _row_chunks(vocab, dim):  # rows are independent: chunks bound the float temporaries
             packed[start:end], scales[start:end] = cls.quantize_rows(read(start, end).to(torch.float32).contiguous(), group_size, algorithm)
+            out.written(packed[start:end])
+            out.written(scales[start:end])
         return cls(packed, scales, group_size)
 
     @staticmethod

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import hashlib
 import itertools
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,22 +61,50 @@ class WeightStore:
             return tensor
         data = tensor.detach().contiguous()
         raw = data.view(-1).view(torch.uint8).numpy()  # one byte view of the values, no copy
-        path = self.directory / f"{next(self._count):05d}.bin"
+        path = self._new_path()
         with open(path, "wb") as f:
             f.write(memoryview(raw))
         digest = hashlib.sha256(memoryview(raw)).digest()
-        mapped = torch.from_file(str(path), shared=True, size=data.numel(), dtype=data.dtype).view(data.shape)
-        self._files[mapped.untyped_storage().data_ptr()] = (path, data.nbytes, digest)
-        self.stored_bytes += data.nbytes
+        return self._map(path, data.shape, data.dtype, digest)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor that lives in a file from the start, for a large result written a piece at a time
+        (an LM head's packed rows): :meth:`written` takes each piece out of the resident set once it is
+        written, so the whole is never in memory. Small ones are plain tensors."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or nbytes < self.min_bytes:
+            return torch.empty(shape, dtype=dtype)
+        path = self._new_path()
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        return self._map(path, shape, dtype, None)  # its sha256 once written (file_of)
+
+    def written(self, view: torch.Tensor) -> None:
+        """The contiguous ``view`` of a tensor from :meth:`empty` holds its final values: its pages leave the
+        resident set (they stay in the file). Anything else is left alone."""
+        if view.device.type == "cpu" and view.is_contiguous() and view.untyped_storage().data_ptr() in self._files:
+            release_pages(view.data_ptr(), view.nbytes)
+
+    def _new_path(self) -> Path:
+        return self.directory / f"{next(self._count):05d}.bin"
+
+    def _map(self, path: Path, shape, dtype: torch.dtype, digest: bytes | None) -> torch.Tensor:
+        numel = math.prod(shape)
+        mapped = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        self._files[mapped.untyped_storage().data_ptr()] = (path, numel * dtype.itemsize, digest)
+        self.stored_bytes += numel * dtype.itemsize
         return mapped
 
     def file_of(self, tensor: torch.Tensor) -> tuple[Path, bytes] | None:
         """(file, sha256) when ``tensor`` is exactly a stored file's contents (not a view of part of it)."""
         if tensor.device.type != "cpu":
             return None
-        entry = self._files.get(tensor.untyped_storage().data_ptr())
+        key = tensor.untyped_storage().data_ptr()
+        entry = self._files.get(key)
         if entry is None or not tensor.is_contiguous() or tensor.storage_offset() != 0 or tensor.nbytes != entry[1]:
             return None
+        if entry[2] is None:  # made by empty(): hashed from its file once asked (read, not mapped)
+            entry = self._files[key] = (entry[0], entry[1], _file_sha256(entry[0]))
         return entry[0], entry[2]
 
     def adopt(self, module: nn.Module) -> nn.Module:
@@ -106,6 +135,28 @@ class WeightStore:
         self._files.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 
+
+class InMemory:
+    """Where large results go without a store (``WeightStore.empty``/``written``'s counterparts): memory."""
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def written(view: torch.Tensor) -> None:
+        pass
+
+
+IN_MEMORY = InMemory()
+
+
+def _file_sha256(path: Path, piece: int = 8 << 20) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(piece):
+            digest.update(chunk)
+    return digest.digest()
 
 
 @contextlib.contextmanager

@@ -64,6 +64,50 @@ def test_release_pages_takes_a_read_store_weight_out_of_the_resident_set(tmp_pat
     store.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_a_tensor_made_in_the_store_is_written_a_piece_at_a_time_and_never_resident(tmp_path):
+    store = WeightStore(tmp_path, "out.pte", min_bytes=1024)
+    small = store.empty((4, 4), torch.uint8)
+    assert store.file_of(small) is None
+    store.written(small)  # not a store file: left alone
+    rows = 8192
+    before = _resident_kb()
+    made = store.empty((rows, 8192), torch.uint8)  # 64 MB
+    want = torch.randint(0, 256, (1024, 8192), dtype=torch.uint8)
+    for start in range(0, rows, 1024):
+        made[start:start + 1024] = want
+        store.written(made[start:start + 1024])
+    assert _resident_kb() - before < 16 * 1024  # each piece left the resident set once written
+    path, digest = store.file_of(made)
+    whole = want.repeat(rows // 1024, 1)
+    assert torch.equal(made, whole) and path.read_bytes() == whole.numpy().tobytes()
+    assert digest == __import__("hashlib").sha256(whole.numpy().tobytes()).digest()
+    assert store.put(made) is made and store.stored_bytes == rows * 8192
+    store.close()
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
+def test_a_layer_quantized_into_the_store_has_the_bytes_it_has_in_memory(tmp_path, monkeypatch, algorithm):
+    """Packed straight into its file a chunk of rows at a time (a large LM head): the same values as in memory."""
+    from qlower import quantize
+
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 96 * 64 * 4)  # 64 rows a chunk: several chunks
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 200, bias=False)
+    store = WeightStore(tmp_path, "out.pte", min_bytes=1024)
+    in_memory = quantize.quantize_linear(layer, "qta8a_qga4w", 32, algorithm=algorithm)
+    in_store = quantize.quantize_linear(layer, "qta8a_qga4w", 32, algorithm=algorithm, out=store)
+    assert store.file_of(in_store.weight) is not None and store.file_of(in_memory.weight) is None
+    for name, value in in_memory.state_dict().items():
+        assert torch.equal(value, in_store.state_dict()[name]), name
+    table = nn.Embedding(200, 96)
+    emb = Int4Embedding.from_float(table, 32, out=store)
+    assert store.file_of(emb.packed) is not None and store.file_of(emb.scales) is not None
+    plain = Int4Embedding.from_float(table, 32)
+    assert torch.equal(emb.packed, plain.packed) and torch.equal(emb.scales, plain.scales)
+    store.close()
+
+
 def test_export_never_copies_a_large_constant_into_memory(tmp_path, monkeypatch):
     """Lowering takes every stored constant as its file (none goes through ExecuTorch's bytes copy),
     the fuse stage reads no packed weight, the scratch files are gone after, and the file is byte for
