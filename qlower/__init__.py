@@ -5,6 +5,9 @@ ExecuTorch (quietly, see console.import_heavy_libraries) on first use.
 """
 
 from .errors import QlowerError
+from .memory import no_blas_buffer_cache
+
+no_blas_buffer_cache()
 
 __all__ = ["export", "QlowerError"]
 __version__ = "0.1.0"

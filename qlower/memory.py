@@ -14,6 +14,7 @@ import ctypes
 import functools
 import gc
 import mmap
+import os
 import resource
 import sys
 
@@ -71,6 +72,14 @@ class PeakMeter:
 
     def peak_mb(self) -> float:
         return max([self.before, *self.peaks.values()])
+
+
+def no_blas_buffer_cache() -> None:
+    """MKL (torch's CPU BLAS and LAPACK) keeps freed work buffers in a cache of its own per thread
+    unless ``MKL_DISABLE_FAST_MM`` is set when it starts: on a 16-core host those caches held about
+    100 MB of a GPTQ export's peak (1B shape, measured), for no measurable speed. Set here when the
+    package is imported (before torch runs anything), unless the environment says otherwise."""
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
