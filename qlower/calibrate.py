@@ -320,6 +320,10 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
             release(module)
 
     load(lambda layer: not in_blocks(layer) and not any(_inside(layer, n) for n in outside))
+    # A data-free layer outside the blocks (an int4 embedding) reads a few rows a call, but each read maps
+    # in the file's pages around it (the kernel's fault-around): over a pass, most of a 1B model's table.
+    released = [module.get_submodule(n).register_forward_hook(lambda layer, args, out: release(layer))
+                for n in data_free if not in_blocks(n)] if release is not None else []
     with torch.no_grad():
         if blocks:
             states = capture_block_inputs(module, module.get_submodule(blocks[0]), batches)
@@ -362,8 +366,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 if on_block is not None:
                     on_block(block_name)
             del states
-        released = [module.get_submodule(b).register_forward_hook(lambda block, args, out: release(block))
-                    for b in blocks] if release is not None else []
+        released += [module.get_submodule(b).register_forward_hook(lambda block, args, out: release(block))
+                     for b in blocks] if release is not None else []
         for name in outside:  # the LM head (or every layer without blocks): a whole-model pass each
             hooks = HessianHooks(module, [name], stop_after=name, device=hessian_device)
             try:
