@@ -335,8 +335,8 @@ def quantize_calibrated(module: nn.Module, plans, batches: list[tuple], quantize
                 # wait in memory through the passes of the linears before them).
                 pending = {} if fill is None else {n: module.get_submodule(n) for n in remaining}
                 load(lambda layer, b=block_name: _inside(layer, b) and layer not in pending)
-                for name, layer in pending.items():
-                    replace_module(module, name, _Pending(layer))
+                for name in pending:  # (no loop variable left holding a layer, whose weight fill will set)
+                    replace_module(module, name, _Pending(pending[name]))
                 while remaining:  # the linears that run first (sharing one input), then the next ones
                     hooks = HessianHooks(module, remaining, device=hessian_device, first_group_only=True)
                     try:

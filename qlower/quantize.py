@@ -255,7 +255,8 @@ def _quantize_calibrated(loaded: LoadedModel, options: ExportOptions, plans: lis
                       for n, h in hessians.items()}
             fill_weights(module, weights, layers, transposed, on_layer, unexpected=loaded.unexpected_weights, only=accept,
                          count=count)
-            release_memory()
+            if not any(h is not None for h in hessians.values()):  # once a block, not after each group of linears
+                release_memory()
 
     quantize_calibrated(module, plans, batches, quantize, fill, warn,
                         release=store.release_pages if store is not None else None, hessian_device=device)
