@@ -78,7 +78,7 @@ def no_blas_buffer_cache() -> None:
     """MKL (torch's CPU BLAS and LAPACK) keeps freed work buffers in a cache of its own per thread
     unless ``MKL_DISABLE_FAST_MM`` is set when it starts: on a 16-core host those caches held about
     100 MB of a GPTQ export's peak (1B shape, measured), for no measurable speed. Set here when the
-    package is imported (before torch runs anything), unless the environment says otherwise."""
+    package is imported (MKL reads it before its first allocation), unless the environment has it."""
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
