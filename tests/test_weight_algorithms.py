@@ -171,6 +171,40 @@ def test_streamed_gptq_is_the_whole_load_bit_for_bit(folders, calibration_file, 
         assert torch.equal(whole(TOKENS), streamed(TOKENS))
 
 
+@pytest.mark.parametrize("family,algorithm", [("gpt2", "gptq"), ("qwen2", "auto")])
+def test_streamed_calibration_reads_each_linear_once_its_hessian_is_known_with_the_whole_loads_bits(tmp_path, family, algorithm):
+    """Streaming, a block's calibrated linears are read only when their Hessian is known (stand-ins run in
+    their place until then): the same bits as the whole load, whose float linears run in the passes. GPT-2:
+    one fused q/k/v projection stored transposed, biases; Qwen2: q/k/v biases, GQA."""
+    import transformers
+
+    from .test_stream import TOKENS, both_ways
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.Qwen2ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "model"))
+    gen = torch.Generator().manual_seed(1)
+    calibration = tmp_path / "cal.pt"
+    torch.save([(torch.randint(0, 256, (1, 24), generator=gen),) for _ in range(4)], calibration)
+    options = make_options(group_size=32, kv_cache=False, weight_algorithm=algorithm, calibration=str(calibration),
+                           quantize_embeddings=True)
+    (whole, plans_w), (streamed, plans_s) = both_ways(tmp_path / "model", options)
+    assert [p.to_dict() for p in plans_w] == [p.to_dict() for p in plans_s]
+    assert sum(p.quantized for p in plans_s) >= 9
+    assert list(whole.state_dict()) == list(streamed.state_dict())
+    for (name, a), b in zip(whole.state_dict().items(), streamed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not any(isinstance(m, calibrate._Pending) for m in streamed.modules())
+    with torch.no_grad():
+        assert torch.equal(whole(TOKENS), streamed(TOKENS))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_streamed_gptq_progress_counts_the_whole_checkpoint(folders, calibration_file, tied):
     """Filled a decoder block at a time, the progress is the whole checkpoint's: one total, a fraction that
