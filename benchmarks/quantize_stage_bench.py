@@ -13,6 +13,8 @@ The folder (random bf16 weights, written shard by shard) and the calibration win
 are made in ``--dir`` when missing, the folder by a child process. Peak host memory is the measuring
 process's high-water mark (VmHWM) over both stages, imports included, as ``/usr/bin/time`` would report it
 for an export of an existing folder; quantized weights go to files as they do in export (``weight_store``).
+``--breakdown`` also samples where that memory goes (``host_memory.py``): at each stage's peak, resident
+memory by mapping, malloc's in-use bytes and the largest CPU tensors Python holds.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="sample where host memory goes (benchmarks/host_memory.py): at each block's peak, RSS by mapping, "
+                         "malloc's in-use bytes and the largest CPU tensors; the JSON gets a 'host_memory' entry")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,12 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     # layers quantized (and how) are the same either way.
     options = ExportOptions(scheme="qta8a_qga4w", group_size=args.group_size, quantize_embeddings=True, kv_cache=False,
                             weight_algorithm=args.weight_algorithm, calibration=str(calibration), gptq_device=args.gptq_device)
+    sampler = None
+    if args.breakdown:
+        from host_memory import StageSampler, mallinfo_mb, status_mb
+
+        baseline = {"before_stages": dict(status_mb(), malloc_mb=mallinfo_mb())}
+        if args.weight_algorithm in ("gptq", "auto") and args.gptq_device != "cpu" and torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # what CUDA's context itself holds, before any work
+            baseline["after_cuda_init"] = dict(status_mb(), malloc_mb=mallinfo_mb())
+        sampler = StageSampler().start()
     start = time.perf_counter()
     layer_times: list[tuple[str, float]] = []
 
     def on_layer(progress) -> None:
         layer_times.append((progress.layer, round(time.perf_counter() - start, 1)))
         print(f"  {progress.layer}: {layer_times[-1][1]} s", file=sys.stderr)
+        if sampler is not None:  # stages named by the last layer done (the LM head's passes come after the last block)
+            sampler.stage(f"after {_block_of(progress.layer)}")
 
     return_freed_memory()  # as export does before its stages
     store = WeightStore(args.dir, "bench.pte")  # quantized weights go to files as export's do
@@ -131,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         module, plans = quantize_model(loaded, options, lambda m: print("warning:", m, file=sys.stderr), on_layer=on_layer, store=store)
         total_s = time.perf_counter() - start
         peak = hwm_mb()
+        host_memory = dict(baseline=baseline, **sampler.stop()) if sampler is not None else None
         digest, blocks = state_hash(module)
     finally:
         store.close()
@@ -144,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_host_rss_mb": round(peak), "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         "layers_done_at_s": layer_times, "algorithms": sorted({p.algorithm for p in plans if p.quantized}),
         "state_sha256": digest, "block_sha256": blocks,
+        **({"host_memory": host_memory} if host_memory is not None else {}),
     }
-    print(json.dumps({k: v for k, v in result.items() if k not in ("layers_done_at_s", "block_sha256")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("layers_done_at_s", "block_sha256", "host_memory")}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

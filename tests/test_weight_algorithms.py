@@ -704,13 +704,34 @@ def test_the_quantize_stage_runs_gptq_without_executorch(tmp_path):
     code = ("import runpy, sys\n"
             "sys.modules.update(executorch=None)  # as if not installed\n"
             f"sys.argv = ['bench', '--shape', 'small', '--layers', '1', '--dir', {str(tmp_path)!r}, "
-            f"'--calibration-tokens', '1024', '--json', {str(out)!r}]\n"
+            f"'--calibration-tokens', '1024', '--breakdown', '--json', {str(out)!r}]\n"
             f"runpy.run_path({str(ROOT / 'benchmarks' / 'quantize_stage_bench.py')!r}, run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["algorithms"] == ["gptq", "rtn"] and len(result["state_sha256"]) == 64  # the embedding takes rtn
     assert [name for name, _ in result["layers_done_at_s"]].count("lm.model.layers.0.mlp.down_proj") == 1
+    # --breakdown: where the memory went, sampled while the stages ran
+    memory = result["host_memory"]
+    assert memory["peak"]["VmRSS"] > memory["baseline"]["before_stages"]["VmRSS"] > 0
+    assert set(memory["at_each_stage_peak"]) <= {"start", "after lm.model.embed_tokens", "after lm.model.norm",
+                                                 "after lm.model.layers.0", "after lm.lm_head"}
+    first = memory["at_each_stage_peak"]["start"]
+    assert dict(first["by_mapping_mb"]).get("[anon]", 0) > 0 and first["rss_mb"] >= sum(mb for _, mb in first["by_mapping_mb"])
+
+
+def test_host_memory_sees_a_large_cpu_tensor_and_where_it_lives():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import host_memory
+
+    before = host_memory.status_mb()
+    big = torch.ones(64 << 18)  # 64 MB, touched
+    held = host_memory.live_cpu_tensors(top=50)
+    assert [64, [64 << 18], "float32"] in [list(row) for row in held["top"]] and held["total_mb"] >= 64
+    assert host_memory.status_mb()["RssAnon"] >= before["RssAnon"] + 60
+    malloc = host_memory.mallinfo_mb()
+    assert malloc is None or (malloc["mapped"] >= 64 and malloc["in_use"] > 0)  # a large buffer is a mapped chunk of its own
+    del big
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -729,3 +750,20 @@ def test_the_quantize_stage_on_cuda_makes_the_cpus_bytes(tmp_path, algorithm):
         results[device] = json.loads(out.read_text())
     assert results["cuda"]["block_sha256"] == results["cpu"]["block_sha256"]
     assert results["cuda"]["state_sha256"] == results["cpu"]["state_sha256"]
+
+
+def test_gptq_host_memory_steps_measures_each_step(tmp_path):
+    """benchmarks/gptq_host_memory_steps.py: RSS and malloc's in-use bytes after each of GPTQ's steps (here on the
+    CPU; on a GPU host with --device cuda), and one error line for a GPU torch does not see."""
+    script = str(ROOT / "benchmarks" / "gptq_host_memory_steps.py")
+    out = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--k", "256", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["step"] for s in steps][-5:] == ["its factor", "gptq #1 (2048 x 256)", "gptq #2 (2048 x 256)",
+                                               "gptq #3 (8192 x 256)", "all freed"]
+    assert all(s["VmRSS"] >= s["RssAnon"] > 0 for s in steps) and steps[1]["VmRSS"] > steps[0]["VmRSS"]  # the imports
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: torch sees no CUDA GPU; run with --device cpu"
