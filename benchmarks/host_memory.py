@@ -15,18 +15,14 @@ import gc
 import threading
 import time
 
+from qlower.memory import status_kb
+
 _STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
 
 def status_mb() -> dict[str, int]:
     """VmRSS, VmHWM and the RSS split (anonymous, file, shared memory) in MB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _STATUS_KEYS:
-                out[key] = int(value.split()[0]) // 1024
-    return out
+    return {key: kb // 1024 for key, kb in status_kb(_STATUS_KEYS).items()}
 
 
 def _mapping_name(fields: list[str]) -> str:
@@ -95,8 +91,8 @@ def live_cpu_tensors(top: int = 8, min_mb: int = 1) -> dict:
 class StageSampler:
     """Samples this process's memory in a thread; :meth:`stage` names what runs now."""
 
-    def __init__(self, interval: float = 0.05, tensors: bool = True):
-        self.interval, self.tensors = interval, tensors
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
         self.current = "start"
         self.peak: dict = {"VmRSS": 0}
         self.stages: dict[str, dict] = {}
@@ -128,4 +124,4 @@ class StageSampler:
                 self._last_breakdown = time.perf_counter()
                 self.stages[stage] = {"rss_mb": now["VmRSS"], "anon_mb": now["RssAnon"], "t_s": t,
                                       "by_mapping_mb": smaps_by_mapping(), "malloc_mb": mallinfo_mb(),
-                                      "cpu_tensors": live_cpu_tensors() if self.tensors else None}
+                                      "cpu_tensors": live_cpu_tensors()}

@@ -22,15 +22,22 @@ STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _status_kb(key: str) -> int | None:
+def status_kb(keys) -> dict[str, int]:
+    """The ``/proc/self/status`` fields named in ``keys`` (kB), read in one pass; {} without procfs."""
+    found = {}
     try:
         with open(STATUS) as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key, _, value = line.partition(":")
+                if key in keys:
+                    found[key] = int(value.split()[0])
     except OSError:
-        return None
-    return None
+        return {}
+    return found
+
+
+def _status_kb(key: str) -> int | None:
+    return status_kb((key,)).get(key)
 
 
 def rss_mb() -> float | None:
