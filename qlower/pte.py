@@ -625,14 +625,10 @@ def _limit_child(budget: int) -> None:
 
 
 def _address_space_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .memory import status_kb
+
+    kb = status_kb(("VmSize",)).get("VmSize")
+    return kb * 1024 if kb is not None else None
 
 
 # --- summaries ---------------------------------------------------------------
