@@ -144,6 +144,11 @@ def to_cpu(x: torch.Tensor) -> torch.Tensor:
     return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
+def on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when it is in host memory, else a contiguous CPU copy (:func:`to_cpu`)."""
+    return x if x.device.type == "cpu" else to_cpu(x)
+
+
 def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
                     consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor U of the dampened H⁻¹ (H⁻¹ = UᵀU), mask of dead input columns), both in the
@@ -168,7 +173,7 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
     diag[dead] = 1.0
     mean = torch.mean(diag)
     reverse = order.flip(0)  # the working copy's order: the visiting order reversed
-    dead_reversed = dead.flip(0).to(h.device)
+    dead_reversed = dead.flip(0)
     in_place = consume and _owns_storage(h)
     if in_place:
         storage, spill = h.untyped_storage(), _spill(h)
@@ -185,15 +190,14 @@ def prepare_hessian(h: torch.Tensor, damp: float, perm: torch.Tensor | None = No
             if attempt:
                 _unspill(spill, _view(storage, torch.float32, k))
             _widen_in_place(storage, k)
-            _permute_in_place(work, reverse)
         else:
-            on_device = reverse.to(h.device)
             for start in range(0, k, _PREPARE_ROWS):
-                rows = on_device[start:start + _PREPARE_ROWS]
-                work[start:start + len(rows)] = h[rows][:, on_device]
-        on_diag = work.diagonal()
+                work[start:start + _PREPARE_ROWS] = h[start:start + _PREPARE_ROWS]
+        _permute_in_place(work, reverse)
+        on_diag = on_cpu(work.diagonal()).clone()
         on_diag[dead_reversed] = 1.0
-        on_diag += extra.to(h.device)
+        on_diag += extra
+        work.diagonal().copy_(on_diag)
 
     try:
         extra = damp * mean
@@ -260,7 +264,7 @@ def _zero_upper_in_place(a: torch.Tensor) -> None:
     """a's strict upper triangle ← 0 (a tile at a time)."""
     for rows, cols in _tiles(a.shape[0]):
         if rows == cols:
-            a[rows, cols] = torch.tril(a[rows, cols])
+            a[rows, cols] = torch.tril(on_cpu(a[rows, cols]))
         else:
             a[rows, cols] = 0
 
@@ -271,11 +275,11 @@ def _rotate_in_place(a: torch.Tensor) -> None:
     half = k // 2
     for r0 in range(0, half, _PREPARE_ROWS):
         r1 = min(half, r0 + _PREPARE_ROWS)
-        top = a[r0:r1].clone()
-        a[r0:r1] = a[k - r1:k - r0].flip(0, 1)
+        top = to_cpu(a[r0:r1])
+        a[r0:r1] = on_cpu(a[k - r1:k - r0]).flip(0, 1)
         a[k - r1:k - r0] = top.flip(0, 1)
     if k % 2:
-        a[half] = a[half].flip(0)
+        a[half] = on_cpu(a[half]).flip(0)
 
 
 def _with_room(k: int, device: torch.device | str) -> torch.Tensor:
@@ -370,9 +374,8 @@ def _permute_in_place(work: torch.Tensor, order: torch.Tensor) -> None:
                 break
             work[row] = work[source]
             row = source
-    order = order.to(work.device)
-    for start in range(0, len(targets), _PREPARE_ROWS):
-        work[start:start + _PREPARE_ROWS] = work[start:start + _PREPARE_ROWS][:, order]
+    for start in range(0, len(targets), _PREPARE_ROWS):  # indexed on the CPU (so are all of a GPU's indexes)
+        work[start:start + _PREPARE_ROWS] = on_cpu(work[start:start + _PREPARE_ROWS])[:, order]
 
 
 def _spill(h: torch.Tensor):
@@ -439,12 +442,14 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     """
     p = prepared if prepared is not None else prepare(h, settings)
     dev = torch.device(device) if device is not None else w.device
-    source = w.to(dev, torch.float32)  # not changed: the loop works on a permuted copy
+    # Everything but the column loop's arithmetic runs on the CPU: the scale search, the masks and the
+    # permutations. On a GPU each kind of kernel costs host memory once first used (its module is loaded),
+    # so the loop keeps to a few kinds (copies, + − × ÷, round, clamp and the float64 product).
+    source = on_cpu(w).to(torch.float32)  # not changed: the loop works on a permuted copy
     n, k = source.shape
     groups = k // group_size
-    dead = p.dead.to(dev)
-    diag = p.diag.to(dev)
-    scales = torch.empty(n, groups, dtype=torch.float32, device=dev)
+    dead, diag = p.dead.cpu(), p.diag.cpu()
+    scales = torch.empty(n, groups, dtype=torch.float32)
     if settings.act_order:
         for g in range(groups):
             cols = slice(g * group_size, (g + 1) * group_size)
@@ -452,13 +457,19 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             if bool(dead[cols].any()):
                 block = block.masked_fill(dead[cols], 0.0)
             scales[:, g] = group_scales(block, settings.scales, diag[cols])
-    perm = p.perm.to(dev)
-    w = source[:, perm]  # a copy: the visiting order
+    perm = p.perm.cpu()
+    dead_visited = dead[perm]
+    w = torch.empty(n, k, dtype=torch.float32, device=dev)  # the visiting order, filled a slab of rows at a time
+    step = max(1, _UPDATE_BYTES // (4 * k))
+    for r0 in range(0, n, step):
+        rows = source[r0:r0 + step][:, perm]
+        rows[:, dead_visited] = 0
+        w[r0:r0 + step] = rows
     del source
-    w[:, dead[perm]] = 0
+    device_scales = scales.to(dev) if settings.act_order else torch.empty(n, groups, dtype=torch.float32, device=dev)
     # The lazy update's float64 product, a slab of rows at a time on the CPU (bounds its temporaries).
     slab = n if dev.type != "cpu" else max(1, _UPDATE_BYTES // (8 * k))
-    group_of = (p.perm // group_size).tolist()  # the (original) group of each visited column
+    group_of = (perm // group_size).tolist()  # the (original) group of each visited column
     u = p.u.to(dev)
     q = torch.zeros(n, k, dtype=torch.int8, device=dev)
     for b0 in range(0, k, settings.block):
@@ -470,9 +481,12 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             g = group_of[col]
             if not settings.act_order and col % group_size == 0:
                 # the group's columns: the rest of this block (updated so far) then the later ones
-                current = torch.cat([wb[:, i:], w[:, b1:]], dim=1)[:, :group_size]
+                current = on_cpu(wb[:, i:i + group_size])
+                if current.shape[1] < group_size:
+                    current = torch.cat([current, on_cpu(w[:, b1:b1 + group_size - current.shape[1]])], dim=1)
                 scales[:, g] = group_scales(current, settings.scales, diag[col:col + group_size])
-            s = scales[:, g]
+                device_scales[:, g] = scales[:, g]
+            s = device_scales[:, g]
             column = wb[:, i]
             qc = (column / s).round().clamp(QMIN, QMAX)
             q[:, col] = qc.to(torch.int8)
@@ -483,7 +497,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
             later = u[b0:b1, b1:].to(torch.float64)
             for r0 in range(0, n, slab):
                 w[r0:r0 + slab, b1:] -= (err[r0:r0 + slab].to(torch.float64) @ later).to(torch.float32)
-    return q[:, torch.argsort(perm)].contiguous().cpu(), scales.cpu()
+    return on_cpu(q)[:, torch.argsort(perm)].contiguous(), scales
 
 
 class Hessians:
