@@ -436,9 +436,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     with act-order the scales are chosen up front from the original weights (static groups) and the
     columns are visited by decreasing ``H`` diagonal. ``prepared``: :func:`prepare`'s result, when
     quantizing a weight a chunk of rows at a time (``h`` may then be None). ``device``: where the column
-    loop runs (default: ``w``'s); every step is an elementwise float32 operation, rounded alike on a
-    CUDA device and the CPU, except the lazy block update and the scale search's sums, which run in
-    float64 so that their different summation orders round to the same float32 values.
+    loop runs (default: ``w``'s); every step there is an elementwise float32 operation, rounded alike on a
+    CUDA device and the CPU, except the lazy block update, which runs in float64 so that the different
+    summation orders round to the same float32 values. The scale search always runs on the CPU.
     """
     p = prepared if prepared is not None else prepare(h, settings)
     dev = torch.device(device) if device is not None else w.device

@@ -767,3 +767,42 @@ def test_gptq_host_memory_steps_measures_each_step(tmp_path):
     if not torch.cuda.is_available():
         proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: torch sees no CUDA GPU; run with --device cpu"
+
+
+@pytest.mark.parametrize("settings", [wq.GptqSettings(), wq.GptqSettings(act_order=False, block=48), TOY])
+def test_gptq_with_every_host_read_a_copy_gives_the_same_bits(monkeypatch, settings):
+    """On a GPU every read of the matrices into host memory (masks, permutations, tiles, a group's columns
+    for its scale search) is a copy, where on the CPU it is the tensor itself: made copies here too, dead
+    columns, odd widths and consumed Hessians give the same factor and the same values and scales."""
+    gen = torch.Generator().manual_seed(5)
+    for n, k, group in ((40, 192, 64), (9, 96, 32)):
+        x, = _inputs(256, k, gen)
+        x[:, 3] = 0  # a column the calibration never saw
+        h = 2 * x.T @ x / len(x)
+        w = torch.randn(n, k, generator=gen) * 0.05
+        results = []
+        for copies in (False, True):
+            if copies:
+                monkeypatch.setattr(wq, "on_cpu", wq.to_cpu)
+            owned = wq.hessian_sum(k)
+            owned.copy_(h)
+            prepared = wq.Hessians(owned, owned=True).prepared(settings=settings)
+            results.append((prepared.u, *wq.gptq(w, None, group, settings, prepared)))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+def test_cuda_kernel_host_memory_runs_its_operations_and_needs_a_gpu():
+    """benchmarks/cuda_kernel_host_memory.py: every operation it times runs (here on the CPU), and without a
+    GPU it says so in one line (exit 1)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cuda_kernel_host_memory as bench
+
+    ops = bench.operations(torch, "cpu")
+    assert len({name for name, _ in ops}) == len(ops)
+    for _, run in ops:
+        run()
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_kernel_host_memory.py")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: torch sees no CUDA GPU; run this on a GPU host"
