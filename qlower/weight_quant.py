@@ -466,7 +466,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
         rows[:, dead_visited] = 0
         w[r0:r0 + step] = rows
     del source
-    device_scales = scales.to(dev) if settings.act_order else torch.empty(n, groups, dtype=torch.float32, device=dev)
+    device_scales = scales.to(dev)  # the scales themselves on the CPU; without act-order each group's is set below
     # The lazy update's float64 product, a slab of rows at a time on the CPU (bounds its temporaries).
     slab = n if dev.type != "cpu" else max(1, _UPDATE_BYTES // (8 * k))
     group_of = (perm // group_size).tolist()  # the (original) group of each visited column
@@ -485,7 +485,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
                 if current.shape[1] < group_size:
                     current = torch.cat([current, on_cpu(w[:, b1:b1 + group_size - current.shape[1]])], dim=1)
                 scales[:, g] = group_scales(current, settings.scales, diag[col:col + group_size])
-                device_scales[:, g] = scales[:, g]
+                if device_scales is not scales:
+                    device_scales[:, g] = scales[:, g]
             s = device_scales[:, g]
             column = wb[:, i]
             qc = (column / s).round().clamp(QMIN, QMAX)
