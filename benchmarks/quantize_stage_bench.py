@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_layer(progress) -> None:
         layer_times.append((progress.layer, round(time.perf_counter() - start, 1)))
-        print(f"  {progress.layer}: {layer_times[-1][1]} s", file=sys.stderr)
+        print(f"  {progress.layer}: {layer_times[-1][1]} s, peak RSS so far {hwm_mb():.0f} MB", file=sys.stderr)
         if sampler is not None:  # stages named by the last layer done (the LM head's passes come after the last block)
             sampler.stage(f"after {_block_of(progress.layer)}")
 

@@ -90,20 +90,56 @@ MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 … 0.6
 
 
 def mse_scales(w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row scale of ``w`` [N, g] (one group) minimising the (``weight``-weighted) squared rounding error
-    over clip ratios of max|w|. The errors are summed in float64, so that a CUDA device and the CPU (whose
-    sums run in other orders) pick the same ratio."""
+    """Per row of ``w`` [..., g] (groups along the last dimension) the scale minimising the
+    (``weight``-weighted, ``weight`` broadcasting against ``w``) squared rounding error over clip ratios of
+    max|w|. The errors are summed in float64, so that a CUDA device and the CPU (whose sums run in other
+    orders) pick the same ratio. Every group is searched on its own: [N, G, g] gives the scales of G groups
+    at once, the same as G calls on [N, g]."""
     amax = w.abs().amax(dim=-1).clamp_min(EPS)
     best = _over_rtn_divisor(amax)
     best_err = torch.full_like(amax, float("inf"), dtype=torch.float64)
+    weight = weight.to(w.device, torch.float64) if weight is not None else None
+    err = torch.empty_like(w)  # the rounding error of one ratio, made in place (the same values as out of place)
     for ratio in MSE_CLIP_RATIOS:
         s = _over_rtn_divisor(amax * ratio).clamp_min(EPS)
-        err = ((w - (w / s.unsqueeze(-1)).round().clamp(QMIN, QMAX) * s.unsqueeze(-1)) ** 2).to(torch.float64)
-        err = (err * weight.to(err.device, torch.float64)).sum(-1) if weight is not None else err.sum(-1)
-        better = err < best_err
+        scale = s.unsqueeze(-1)
+        torch.div(w, scale, out=err).round_().clamp_(QMIN, QMAX).mul_(scale)
+        torch.sub(w, err, out=err).mul_(err)
+        squared = err.to(torch.float64)
+        total = squared.mul_(weight).sum(-1) if weight is not None else squared.sum(-1)
+        better = total < best_err
         best = torch.where(better, s, best)
-        best_err = torch.where(better, err, best_err)
+        best_err = torch.where(better, total, best_err)
     return best
+
+
+# Values searched at once by static_scales (a slab of rows, all their groups): stays in the CPU's caches.
+_SEARCH_VALUES = 1 << 18
+
+
+def static_scales(w: torch.Tensor, group_size: int, how: str, weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Scales [N, K / group_size] of every group of ``w`` [N, K] (``how``: one of GPTQ_SCALE_CHOICES), the
+    ``dead`` input columns counted as zeros, ``weight`` [K] weighting the "mse" search: the same values as
+    :func:`group_scales` on each group. "mse" searches a slab of rows' groups at once."""
+    n, k = w.shape
+    groups = k // group_size
+    scales = torch.empty(n, groups, dtype=torch.float32)
+    if how != "mse":
+        for g in range(groups):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            block = w[:, cols]
+            if bool(dead[cols].any()):
+                block = block.masked_fill(dead[cols], 0.0)
+            scales[:, g] = group_scales(block, how, weight[cols])
+        return scales
+    by_group = weight.reshape(groups, group_size)
+    step = max(1, _SEARCH_VALUES // k)
+    for r0 in range(0, n, step):
+        rows = w[r0:r0 + step]
+        if bool(dead.any()):
+            rows = rows.masked_fill(dead, 0.0)
+        scales[r0:r0 + step] = mse_scales(rows.reshape(-1, groups, group_size), by_group)
+    return scales
 
 
 def group_scales(w: torch.Tensor, how: str, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -449,14 +485,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor | None, group_size: int, settings: Gpt
     n, k = source.shape
     groups = k // group_size
     dead, diag = p.dead.cpu(), p.diag.cpu()
-    scales = torch.empty(n, groups, dtype=torch.float32)
-    if settings.act_order:
-        for g in range(groups):
-            cols = slice(g * group_size, (g + 1) * group_size)
-            block = source[:, cols]
-            if bool(dead[cols].any()):
-                block = block.masked_fill(dead[cols], 0.0)
-            scales[:, g] = group_scales(block, settings.scales, diag[cols])
+    if settings.act_order:  # static groups: every scale chosen up front, from the original weights
+        scales = static_scales(source, group_size, settings.scales, diag, dead)
+    else:
+        scales = torch.empty(n, groups, dtype=torch.float32)
     perm = p.perm.cpu()
     dead_visited = dead[perm]
     w = torch.empty(n, k, dtype=torch.float32, device=dev)  # the visiting order, filled a slab of rows at a time

@@ -792,6 +792,30 @@ def test_gptq_with_every_host_read_a_copy_gives_the_same_bits(monkeypatch, setti
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("how", wq.GPTQ_SCALE_CHOICES)
+def test_static_scales_are_each_groups_own_search(monkeypatch, how):
+    """act-order's scales, searched a slab of rows' groups at once, are what each group's own search picks
+    (dead columns as zeros), for slabs that split the rows unevenly and for one slab of all rows; the mse
+    search of [N, G, g] is G searches of [N, g]."""
+    gen = torch.Generator().manual_seed(11)
+    for n, k, group, slab_values in ((37, 320, 64, 5 * 320), (8, 96, 32, 1 << 18), (300, 128, 128, 7 * 128)):
+        monkeypatch.setattr(wq, "_SEARCH_VALUES", slab_values)
+        w = torch.randn(n, k, generator=gen) * torch.rand(1, k, generator=gen)
+        w[3, : group // 2] *= 40  # an outlier the clip search has to weigh
+        weight = torch.rand(k, generator=gen) + 0.05
+        dead = torch.zeros(k, dtype=torch.bool)
+        dead[[1, k - 2]] = True
+        got = wq.static_scales(w, group, how, weight, dead)
+        for g in range(k // group):
+            cols = slice(g * group, (g + 1) * group)
+            want = wq.group_scales(w[:, cols].masked_fill(dead[cols], 0.0), how, weight[cols])
+            assert torch.equal(got[:, g], want), (n, k, group, g)
+        if how == "mse":
+            grouped = wq.mse_scales(w.reshape(n, -1, group), weight.reshape(-1, group))
+            assert torch.equal(grouped, torch.stack([wq.mse_scales(w[:, c:c + group], weight[c:c + group])
+                                                      for c in range(0, k, group)], dim=1))
+
+
 def test_cuda_kernel_host_memory_runs_its_operations_and_needs_a_gpu():
     """benchmarks/cuda_kernel_host_memory.py: every operation it times runs (here on the CPU), and without a
     GPU it says so in one line (exit 1)."""
