@@ -14,7 +14,9 @@ are made in ``--dir`` when missing, the folder by a child process. Peak host mem
 process's high-water mark (VmHWM) over both stages, imports included, as ``/usr/bin/time`` would report it
 for an export of an existing folder; quantized weights go to files as they do in export (``weight_store``).
 ``--breakdown`` also samples where that memory goes (``host_memory.py``): at each stage's peak, resident
-memory by mapping, malloc's in-use bytes and the largest CPU tensors Python holds.
+memory by mapping, malloc's in-use bytes and the largest CPU tensors Python holds (its scans of Python's
+objects slow the stages). A run stopped by SIGTERM (``timeout``) still writes its JSON: the layers done,
+the peak so far and ``"stopped"``, and exits 1.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -67,6 +70,14 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and not attr.startswith("_"):
                 found.setdefault(f"{prefix}.{attr}" if prefix else attr, value)
     return {k: v for k, v in found.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (``timeout`` ran out): the run ends with what it has measured."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 def hwm_mb() -> float:
@@ -141,31 +152,39 @@ def main(argv: list[str] | None = None) -> int:
 
     return_freed_memory()  # as export does before its stages
     store = WeightStore(args.dir, "bench.pte")  # quantized weights go to files as export's do
-    try:
-        loaded, _, _ = load_any(folder, options, stream=True, warn=lambda m: print("warning:", m, file=sys.stderr))
-        load_s = time.perf_counter() - start
-        module, plans = quantize_model(loaded, options, lambda m: print("warning:", m, file=sys.stderr), on_layer=on_layer, store=store)
-        total_s = time.perf_counter() - start
-        peak = hwm_mb()
-        host_memory = dict(baseline=baseline, **sampler.stop()) if sampler is not None else None
-        digest, blocks = state_hash(module)
-    finally:
-        store.close()
     cuda = torch.cuda.is_available()
     result = {
         "shape": args.shape, "blocks": shape["n_layers"], "weight_algorithm": args.weight_algorithm,
         "gptq_device": args.gptq_device, "group_size": args.group_size, "calibration_tokens": args.calibration_tokens,
         "host": f"{platform.node()}, {torch.get_num_threads()} torch threads",
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "torch": torch.__version__, "load_s": round(load_s, 1), "load_and_quantize_s": round(total_s, 1),
-        "peak_host_rss_mb": round(peak), "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
-        "layers_done_at_s": layer_times, "algorithms": sorted({p.algorithm for p in plans if p.quantized}),
-        "state_sha256": digest, "block_sha256": blocks,
-        **({"host_memory": host_memory} if host_memory is not None else {}),
+        "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
     }
+    module = plans = None
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        loaded, _, _ = load_any(folder, options, stream=True, warn=lambda m: print("warning:", m, file=sys.stderr))
+        result["load_s"] = round(time.perf_counter() - start, 1)
+        module, plans = quantize_model(loaded, options, lambda m: print("warning:", m, file=sys.stderr), on_layer=on_layer, store=store)
+        result["load_and_quantize_s"] = round(time.perf_counter() - start, 1)
+    except Stopped as stop:
+        result["stopped"] = f"{stop} after {time.perf_counter() - start:.1f} s, after {layer_times[-1][0] if layer_times else 'no layer'}"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        result["peak_host_rss_mb"] = round(hwm_mb())
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+        result["layers_done_at_s"] = layer_times
+        if sampler is not None:
+            result["host_memory"] = dict(baseline=baseline, **sampler.stop())
+        if module is not None:
+            result["algorithms"] = sorted({p.algorithm for p in plans if p.quantized})
+            result["state_sha256"], result["block_sha256"] = state_hash(module)
+        store.close()
     print(json.dumps({k: v for k, v in result.items() if k not in ("layers_done_at_s", "block_sha256", "host_memory")}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if "stopped" in result:
+        print(f"error: stopped ({result['stopped']}); the JSON has what was measured", file=sys.stderr)
+        return 1
     return 0
 
 

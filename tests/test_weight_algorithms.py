@@ -720,6 +720,31 @@ def test_the_quantize_stage_runs_gptq_without_executorch(tmp_path):
     assert dict(first["by_mapping_mb"]).get("[anon]", 0) > 0 and first["rss_mb"] >= sum(mb for _, mb in first["by_mapping_mb"])
 
 
+def test_the_quantize_stage_bench_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """A run stopped by SIGTERM (``timeout`` on a lent machine) still writes its JSON: the layers done and
+    the peak so far, marked stopped, no hash; exit code 1 with one error line."""
+    import signal
+
+    out = tmp_path / "stopped.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "quantize_stage_bench.py"), "--shape", "small",
+                             "--layers", "4", "--dir", str(tmp_path), "--calibration-tokens", "1024", "--gptq-device", "cpu",
+                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # stopped once the first block is done: three blocks and the head are left
+        lines.append(line)
+        if "lm.model.layers.0.mlp.down_proj:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=600) == 1, "".join(lines)[-2000:] + rest[-2000:]
+    assert rest.strip().splitlines()[-1].startswith("error: stopped (SIGTERM after ")
+    result = json.loads(out.read_text())
+    assert result["stopped"].startswith("SIGTERM") and "state_sha256" not in result and "load_and_quantize_s" not in result
+    done = [name for name, _ in result["layers_done_at_s"]]
+    assert "lm.model.layers.0.mlp.down_proj" in done and "lm.lm_head" not in done
+    assert result["peak_host_rss_mb"] > 0
+
+
 def test_host_memory_sees_a_large_cpu_tensor_and_where_it_lives():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import host_memory
