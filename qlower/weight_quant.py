@@ -133,10 +133,11 @@ def static_scales(w: torch.Tensor, group_size: int, how: str, weight: torch.Tens
             scales[:, g] = group_scales(block, how, weight[cols])
         return scales
     by_group = weight.reshape(groups, group_size)
+    any_dead = bool(dead.any())
     step = max(1, _SEARCH_VALUES // k)
     for r0 in range(0, n, step):
         rows = w[r0:r0 + step]
-        if bool(dead.any()):
+        if any_dead:
             rows = rows.masked_fill(dead, 0.0)
         scales[r0:r0 + step] = mse_scales(rows.reshape(-1, groups, group_size), by_group)
     return scales
